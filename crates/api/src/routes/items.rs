@@ -1,0 +1,232 @@
+//! Items: cache-aside reads, writes that commit to PostgreSQL first, then the cache, then ask
+//! for checks.
+
+use actix_web::{delete, get, post, put, web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use stalewatch_core::{
+    config::FailureMode,
+    db::items::{self, Item, ItemChanges},
+    incident::{Cause, Source},
+};
+use uuid::Uuid;
+
+use crate::{error::ApiError, state::AppState};
+
+const MAX_NAME_LEN: usize = 200;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateItem {
+    name: String,
+    value: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateItem {
+    name: Option<String>,
+    value: Option<Value>,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() {
+        return Err(ApiError::Invalid("name must not be empty".into()));
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        return Err(ApiError::Invalid(format!(
+            "name must be at most {MAX_NAME_LEN} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the item to the cache; a Redis failure is logged and counted, never fatal: the
+/// row is committed and the sweep heals the cache later.
+async fn write_cache(state: &AppState, item: &Item) {
+    let key = state.cache.keys().item(&item.id);
+    if let Err(e) = state
+        .cache
+        .set(&key, &item.to_cache_bytes(), state.config.cache_ttl)
+        .await
+    {
+        state
+            .metrics
+            .cache_requests
+            .with_label_values(&["error"])
+            .inc();
+        tracing::warn!(key, error = %e, "cache write failed");
+    }
+}
+
+#[post("/items")]
+pub async fn create(
+    state: web::Data<AppState>,
+    body: web::Json<CreateItem>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    check_name(&body.name)?;
+    let item = items::create(&state.pool, &body.name, &body.value).await?;
+    write_cache(&state, &item).await;
+    state.checks.request(item.id);
+    Ok(HttpResponse::Created().json(item))
+}
+
+#[get("/items/{id}")]
+pub async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let key = state.cache.keys().item(&id);
+    let requests = &state.metrics.cache_requests;
+    match state.cache.get(&key).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(data) => {
+                requests.with_label_values(&["hit"]).inc();
+                return Ok(HttpResponse::Ok()
+                    .insert_header(("X-Cache", "hit"))
+                    .json(json!({ "source": "cache", "data": data })));
+            }
+            // Garbage in the cache: serve from the DB and overwrite it below.
+            Err(_) => requests.with_label_values(&["miss"]).inc(),
+        },
+        Ok(None) => requests.with_label_values(&["miss"]).inc(),
+        Err(e) => {
+            requests.with_label_values(&["error"]).inc();
+            tracing::warn!(key, error = %e, "cache read failed; serving from PostgreSQL");
+            let item = items::get(&state.pool, id)
+                .await?
+                .ok_or_else(|| not_found(id))?;
+            return Ok(HttpResponse::Ok()
+                .insert_header(("X-Cache", "bypass"))
+                .json(json!({ "source": "db", "data": item })));
+        }
+    }
+    let item = items::get(&state.pool, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if state.injector.mode == FailureMode::StaleRead {
+        // The classic race: the fill lands after a concurrent write and puts back what was
+        // read before it.
+        let (state, stale) = (state.clone(), item.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(state.injector.delay).await;
+            write_cache(&state, &stale).await;
+        });
+    } else {
+        write_cache(&state, &item).await;
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Cache", "miss"))
+        .json(json!({ "source": "db", "data": item })))
+}
+
+#[put("/items/{id}")]
+pub async fn update(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+    body: web::Json<UpdateItem>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let body = body.into_inner();
+    if body.name.is_none() && body.value.is_none() {
+        return Err(ApiError::Invalid("give name, value or both".into()));
+    }
+    if let Some(name) = &body.name {
+        check_name(name)?;
+    }
+    let changes = ItemChanges {
+        name: body.name,
+        value: body.value,
+    };
+    let (before, after) = items::update(&state.pool, id, changes)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let key = state.cache.keys().item(&id);
+    match state.injector.mode {
+        FailureMode::Drop => tracing::debug!(key, "FAILURE_MODE=drop: cache write skipped"),
+        FailureMode::Delay => {
+            write_cache(&state, &after).await;
+            state
+                .injector
+                .overwrite_later(key, before.to_cache_bytes())
+                .await;
+        }
+        FailureMode::Off | FailureMode::StaleRead => write_cache(&state, &after).await,
+    }
+    state.checks.request(id);
+    Ok(HttpResponse::Ok().json(after))
+}
+
+#[delete("/items/{id}")]
+pub async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    if !items::delete(&state.pool, id).await? {
+        return Err(not_found(id));
+    }
+    let key = state.cache.keys().item(&id);
+    state.injector.cancel(&key).await;
+    if let Err(e) = state.cache.delete(&key).await {
+        tracing::warn!(key, error = %e, "cache delete failed; the check will report the orphan");
+    }
+    state.checks.request(id);
+    Ok(HttpResponse::Ok().json(json!({ "deleted": true, "id": id })))
+}
+
+/// Rewrites the cache from PostgreSQL and resolves the key's open incident (cause: refresh).
+async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
+    let key = state.cache.keys().item(&id);
+    // A pending injected overwrite would undo the refresh.
+    state.injector.cancel(&key).await;
+    let item = items::get(&state.pool, id).await?;
+    match &item {
+        Some(item) => {
+            state
+                .cache
+                .set(&key, &item.to_cache_bytes(), state.config.cache_ttl)
+                .await?
+        }
+        None => {
+            state.cache.delete(&key).await?;
+        }
+    }
+    let outcome = state
+        .checker
+        .check_ids(&[id], Source::Manual, Some(Cause::Refresh))
+        .await?;
+    let incident = outcome
+        .recorded
+        .into_iter()
+        .find_map(|r| r.incident)
+        .map(|row| crate::routes::incidents::IncidentView::from(row));
+    let item = item.ok_or_else(|| not_found(id))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "refreshed": true,
+        "data": item,
+        "incident": incident,
+    })))
+}
+
+#[post("/items/debug/refresh/{id}")]
+pub async fn refresh_debug(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    refresh_item(&state, id.into_inner()).await
+}
+
+#[post("/items/{id}/refresh")]
+pub async fn refresh(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    refresh_item(&state, id.into_inner()).await
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no item {id}"))
+}

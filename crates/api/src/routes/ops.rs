@@ -1,0 +1,89 @@
+//! Health, readiness, metrics.
+
+use actix_web::{get, web, HttpResponse};
+use prometheus::proto::MetricType;
+use serde_json::{json, Map, Value};
+use stalewatch_core::{
+    db,
+    jobs::{CheckJob, ConfirmJob},
+    queue, track,
+};
+
+use crate::{error::ApiError, state::AppState};
+
+/// The process is up.
+#[get("/healthz")]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// PostgreSQL and Redis both answer.
+#[get("/readyz")]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let (pg, redis) = tokio::join!(db::ping(&state.pool), state.cache.ping());
+    let body = json!({
+        "postgres": pg.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+        "redis": redis.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+    });
+    if pg.is_ok() && redis.is_ok() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Refreshes the gauges that are read from the stores rather than counted in-process.
+async fn refresh_gauges(state: &AppState) {
+    if let Err(e) = track::refresh_open_gauge(&state.pool, &state.metrics).await {
+        tracing::debug!(error = %e, "open-incident gauge not refreshed");
+    }
+    let mut conn = state.queue_conn.clone();
+    let keys = state.cache.keys();
+    let _ = queue::report_depth::<CheckJob>(&mut conn, keys, &state.metrics).await;
+    let _ = queue::report_depth::<ConfirmJob>(&mut conn, keys, &state.metrics).await;
+}
+
+#[get("/metrics")]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    refresh_gauges(&state).await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// The same numbers as /metrics, as JSON for people: `{metric: {labels: value}}`.
+#[get("/stats")]
+pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    refresh_gauges(&state).await;
+    let mut out = Map::new();
+    for family in state.metrics.registry.gather() {
+        let mut series = Map::new();
+        for m in family.get_metric() {
+            let labels = m
+                .get_label()
+                .iter()
+                .map(|l| format!("{}={}", l.name(), l.value()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let value = match family.get_field_type() {
+                MetricType::COUNTER => json!(m.get_counter().get_value()),
+                MetricType::GAUGE => json!(m.get_gauge().get_value()),
+                MetricType::HISTOGRAM => {
+                    let h = m.get_histogram();
+                    json!({ "count": h.get_sample_count(), "sum": h.get_sample_sum() })
+                }
+                _ => Value::Null,
+            };
+            series.insert(
+                if labels.is_empty() {
+                    "total".into()
+                } else {
+                    labels
+                },
+                value,
+            );
+        }
+        out.insert(family.name().to_string(), Value::Object(series));
+    }
+    Ok(HttpResponse::Ok().json(out))
+}

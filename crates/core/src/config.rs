@@ -1,0 +1,241 @@
+//! One typed configuration, read from the environment once at start-up.
+//!
+//! Every variable has a default that suits a laptop with local PostgreSQL and Redis;
+//! a value that does not parse stops the process with a message naming the variable.
+
+use std::{collections::HashMap, net::SocketAddr, str::FromStr, time::Duration};
+
+use crate::compare::CachePolicy;
+
+/// What went wrong reading the environment; the message names the variable to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {var}={value:?}: {expected}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+/// Inconsistency injected on purpose, for demos and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Behave correctly.
+    #[default]
+    Off,
+    /// After a PUT, write the pre-update value back to Redis FAILURE_DELAY_MS later.
+    Delay,
+    /// Skip the cache write on PUT.
+    Drop,
+    /// On a cache-aside miss, put back a value read before a concurrent write.
+    StaleRead,
+}
+
+impl FromStr for FailureMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" | "" => Ok(Self::Off),
+            "delay" => Ok(Self::Delay),
+            "drop" => Ok(Self::Drop),
+            "stale_read" => Ok(Self::StaleRead),
+            _ => Err("one of off, delay, drop, stale_read".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err("text or json".into()),
+        }
+    }
+}
+
+/// The whole configuration of both binaries. The README has a table of these variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub database_url: String,
+    pub database_pool_size: usize,
+    pub redis_url: String,
+    /// Prepended to every Redis key stalewatch reads or writes, queues included.
+    pub key_prefix: String,
+    pub grace_period: Duration,
+    pub sweep_interval: Duration,
+    pub sweep_batch: usize,
+    pub cache_ttl: Duration,
+    pub cache_policy: CachePolicy,
+    /// JSON fields left out of content comparison (dotted paths allowed).
+    pub ignore_fields: Vec<String>,
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub failure_mode: FailureMode,
+    pub failure_delay: Duration,
+    pub post_write_check: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_lookup(|_| None).expect("defaults parse")
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    /// Reads from any lookup, so tests can pass a map instead of mutating the process env.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&get);
+        Ok(Self {
+            database_url: env.string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/stalewatch",
+            ),
+            database_pool_size: env.positive("DATABASE_POOL_SIZE", 16)?,
+            redis_url: env.string("REDIS_URL", "redis://127.0.0.1:6379"),
+            key_prefix: env.string("KEY_PREFIX", "stalewatch:"),
+            grace_period: env.millis("GRACE_PERIOD_MS", 2000)?,
+            sweep_interval: env.millis("SWEEP_INTERVAL_MS", 5000)?,
+            sweep_batch: env.positive("SWEEP_BATCH", 1000)?,
+            cache_ttl: Duration::from_secs(env.positive("CACHE_TTL_SECS", 3600)? as u64),
+            cache_policy: env.parse("CACHE_POLICY", CachePolicy::CacheAside)?,
+            ignore_fields: env
+                .string("IGNORE_FIELDS", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            http_addr: env.parse("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            metrics_addr: env.parse("METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9091)))?,
+            log_format: env.parse("LOG_FORMAT", LogFormat::Text)?,
+            failure_mode: env.parse("FAILURE_MODE", FailureMode::Off)?,
+            failure_delay: env.millis("FAILURE_DELAY_MS", 2000)?,
+            post_write_check: env.millis("POST_WRITE_CHECK_MS", 3000)?,
+        })
+    }
+}
+
+struct Env<'a, F>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.raw(var).unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.raw(var) {
+            None => Ok(default),
+            Some(value) => value.trim().parse().map_err(|e: T::Err| ConfigError {
+                var,
+                value,
+                expected: e.to_string(),
+            }),
+        }
+    }
+
+    fn positive(&self, var: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let n: usize = self.parse(var, default).map_err(|e| ConfigError {
+            expected: "a whole number greater than 0".into(),
+            ..e
+        })?;
+        if n == 0 {
+            return Err(ConfigError {
+                var,
+                value: "0".into(),
+                expected: "a whole number greater than 0".into(),
+            });
+        }
+        Ok(n)
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        let ms: u64 = self.parse(var, default).map_err(|e| ConfigError {
+            expected: "a whole number of milliseconds".into(),
+            ..e
+        })?;
+        Ok(Duration::from_millis(ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_readme() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.grace_period, Duration::from_millis(2000));
+        assert_eq!(c.sweep_interval, Duration::from_millis(5000));
+        assert_eq!(c.sweep_batch, 1000);
+        assert_eq!(c.failure_mode, FailureMode::Off);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.post_write_check, Duration::from_millis(3000));
+        assert_eq!(c.cache_policy, CachePolicy::CacheAside);
+        assert!(c.ignore_fields.is_empty());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = with(&[
+            ("GRACE_PERIOD_MS", "250"),
+            ("FAILURE_MODE", "delay"),
+            ("LOG_FORMAT", "json"),
+            ("IGNORE_FIELDS", "updated_at, meta.etag"),
+            ("HTTP_ADDR", "0.0.0.0:9000"),
+            ("CACHE_POLICY", "write_through"),
+        ])
+        .unwrap();
+        assert_eq!(c.grace_period, Duration::from_millis(250));
+        assert_eq!(c.failure_mode, FailureMode::Delay);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.ignore_fields, vec!["updated_at", "meta.etag"]);
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.cache_policy, CachePolicy::WriteThrough);
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable() {
+        for (var, value) in [
+            ("GRACE_PERIOD_MS", "2s"),
+            ("SWEEP_BATCH", "0"),
+            ("SWEEP_BATCH", "-3"),
+            ("FAILURE_MODE", "sometimes"),
+            ("HTTP_ADDR", "localhost"),
+            ("LOG_FORMAT", "xml"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The `inconsistencies` table: one row per incident.
+//!
+//! Writes are conditional on the state the writer read, so when two workers observe the same
+//! key at once exactly one of them applies its transition; the other gets
+//! [`Applied::Conflict`] and re-reads.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde::Serialize;
+
+use super::{schema::inconsistencies as t, DbError};
+use crate::compare::Kind;
+use crate::incident::{Cause, Incident, State, Step};
+
+/// Longest snapshot of a DB or cached value kept with an incident.
+pub const SNAPSHOT_CAP: usize = 2048;
+
+const OPEN: [&str; 3] = ["detected", "confirmed", "persistent"];
+
+#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Serialize)]
+#[diesel(table_name = t, check_for_backend(diesel::pg::Pg))]
+pub struct IncidentRow {
+    pub id: i64,
+    pub cache_key: String,
+    pub entity: String,
+    pub entity_id: String,
+    pub state: String,
+    pub kind: String,
+    pub db_version: Option<i64>,
+    pub cache_version: Option<i64>,
+    pub db_value: Option<String>,
+    pub cache_value: Option<String>,
+    pub diff: String,
+    pub first_seen_at: DateTime<Utc>,
+    pub confirm_due_at: DateTime<Utc>,
+    pub confirmed_at: Option<DateTime<Utc>>,
+    pub last_seen_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolution: Option<String>,
+    pub observations: i64,
+}
+
+impl IncidentRow {
+    /// The state-machine view of this row. The CHECK constraints keep `state` and
+    /// `resolution` to known words, so an unknown one means a newer schema: treat it as closed.
+    pub fn incident(&self) -> Incident {
+        Incident {
+            state: State::parse(&self.state).unwrap_or(State::Resolved),
+            first_seen_at: self.first_seen_at,
+            confirm_due_at: self.confirm_due_at,
+            confirmed_at: self.confirmed_at,
+            last_seen_at: self.last_seen_at,
+            resolved_at: self.resolved_at,
+            resolution: self.resolution.as_deref().and_then(Cause::parse),
+            observations: self.observations,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        OPEN.contains(&self.state.as_str())
+    }
+}
+
+/// What the comparator saw for one key: stored with the incident for people to read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    pub cache_key: String,
+    pub entity: String,
+    pub entity_id: String,
+    pub kind: Kind,
+    pub db_version: Option<i64>,
+    pub cache_version: Option<i64>,
+    pub db_value: Option<String>,
+    pub cache_value: Option<String>,
+    pub diff: String,
+}
+
+/// Cuts `s` to at most `cap` bytes on a char boundary.
+pub fn cap(mut s: String, cap: usize) -> String {
+    if s.len() > cap {
+        let mut end = cap;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The step needed no write.
+    Nothing,
+    /// Written; the row as it now is.
+    Stored(Box<IncidentRow>),
+    /// Someone else changed this key's incident first: re-read and step again.
+    Conflict,
+}
+
+/// The open incident of each key that has one.
+pub async fn open_for_keys(
+    conn: &mut AsyncPgConnection,
+    keys: &[String],
+) -> Result<HashMap<String, IncidentRow>, DbError> {
+    let rows: Vec<IncidentRow> = t::table
+        .filter(t::cache_key.eq_any(keys))
+        .filter(t::state.eq_any(OPEN))
+        .select(IncidentRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect())
+}
+
+pub async fn open_for_key(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+) -> Result<Option<IncidentRow>, DbError> {
+    Ok(open_for_keys(conn, &[key.to_string()]).await?.remove(key))
+}
+
+/// The open incident of `key`, locked until the end of the caller's transaction: the slow
+/// path for a key that many writers observe at once.
+pub async fn open_for_key_locked(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+) -> Result<Option<IncidentRow>, DbError> {
+    Ok(t::table
+        .filter(t::cache_key.eq(key))
+        .filter(t::state.eq_any(OPEN))
+        .select(IncidentRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+pub async fn by_id(conn: &mut AsyncPgConnection, id: i64) -> Result<Option<IncidentRow>, DbError> {
+    Ok(t::table
+        .find(id)
+        .select(IncidentRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Writes `step` for a key whose open incident (as read) is `current`.
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    current: Option<&IncidentRow>,
+    step: &Step,
+    evidence: &Evidence,
+) -> Result<Applied, DbError> {
+    let Some(next) = &step.next else {
+        return Ok(Applied::Nothing);
+    };
+    let open_current = current.filter(|c| c.is_open());
+    let row = match open_current {
+        None => insert_open(conn, next, evidence).await?,
+        Some(cur) => update_expected(conn, cur, next, evidence).await?,
+    };
+    Ok(row.map_or(Applied::Conflict, |r| Applied::Stored(Box::new(r))))
+}
+
+async fn insert_open(
+    conn: &mut AsyncPgConnection,
+    next: &Incident,
+    ev: &Evidence,
+) -> Result<Option<IncidentRow>, DbError> {
+    // ON CONFLICT on the partial unique index: a second opener for the same key inserts nothing.
+    let row = diesel::sql_query(
+        "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, db_version, \
+         cache_version, db_value, cache_value, diff, first_seen_at, confirm_due_at, last_seen_at, \
+         observations) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         ON CONFLICT (cache_key) WHERE state IN ('detected', 'confirmed', 'persistent') \
+         DO NOTHING RETURNING *",
+    )
+    .bind::<Text, _>(&ev.cache_key)
+    .bind::<Text, _>(&ev.entity)
+    .bind::<Text, _>(&ev.entity_id)
+    .bind::<Text, _>(next.state.as_str())
+    .bind::<Text, _>(ev.kind.as_str())
+    .bind::<Nullable<BigInt>, _>(ev.db_version)
+    .bind::<Nullable<BigInt>, _>(ev.cache_version)
+    .bind::<Nullable<Text>, _>(ev.db_value.clone().map(|v| cap(v, SNAPSHOT_CAP)))
+    .bind::<Nullable<Text>, _>(ev.cache_value.clone().map(|v| cap(v, SNAPSHOT_CAP)))
+    .bind::<Text, _>(&ev.diff)
+    .bind::<Timestamptz, _>(next.first_seen_at)
+    .bind::<Timestamptz, _>(next.confirm_due_at)
+    .bind::<Timestamptz, _>(next.last_seen_at)
+    .bind::<BigInt, _>(next.observations)
+    .get_result::<IncidentRow>(conn)
+    .await
+    .optional()?;
+    Ok(row)
+}
+
+async fn update_expected(
+    conn: &mut AsyncPgConnection,
+    cur: &IncidentRow,
+    next: &Incident,
+    ev: &Evidence,
+) -> Result<Option<IncidentRow>, DbError> {
+    // Only the writer that read this exact state and count gets a row back.
+    let target = t::table
+        .filter(t::id.eq(cur.id))
+        .filter(t::state.eq(&cur.state))
+        .filter(t::observations.eq(cur.observations));
+    let lifecycle = (
+        t::state.eq(next.state.as_str()),
+        t::confirmed_at.eq(next.confirmed_at),
+        t::last_seen_at.eq(next.last_seen_at),
+        t::resolved_at.eq(next.resolved_at),
+        t::resolution.eq(next.resolution.map(|c| c.as_str())),
+        t::observations.eq(next.observations),
+    );
+    let query = diesel::update(target);
+    let row = if next.state.is_open() {
+        // Still diverged: keep the latest evidence.
+        query
+            .set((
+                lifecycle,
+                t::kind.eq(ev.kind.as_str()),
+                t::db_version.eq(ev.db_version),
+                t::cache_version.eq(ev.cache_version),
+                t::db_value.eq(ev.db_value.clone().map(|v| cap(v, SNAPSHOT_CAP))),
+                t::cache_value.eq(ev.cache_value.clone().map(|v| cap(v, SNAPSHOT_CAP))),
+                t::diff.eq(&ev.diff),
+            ))
+            .returning(IncidentRow::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?
+    } else {
+        // Closed by a match: keep the evidence of the divergence, not of the match.
+        query
+            .set(lifecycle)
+            .returning(IncidentRow::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?
+    };
+    Ok(row)
+}
+
+/// Filters for listing incidents, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub states: Vec<State>,
+    pub key: Option<String>,
+    /// Keyset pagination: only ids below this one.
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    q: &ListQuery,
+) -> Result<Vec<IncidentRow>, DbError> {
+    let mut query = t::table
+        .select(IncidentRow::as_select())
+        .order(t::id.desc())
+        .limit(q.limit)
+        .into_boxed();
+    if !q.states.is_empty() {
+        query =
+            query.filter(t::state.eq_any(q.states.iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    }
+    if let Some(key) = &q.key {
+        query = query.filter(t::cache_key.eq(key.clone()));
+    }
+    if let Some(before) = q.before_id {
+        query = query.filter(t::id.lt(before));
+    }
+    Ok(query.load(conn).await?)
+}
+
+/// Open incidents by state, read from the table so the gauge is right after a restart.
+pub async fn count_open(conn: &mut AsyncPgConnection) -> Result<HashMap<String, i64>, DbError> {
+    let rows: Vec<(String, i64)> = t::table
+        .filter(t::state.eq_any(OPEN))
+        .group_by(t::state)
+        .select((t::state, diesel::dsl::count_star()))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
+}

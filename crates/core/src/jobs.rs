@@ -1,0 +1,67 @@
+//! Background jobs: each one's contract (name, queue, dedup policy, payload) declared in one
+//! place, the way crates.io's `BackgroundJob` carries it as associated consts.
+//!
+//! Jobs carry batches of keys, never one key each: apalis-redis tops out at a few thousand
+//! jobs per second and wedges when more than about 8,000 fall due at once
+//! (shared/notes/apalis-redis-1.0.md), so fewer, bigger jobs keep it in its comfort zone.
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::incident::Source;
+
+/// How a job avoids doing the same work twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// Duplicates are harmless: the handler re-reads the DB and the cache and feeds the state
+    /// machine, whose conditional writes make a repeated observation count at most once more.
+    Reobserve,
+    /// At most one per incident: only the observer whose INSERT opened the incident (unique
+    /// index, one open incident per key) schedules it, and the handler acts only while that
+    /// incident is still Detected, so a re-delivered job is a no-op.
+    PerIncident,
+}
+
+pub trait Job: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static {
+    /// Name in logs and metrics.
+    const NAME: &'static str;
+    /// apalis queue name, under the key prefix (see `Keys::queue`).
+    const QUEUE: &'static str;
+    /// How duplicates are avoided.
+    const DEDUP: Dedup;
+}
+
+/// Compare these items' rows with their cached values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckJob {
+    pub ids: Vec<Uuid>,
+    pub source: Source,
+}
+
+impl Job for CheckJob {
+    const NAME: &'static str = "check";
+    const QUEUE: &'static str = "check";
+    const DEDUP: Dedup = Dedup::Reobserve;
+}
+
+/// Re-check incidents at the end of their grace period: still diverged means Confirmed,
+/// consistent again means Transient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmJob {
+    pub targets: Vec<ConfirmTarget>,
+    /// The latest confirm_due_at of the targets: the handler never checks before it.
+    pub due_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmTarget {
+    pub incident_id: i64,
+    pub item_id: Uuid,
+}
+
+impl Job for ConfirmJob {
+    const NAME: &'static str = "confirm";
+    const QUEUE: &'static str = "confirm";
+    const DEDUP: Dedup = Dedup::PerIncident;
+}

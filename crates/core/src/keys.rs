@@ -1,0 +1,135 @@
+//! Redis key names. Every key stalewatch touches starts with the configured prefix, so one
+//! Redis can hold several deployments (or test runs) side by side.
+
+use uuid::Uuid;
+
+/// A cache key template with one `{id}` placeholder, e.g. `item:{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    before: String,
+    after: String,
+}
+
+impl KeyTemplate {
+    /// Panics on a template without exactly one `{id}`: templates are constants in code.
+    pub fn new(template: &str) -> Self {
+        let (before, after) = template
+            .split_once("{id}")
+            .expect("a key template has an {id} placeholder");
+        assert!(!after.contains("{id}"), "one {{id}} per template");
+        Self {
+            before: before.to_string(),
+            after: after.to_string(),
+        }
+    }
+
+    pub fn render(&self, prefix: &str, id: &str) -> String {
+        format!("{prefix}{}{id}{}", self.before, self.after)
+    }
+
+    /// The id inside `key`, when `key` was made by `render` with this prefix.
+    pub fn parse<'k>(&self, prefix: &str, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(prefix)?
+            .strip_prefix(self.before.as_str())?
+            .strip_suffix(self.after.as_str())
+            .filter(|id| !id.is_empty())
+    }
+
+    /// A SCAN/KEYS pattern matching every key of this template under `prefix`.
+    pub fn pattern(&self, prefix: &str) -> String {
+        format!("{prefix}{}*{}", self.before, self.after)
+    }
+}
+
+/// The names stalewatch uses under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+    item: KeyTemplate,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            item: KeyTemplate::new("item:{id}"),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn item(&self, id: &Uuid) -> String {
+        self.item.render(&self.prefix, &id.to_string())
+    }
+
+    pub fn parse_item(&self, key: &str) -> Option<Uuid> {
+        self.item.parse(&self.prefix, key)?.parse().ok()
+    }
+
+    pub fn item_pattern(&self) -> String {
+        self.item.pattern(&self.prefix)
+    }
+
+    /// Where the backup sweep keeps the last id it finished, so a restart goes on from there.
+    pub fn sweep_cursor(&self) -> String {
+        format!("{}sweep:cursor", self.prefix)
+    }
+
+    /// The lease that lets one worker at a time sweep.
+    pub fn sweep_lease(&self) -> String {
+        format!("{}sweep:lease", self.prefix)
+    }
+
+    /// An apalis queue name. apalis-redis builds keys like `{queue}:active`, so the name itself
+    /// keeps to `[A-Za-z0-9_]`: the prefix with anything else turned into `_`.
+    pub fn queue(&self, name: &str) -> String {
+        let base: String = self
+            .prefix
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("{base}{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_keys_round_trip() {
+        let keys = Keys::new("sw:");
+        let id = Uuid::now_v7();
+        let key = keys.item(&id);
+        assert_eq!(key, format!("sw:item:{id}"));
+        assert_eq!(keys.parse_item(&key), Some(id));
+        assert_eq!(keys.item_pattern(), "sw:item:*");
+    }
+
+    #[test]
+    fn keys_of_another_prefix_or_shape_do_not_parse() {
+        let keys = Keys::new("sw:");
+        let id = Uuid::now_v7();
+        assert_eq!(keys.parse_item(&format!("other:item:{id}")), None);
+        assert_eq!(keys.parse_item("sw:item:"), None);
+        assert_eq!(keys.parse_item("sw:item:not-a-uuid"), None);
+        assert_eq!(keys.parse_item(&format!("sw:user:{id}")), None);
+    }
+
+    #[test]
+    fn templates_with_a_suffix() {
+        let t = KeyTemplate::new("user:{id}:profile");
+        assert_eq!(t.render("p:", "7"), "p:user:7:profile");
+        assert_eq!(t.parse("p:", "p:user:7:profile"), Some("7"));
+        assert_eq!(t.parse("p:", "p:user:7:avatar"), None);
+        assert_eq!(t.pattern("p:"), "p:user:*:profile");
+    }
+
+    #[test]
+    fn queue_names_have_no_colons() {
+        let keys = Keys::new("sw_test:1a2b:");
+        assert_eq!(keys.queue("check"), "sw_test_1a2b_check");
+    }
+}

@@ -1,0 +1,20 @@
+//! stalewatch-core: everything the API and the worker share.
+//!
+//! The pure parts (`incident`, `compare`, `keys`, `config`, `jobs`) take plain data in and
+//! give plain data out and are tested exhaustively; I/O lives at the edges: `db`
+//! (PostgreSQL), `cache` (Redis), `queue` (apalis-redis), and `check` and `track`, which
+//! wire the pure parts to them.
+
+pub mod cache;
+pub mod check;
+pub mod compare;
+pub mod config;
+pub mod db;
+pub mod incident;
+pub mod jobs;
+pub mod keys;
+pub mod lease;
+pub mod logging;
+pub mod metrics;
+pub mod queue;
+pub mod track;

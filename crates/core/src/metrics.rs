@@ -1,0 +1,178 @@
+//! Prometheus metrics shared by both binaries. Names follow Prometheus conventions
+//! (`_total` counters, base units); the README lists each one.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// All of stalewatch's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Cache-aside reads by result: hit, miss, error.
+    pub cache_requests: IntCounterVec,
+    /// Incident state changes; from is "none" when an incident opens.
+    pub transitions: IntCounterVec,
+    /// Open incidents by state, recomputed from PostgreSQL so it is right after a restart.
+    pub open_incidents: IntGaugeVec,
+    /// Comparisons by source (write_check, confirm, sweep, cdc, manual) and verdict kind.
+    pub checks: IntCounterVec,
+    /// Time from detection to confirmation.
+    pub time_to_confirm: Histogram,
+    /// Time from detection to resolution (or transient closure), by final state.
+    pub incident_duration: HistogramVec,
+    /// Items compared by the sweep.
+    pub sweep_items: IntCounterVec,
+    /// Duration of full sweep passes.
+    pub sweep_duration: Histogram,
+    /// The sweep's position: items compared in the current pass.
+    pub sweep_position: IntGauge,
+    /// Jobs by type and outcome (ok, error, retried).
+    pub jobs: IntCounterVec,
+    /// apalis workers restarted after they stopped on an error, by queue.
+    pub worker_restarts: IntCounterVec,
+    /// Jobs waiting, by queue and kind (pending, scheduled).
+    pub queue_depth: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let plain_histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let seconds = vec![
+            0.1, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+        ];
+        let open_incidents = IntGaugeVec::new(
+            Opts::new("stalewatch_open_incidents", "Open incidents by state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(open_incidents.clone()))
+            .expect("unique metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("stalewatch_queue_depth", "Jobs waiting, by queue and kind"),
+            &["queue", "kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("unique metric");
+        let sweep_position = IntGauge::new(
+            "stalewatch_sweep_position_items",
+            "Items compared so far in the current sweep pass",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(sweep_position.clone()))
+            .expect("unique metric");
+        Self {
+            cache_requests: counter(
+                "stalewatch_cache_requests_total",
+                "Cache-aside reads by result",
+                &["result"],
+            ),
+            transitions: counter(
+                "stalewatch_incident_transitions_total",
+                "Incident state changes",
+                &["from", "to"],
+            ),
+            checks: counter(
+                "stalewatch_checks_total",
+                "Comparisons of a DB row with its cached value",
+                &["source", "verdict"],
+            ),
+            time_to_confirm: plain_histogram(
+                "stalewatch_time_to_confirm_seconds",
+                "Time from detection to confirmation",
+                seconds.clone(),
+            ),
+            incident_duration: histogram(
+                "stalewatch_incident_duration_seconds",
+                "Time from detection to closure",
+                &["state"],
+                seconds.clone(),
+            ),
+            sweep_items: counter(
+                "stalewatch_sweep_items_total",
+                "Items compared by the backup sweep",
+                &["verdict"],
+            ),
+            sweep_duration: plain_histogram(
+                "stalewatch_sweep_duration_seconds",
+                "Duration of full sweep passes",
+                seconds,
+            ),
+            jobs: counter(
+                "stalewatch_jobs_total",
+                "Background jobs by type and outcome",
+                &["job", "outcome"],
+            ),
+            worker_restarts: counter(
+                "stalewatch_worker_restarts_total",
+                "apalis workers restarted after stopping on an error",
+                &["queue"],
+            ),
+            open_incidents,
+            queue_depth,
+            sweep_position,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail on gathered metrics");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.cache_requests.with_label_values(&["hit"]).inc();
+        m.transitions.with_label_values(&["none", "detected"]).inc();
+        let text = m.render();
+        assert!(
+            text.contains("stalewatch_cache_requests_total{result=\"hit\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE stalewatch_incident_transitions_total counter"));
+    }
+}

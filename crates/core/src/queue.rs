@@ -1,0 +1,220 @@
+//! The apalis-redis queues: configuration, pushing jobs, and the upkeep apalis-redis 1.0 does
+//! not do for itself (shared/notes/apalis-redis-1.0.md):
+//! - due jobs are promoted in bounded chunks, because its own fetch promotes every due job in
+//!   one Lua `unpack` and fails once more than about 8,000 are due;
+//! - finished jobs are deleted, because it keeps every one of them forever.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apalis::prelude::TaskBuilder;
+use apalis_redis::{Config as QueueConfig, RedisTask};
+use chrono::{DateTime, Utc};
+use redis::{aio::ConnectionManager, Script};
+
+use crate::jobs::Job;
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+
+/// How often a worker proves it is alive, and how many beats it may miss before its
+/// in-flight jobs are handed to another worker (2 s x 3: a crashed worker's jobs run again
+/// after about 6 s; apalis's defaults made that 5 minutes).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+pub const MISSED_HEARTBEATS: usize = 3;
+
+/// The most due jobs moved from the scheduled set to the active list in one script call.
+const PROMOTE_CHUNK: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("could not push {job} jobs: {source}")]
+    Push {
+        job: &'static str,
+        source: apalis_redis::Error,
+    },
+    #[error("could not encode a {job} job: {source}")]
+    Encode {
+        job: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// The apalis-redis configuration of `J`'s queue.
+pub fn config<J: Job>(keys: &Keys, batch_size: usize) -> QueueConfig {
+    QueueConfig::default()
+        .queue(keys.queue(J::QUEUE))
+        .batch_size(batch_size)
+        .heartbeat_interval(HEARTBEAT)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+        // Nobody subscribes to the per-job pub/sub events; publishing them costs a command each.
+        .emit_events(false)
+}
+
+/// A connection for apalis. Longer response timeout than the cache's: apalis-redis ends its
+/// worker on any Redis error, and a 2 s pause already killed it with the default 500 ms.
+pub async fn connect(redis_url: &str) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(redis_url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    ConnectionManager::new_with_config(client, config).await
+}
+
+/// apalis schedules at whole seconds, rounding down. Rounding down here too, a job runs at
+/// most a second before `at`; handlers that must not run early wait out the rest.
+pub fn run_at_secs(at: DateTime<Utc>) -> u64 {
+    at.timestamp().max(0) as u64
+}
+
+/// Pushes jobs in one script call; `None` runs as soon as possible.
+pub async fn push<J: Job>(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    jobs: Vec<(J, Option<DateTime<Utc>>)>,
+) -> Result<(), QueueError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let tasks = jobs
+        .into_iter()
+        .map(|(job, at)| {
+            let bytes = serde_json::to_vec(&job).map_err(|source| QueueError::Encode {
+                job: J::NAME,
+                source,
+            })?;
+            let mut task = TaskBuilder::new(bytes);
+            if let Some(at) = at {
+                task = task.run_at_timestamp(run_at_secs(at));
+            }
+            Ok(task.build())
+        })
+        .collect::<Result<Vec<RedisTask>, QueueError>>()?;
+    let config = config::<J>(keys, 1);
+    apalis_redis::queries::push_tasks(conn, &config, &tasks)
+        .await
+        .map_err(|source| QueueError::Push {
+            job: J::NAME,
+            source,
+        })?;
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Moves every due job to the active list, `PROMOTE_CHUNK` at a time. After this, apalis's
+/// own promotion in its fetch finds at most the few jobs that fell due since.
+pub async fn promote_due(
+    conn: &mut ConnectionManager,
+    config: &QueueConfig,
+) -> Result<u64, QueueError> {
+    static SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            r"
+            local ids = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[1], 'LIMIT', 0, ARGV[2])
+            if #ids > 0 then
+                redis.call('RPUSH', KEYS[2], unpack(ids))
+                redis.call('ZREM', KEYS[1], unpack(ids))
+                redis.call('DEL', KEYS[3])
+                redis.call('LPUSH', KEYS[3], 1)
+            end
+            return #ids",
+        )
+    });
+    let mut total = 0;
+    loop {
+        let moved: u64 = SCRIPT
+            .key(config.scheduled_jobs_set())
+            .key(config.active_jobs_list())
+            .key(config.signal_list())
+            .arg(now_secs())
+            .arg(PROMOTE_CHUNK)
+            .invoke_async(conn)
+            .await?;
+        total += moved;
+        if moved < PROMOTE_CHUNK as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Deletes finished jobs' payloads and metadata, up to `limit` of them. Dead jobs are kept
+/// for people to look at.
+pub async fn delete_done(
+    conn: &mut ConnectionManager,
+    config: &QueueConfig,
+    limit: usize,
+) -> Result<u64, QueueError> {
+    static SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            r"
+            local ids = redis.call('SPOP', KEYS[1], ARGV[2])
+            for _, id in ipairs(ids) do
+                redis.call('HDEL', KEYS[2], id)
+                redis.call('DEL', ARGV[1] .. ':' .. id)
+            end
+            return #ids",
+        )
+    });
+    Ok(SCRIPT
+        .key(config.done_jobs_set())
+        .key(config.job_data_hash())
+        .arg(config.job_meta_hash())
+        .arg(limit)
+        .invoke_async(conn)
+        .await?)
+}
+
+/// Jobs waiting in one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Depth {
+    /// Due and waiting for a worker.
+    pub pending: u64,
+    /// Waiting for their time.
+    pub scheduled: u64,
+    /// Finished but not yet deleted.
+    pub done: u64,
+}
+
+pub async fn depth(
+    conn: &mut ConnectionManager,
+    config: &QueueConfig,
+) -> Result<Depth, QueueError> {
+    let (pending, scheduled, done): (u64, u64, u64) = redis::pipe()
+        .cmd("LLEN")
+        .arg(config.active_jobs_list())
+        .cmd("ZCARD")
+        .arg(config.scheduled_jobs_set())
+        .cmd("SCARD")
+        .arg(config.done_jobs_set())
+        .query_async(conn)
+        .await?;
+    Ok(Depth {
+        pending,
+        scheduled,
+        done,
+    })
+}
+
+/// Updates the queue-depth gauge of `J`'s queue.
+pub async fn report_depth<J: Job>(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    metrics: &Metrics,
+) -> Result<Depth, QueueError> {
+    let d = depth(conn, &config::<J>(keys, 1)).await?;
+    metrics
+        .queue_depth
+        .with_label_values(&[J::QUEUE, "pending"])
+        .set(d.pending as i64);
+    metrics
+        .queue_depth
+        .with_label_values(&[J::QUEUE, "scheduled"])
+        .set(d.scheduled as i64);
+    Ok(d)
+}

@@ -1,0 +1,206 @@
+//! Recording observations: the comparator's verdicts go through the state machine and land
+//! in PostgreSQL, with one log line and one metric update per transition.
+//!
+//! Every source (write checks, confirmations, the sweep, CDC, manual refresh) comes through
+//! here, so they all behave the same way.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+
+use crate::db::incidents::{self, Applied, Evidence, IncidentRow};
+use crate::db::{DbError, PgPool};
+use crate::incident::{self, Cause, Observation, Source, State, Transition, Verdict};
+use crate::metrics::Metrics;
+
+/// Rounds of the locked slow path before giving up on a key; two suffice in practice (see
+/// `record_one`), the bound only guards against a bug looping forever.
+const MAX_RETRIES: usize = 8;
+
+/// What recording one key's observation did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub cache_key: String,
+    pub transition: Option<Transition>,
+    /// Set when a confirmation job must be scheduled for this key at this time.
+    pub confirm_at: Option<DateTime<Utc>>,
+    /// The incident as stored, when anything was stored.
+    pub incident: Option<IncidentRow>,
+}
+
+/// How a batch of observations was made.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub source: Source,
+    /// Why a match closes an incident; by default the source's own cause.
+    pub cause: Option<Cause>,
+    pub at: DateTime<Utc>,
+    pub grace: Duration,
+    /// Confirmations only: for each key, the Detected incident this confirmation was scheduled
+    /// for. A key whose open incident is another one, or no longer Detected, is left alone,
+    /// so a confirmation delivered twice counts once.
+    pub confirming: Option<&'a HashMap<String, i64>>,
+}
+
+impl Context<'_> {
+    fn allows(&self, key: &str, current: Option<&IncidentRow>) -> bool {
+        match self.confirming {
+            None => true,
+            Some(expected) => matches!(
+                (expected.get(key), current),
+                (Some(id), Some(row)) if *id == row.id && row.state == State::Detected.as_str()
+            ),
+        }
+    }
+}
+
+/// Records what was seen for a batch of keys: one query reads their open incidents, and only
+/// keys whose incident changes are written.
+pub async fn record_batch(
+    pool: &PgPool,
+    metrics: &Metrics,
+    ctx: &Context<'_>,
+    evidence: Vec<Evidence>,
+) -> Result<Vec<Recorded>, DbError> {
+    let mut conn = pool.get().await?;
+    let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
+    let mut open = incidents::open_for_keys(&mut conn, &keys).await?;
+    let mut out = Vec::with_capacity(evidence.len());
+    for ev in evidence {
+        metrics
+            .checks
+            .with_label_values(&[ctx.source.as_str(), ev.kind.as_str()])
+            .inc();
+        let obs = Observation {
+            verdict: if ev.kind.is_match() {
+                Verdict::Match
+            } else {
+                Verdict::Mismatch
+            },
+            at: ctx.at,
+            source: ctx.source,
+            cause: ctx.cause.unwrap_or(Cause::for_source(ctx.source)),
+        };
+        let current = open.remove(&ev.cache_key);
+        out.push(record_one(&mut conn, metrics, ctx, &obs, &ev, current).await?);
+    }
+    Ok(out)
+}
+
+async fn record_one(
+    conn: &mut AsyncPgConnection,
+    metrics: &Metrics,
+    ctx: &Context<'_>,
+    obs: &Observation,
+    ev: &Evidence,
+    current: Option<IncidentRow>,
+) -> Result<Recorded, DbError> {
+    let grace = ctx.grace;
+    let nothing = || Recorded {
+        cache_key: ev.cache_key.clone(),
+        transition: None,
+        confirm_at: None,
+        incident: None,
+    };
+    if !ctx.allows(&ev.cache_key, current.as_ref()) {
+        return Ok(nothing());
+    }
+    // Fast path: no lock, the write is conditional on what was read.
+    let step = step_for(current.as_ref(), obs, grace);
+    let mut applied = incidents::apply(conn, current.as_ref(), &step, ev).await?;
+    let mut step = step;
+    // Lost a race: lock the key's open incident so concurrent observers queue up instead of
+    // retrying in lockstep. Only an INSERT racing another INSERT can still conflict here, and
+    // the next round finds that row and locks it.
+    let mut tries = 0;
+    while applied == Applied::Conflict {
+        tries += 1;
+        if tries > MAX_RETRIES {
+            return Err(DbError::Contended(ev.cache_key.clone()));
+        }
+        (step, applied) = conn
+            .transaction::<_, DbError, _>(async |conn| {
+                let current = incidents::open_for_key_locked(conn, &ev.cache_key).await?;
+                if !ctx.allows(&ev.cache_key, current.as_ref()) {
+                    return Ok((incident::Step::noop(), Applied::Nothing));
+                }
+                let step = step_for(current.as_ref(), obs, grace);
+                let applied = incidents::apply(conn, current.as_ref(), &step, ev).await?;
+                Ok((step, applied))
+            })
+            .await?;
+    }
+    let incident = match applied {
+        Applied::Stored(row) => {
+            if let Some(t) = step.transition {
+                report(metrics, &row, t, ev);
+            }
+            Some(*row)
+        }
+        Applied::Nothing | Applied::Conflict => None,
+    };
+    Ok(Recorded {
+        cache_key: ev.cache_key.clone(),
+        transition: incident.as_ref().and(step.transition),
+        confirm_at: incident.as_ref().and(step.schedule_confirm_at),
+        incident,
+    })
+}
+
+fn step_for(current: Option<&IncidentRow>, obs: &Observation, grace: Duration) -> incident::Step {
+    incident::step(current.map(|c| c.incident()).as_ref(), obs, grace)
+}
+
+/// The one log line and the metrics of a transition.
+fn report(metrics: &Metrics, row: &IncidentRow, t: Transition, ev: &Evidence) {
+    let from = t.from.map_or("none", State::as_str);
+    metrics
+        .transitions
+        .with_label_values(&[from, t.to.as_str()])
+        .inc();
+    let incident = row.incident();
+    match t.to {
+        State::Confirmed => {
+            if let Some(d) = incident.time_to_confirm() {
+                metrics.time_to_confirm.observe(seconds(d));
+            }
+        }
+        State::Resolved | State::Transient => {
+            if let Some(d) = incident.duration() {
+                metrics
+                    .incident_duration
+                    .with_label_values(&[t.to.as_str()])
+                    .observe(seconds(d));
+            }
+        }
+        State::Detected | State::Persistent => {}
+    }
+    // Transient closures are the normal life of an in-flight write: not worth an info line.
+    if t.to == State::Transient {
+        tracing::debug!(key = %row.cache_key, incident = row.id, from, to = t.to.as_str(),
+            verdict = %row.kind, "incident closed as transient");
+    } else {
+        tracing::info!(key = %row.cache_key, incident = row.id, from, to = t.to.as_str(),
+            verdict = ev.kind.as_str(), diff = %row.diff, observations = row.observations,
+            resolution = row.resolution.as_deref().unwrap_or(""), "incident transition");
+    }
+}
+
+fn seconds(d: chrono::Duration) -> f64 {
+    d.num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// Sets the open-incidents gauge from the table, so it is right whichever process changed
+/// what, and after any restart.
+pub async fn refresh_open_gauge(pool: &PgPool, metrics: &Metrics) -> Result<(), DbError> {
+    let mut conn = pool.get().await?;
+    let counts = incidents::count_open(&mut conn).await?;
+    for state in State::ALL.into_iter().filter(|s| s.is_open()) {
+        metrics
+            .open_incidents
+            .with_label_values(&[state.as_str()])
+            .set(counts.get(state.as_str()).copied().unwrap_or(0));
+    }
+    Ok(())
+}

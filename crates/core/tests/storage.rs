@@ -1,0 +1,298 @@
+//! Storage against the real PostgreSQL and Redis, each test in its own database and prefix.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use stalewatch_core::{
+    compare::Kind,
+    db::{
+        self,
+        incidents::{self, Applied, Evidence},
+        items::{self, ItemChanges},
+    },
+    incident::{self, Cause, Observation, Source, State, Verdict},
+    metrics::Metrics,
+    track,
+};
+use stalewatch_testkit::TestEnv;
+
+fn evidence(key: &str, kind: Kind) -> Evidence {
+    Evidence {
+        cache_key: key.to_string(),
+        entity: "item".into(),
+        entity_id: key.rsplit(':').next().unwrap().to_string(),
+        kind,
+        db_version: Some(2),
+        cache_version: Some(1),
+        db_value: Some("{\"version\":2}".into()),
+        cache_value: Some("{\"version\":1}".into()),
+        diff: "version 2 -> 1".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_apply_twice_without_error() {
+    let env = TestEnv::new().await.unwrap();
+    // The template already ran them; running again finds nothing pending, twice.
+    assert!(db::migrate(&env.database_url).await.unwrap().is_empty());
+    assert!(db::migrate(&env.database_url).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_started_together_do_not_race() {
+    let env = TestEnv::new().await.unwrap();
+    let mut conn = env.pool.get().await.unwrap();
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query("DROP TABLE inconsistencies, items, __diesel_schema_migrations")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let runs = (0..4).map(|_| db::migrate(&env.database_url));
+    let results = futures::future::join_all(runs).await;
+    let applied: usize = results.into_iter().map(|r| r.unwrap().len()).sum();
+    let all = diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&db::MIGRATIONS)
+        .unwrap()
+        .len();
+    assert_eq!(applied, all, "each migration applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_openers_make_exactly_one_incident() {
+    let env = TestEnv::new().await.unwrap();
+    let metrics = Metrics::new();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    let at = Utc::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (pool, metrics, key) = (env.pool.clone(), metrics.clone(), key.clone());
+            tokio::spawn(async move {
+                let ctx = track::Context {
+                    source: Source::WriteCheck,
+                    cause: None,
+                    at,
+                    grace: Duration::from_secs(60),
+                    confirming: None,
+                };
+                track::record_batch(&pool, &metrics, &ctx, vec![evidence(&key, Kind::Stale)])
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut opened = 0;
+    for t in tasks {
+        let recorded = t.await.unwrap();
+        if recorded[0].transition.is_some() {
+            opened += 1;
+        }
+    }
+    assert_eq!(opened, 1, "exactly one observer opens the incident");
+    let mut conn = env.pool.get().await.unwrap();
+    let all = incidents::list(
+        &mut conn,
+        &incidents::ListQuery {
+            key: Some(key.clone()),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, "detected");
+    assert_eq!(all[0].observations, 32, "every observation counted once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_transition_applied_concurrently_lands_once() {
+    let env = TestEnv::new().await.unwrap();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    let ev = evidence(&key, Kind::Stale);
+    let t0 = Utc::now() - chrono::Duration::seconds(10);
+    let grace = Duration::from_secs(2);
+    let mismatch = |at| Observation {
+        verdict: Verdict::Mismatch,
+        at,
+        source: Source::Confirm,
+        cause: Cause::Natural,
+    };
+    let open = incident::step(None, &mismatch(t0), grace);
+    let mut conn = env.pool.get().await.unwrap();
+    let Applied::Stored(row) = incidents::apply(&mut conn, None, &open, &ev).await.unwrap() else {
+        panic!("the first opener stores");
+    };
+    drop(conn);
+    // Everyone read the same Detected row and computes the same Detected -> Confirmed step.
+    let confirm = incident::step(Some(&row.incident()), &mismatch(Utc::now()), grace);
+    assert_eq!(confirm.next.as_ref().unwrap().state, State::Confirmed);
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let (pool, row, confirm, ev) =
+                (env.pool.clone(), row.clone(), confirm.clone(), ev.clone());
+            tokio::spawn(async move {
+                let mut conn = pool.get().await.unwrap();
+                incidents::apply(&mut conn, Some(&row), &confirm, &ev)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Applied::Stored(_) => stored += 1,
+            Applied::Conflict => conflicts += 1,
+            Applied::Nothing => panic!("a confirmation is never a no-op"),
+        }
+    }
+    assert_eq!((stored, conflicts), (1, 23));
+    let mut conn = env.pool.get().await.unwrap();
+    let now = incidents::by_id(&mut conn, row.id).await.unwrap().unwrap();
+    assert_eq!(now.state, "confirmed");
+    assert_eq!(now.observations, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resolved_key_opens_a_new_incident_on_the_next_mismatch() {
+    let env = TestEnv::new().await.unwrap();
+    let metrics = Metrics::new();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    let grace = Duration::from_millis(0);
+    let t = Utc::now();
+    let record = |kind, at| {
+        let ctx = track::Context {
+            source: Source::Sweep,
+            cause: None,
+            at,
+            grace,
+            confirming: None,
+        };
+        let (pool, metrics, ev) = (env.pool.clone(), metrics.clone(), evidence(&key, kind));
+        async move { track::record_batch(&pool, &metrics, &ctx, vec![ev]).await }
+    };
+    record(Kind::Stale, t).await.unwrap();
+    let confirmed = record(Kind::Stale, t + chrono::Duration::milliseconds(1))
+        .await
+        .unwrap();
+    assert_eq!(confirmed[0].transition.unwrap().to, State::Confirmed);
+    let resolved = record(Kind::Match, t + chrono::Duration::milliseconds(2))
+        .await
+        .unwrap();
+    assert_eq!(resolved[0].transition.unwrap().to, State::Resolved);
+    assert_eq!(
+        resolved[0].incident.as_ref().unwrap().resolution.as_deref(),
+        Some("natural")
+    );
+    let again = record(Kind::ValueMismatch, t + chrono::Duration::milliseconds(3))
+        .await
+        .unwrap();
+    let row = again[0].incident.as_ref().unwrap();
+    assert_eq!((row.state.as_str(), row.observations), ("detected", 1));
+    assert_ne!(row.id, resolved[0].incident.as_ref().unwrap().id);
+
+    track::refresh_open_gauge(&env.pool, &metrics)
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics
+            .open_incidents
+            .with_label_values(&["detected"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        metrics
+            .open_incidents
+            .with_label_values(&["confirmed"])
+            .get(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_updates_raise_the_version_exactly_once_each() {
+    let env = TestEnv::new().await.unwrap();
+    let item = items::create(&env.pool, "counter", &serde_json::json!({"n": 0}))
+        .await
+        .unwrap();
+    let n = 40;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let pool = env.pool.clone();
+            tokio::spawn(async move {
+                let changes = ItemChanges {
+                    value: Some(serde_json::json!({ "n": i })),
+                    ..Default::default()
+                };
+                items::update(&pool, item.id, changes)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (before, after) = t.await.unwrap();
+        assert_eq!(after.version, before.version + 1);
+    }
+    let now = items::get(&env.pool, item.id).await.unwrap().unwrap();
+    assert_eq!(now.version, 1 + n as i64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_get_set_mget_stay_inside_the_prefix() {
+    let a = TestEnv::new().await.unwrap();
+    let b = TestEnv::new().await.unwrap();
+    let id = uuid::Uuid::now_v7();
+    let (ka, kb) = (a.keys().item(&id), b.keys().item(&id));
+    assert_ne!(
+        ka, kb,
+        "the same item has a different key under each prefix"
+    );
+    let ttl = Duration::from_secs(30);
+    a.cache.set(&ka, b"from-a", ttl).await.unwrap();
+    assert_eq!(
+        a.cache.get(&ka).await.unwrap().as_deref(),
+        Some(&b"from-a"[..])
+    );
+    assert_eq!(
+        b.cache.get(&kb).await.unwrap(),
+        None,
+        "b does not see a's key"
+    );
+
+    let other = a.keys().item(&uuid::Uuid::now_v7());
+    a.cache.set(&other, b"second", ttl).await.unwrap();
+    let missing = a.keys().item(&uuid::Uuid::now_v7());
+    let got = a
+        .cache
+        .get_many(&[ka.clone(), missing.clone(), other.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![Some(b"from-a".to_vec()), None, Some(b"second".to_vec())]
+    );
+
+    assert!(a.cache.delete(&ka).await.unwrap());
+    assert!(!a.cache.delete(&ka).await.unwrap());
+    assert_eq!(a.cache.get(&ka).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_values_expire_with_their_ttl() {
+    let env = TestEnv::new().await.unwrap();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    env.cache
+        .set(&key, b"v", Duration::from_secs(7))
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut env.cache.connection())
+        .await
+        .unwrap();
+    assert!((1..=7).contains(&ttl), "ttl {ttl}");
+}

@@ -1,0 +1,238 @@
+//! The test fixture every crate's tests share: a fresh PostgreSQL database cloned from a
+//! migrated template, and a Redis key prefix of its own, both removed when the test ends.
+//!
+//! Tests therefore run in parallel (nextest runs each in its own process) without touching
+//! each other's data or anyone else's.
+//!
+//! `TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432`) and `TEST_REDIS_URL` (default
+//! `redis://127.0.0.1:6379`) say where the servers are.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use diesel::{sql_types::BigInt, QueryableByName};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use stalewatch_core::{
+    cache::{self, Cache},
+    config::Config,
+    db::{self, PgPool},
+    keys::Keys,
+};
+use uuid::Uuid;
+
+const TEMPLATE_LOCK_ID: i64 = 0x5357_5445_5354_4b54; // "SWTESTKT"
+
+pub fn pg_base_url() -> String {
+    let url = std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    // Keep scheme and authority; the database name is ours to choose.
+    match url.find("://").map(|i| i + 3) {
+        Some(start) => match url[start..].find('/') {
+            Some(slash) => url[..start + slash].to_string(),
+            None => url,
+        },
+        None => url,
+    }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn template_name() -> String {
+    format!("stalewatch_tpl_{}", env!("MIGRATIONS_HASH"))
+}
+
+/// One test's private database and Redis prefix.
+pub struct TestEnv {
+    pub db_name: String,
+    pub database_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    pub pool: PgPool,
+    pub cache: Cache,
+}
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn admin() -> Result<AsyncPgConnection> {
+    let url = format!("{}/postgres", pg_base_url());
+    AsyncPgConnection::establish(&url).await.with_context(|| {
+        format!("connecting to {url}: is PostgreSQL running? (scripts/test starts it)")
+    })
+}
+
+async fn database_exists(conn: &mut AsyncPgConnection, name: &str) -> Result<bool> {
+    let row: Exists = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(conn)
+        .await?;
+    Ok(row.n > 0)
+}
+
+/// Creates and migrates the template once; every later test clones it.
+async fn ensure_template(conn: &mut AsyncPgConnection) -> Result<String> {
+    let template = template_name();
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(TEMPLATE_LOCK_ID)
+        .execute(conn)
+        .await?;
+    let result = async {
+        if !database_exists(conn, &template).await? {
+            // Migrate under a temporary name and rename: a crash half-way never leaves a
+            // half-migrated template behind.
+            let building = format!("{template}_building");
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+                .execute(conn)
+                .await?;
+            diesel::sql_query(format!("CREATE DATABASE {building}"))
+                .execute(conn)
+                .await?;
+            db::migrate(&format!("{}/{building}", pg_base_url())).await?;
+            diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {template}"))
+                .execute(conn)
+                .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(TEMPLATE_LOCK_ID)
+        .execute(conn)
+        .await?;
+    result.map(|()| template)
+}
+
+impl TestEnv {
+    pub async fn new() -> Result<Self> {
+        let mut conn = admin().await?;
+        let template = ensure_template(&mut conn).await?;
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("sw_test_{id}");
+        diesel::sql_query(format!("CREATE DATABASE {db_name} TEMPLATE {template}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating {db_name} from {template}"))?;
+        let database_url = format!("{}/{db_name}", pg_base_url());
+        let redis_url = redis_url();
+        let prefix = format!("sw_test:{}:", &id[..12]);
+        let pool = db::pool(&database_url, 8)?;
+        let conn = cache::connect(&redis_url)
+            .await
+            .with_context(|| format!("connecting to {redis_url}: is Redis running?"))?;
+        let cache = Cache::new(conn, Keys::new(prefix.clone()));
+        Ok(Self {
+            db_name,
+            database_url,
+            redis_url,
+            prefix,
+            pool,
+            cache,
+        })
+    }
+
+    /// The configuration a binary under test should run with.
+    pub fn config(&self) -> Config {
+        Config {
+            database_url: self.database_url.clone(),
+            redis_url: self.redis_url.clone(),
+            key_prefix: self.prefix.clone(),
+            ..Config::default()
+        }
+    }
+
+    /// Environment variables for a child process (api or worker) using this test's data.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("REDIS_URL".into(), self.redis_url.clone()),
+            ("KEY_PREFIX".into(), self.prefix.clone()),
+        ]
+    }
+
+    pub fn keys(&self) -> &Keys {
+        self.cache.keys()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let db_name = self.db_name.clone();
+        let prefix = self.prefix.clone();
+        let redis_url = self.redis_url.clone();
+        // Drop runs inside the test's runtime; clean up on a thread with a runtime of its own.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            rt.block_on(async move {
+                if let Ok(mut conn) = admin().await {
+                    let _ = diesel::sql_query(format!(
+                        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+                    ))
+                    .execute(&mut conn)
+                    .await;
+                }
+                let _ = delete_prefix(&redis_url, &prefix).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn delete_prefix(redis_url: &str, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    // Queue names are derived from the prefix with ':' turned into '_' (Keys::queue).
+    let queue_base: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    for pattern in [format!("{prefix}*"), format!("{queue_base}*")] {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

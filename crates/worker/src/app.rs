@@ -1,0 +1,136 @@
+//! Wiring: connections, the apalis workers, the sweep, the upkeep and the metrics endpoint.
+
+use std::time::Duration;
+
+use actix_web::{get, web, App, HttpResponse, HttpServer};
+use anyhow::Context;
+use stalewatch_core::{
+    cache::{self, Cache},
+    check::Checker,
+    config::Config,
+    db,
+    jobs::{CheckJob, ConfirmJob},
+    keys::Keys,
+    metrics::Metrics,
+    queue,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{handlers, handlers::Ctx, supervise, sweep::Sweeper, upkeep};
+
+pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
+    let pool = db::pool(&config.database_url, config.database_pool_size)?;
+    let keys = Keys::new(config.key_prefix.clone());
+    let cache_conn = cache::connect(&config.redis_url)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
+    let cache = Cache::new(cache_conn, keys.clone());
+    let checker = Checker::new(config, pool, cache, Metrics::new());
+    let queue_conn = queue::connect(&config.redis_url).await?;
+    Ok(Ctx {
+        checker,
+        keys,
+        queue_conn,
+    })
+}
+
+pub fn sweeper(ctx: &Ctx, config: &Config) -> Sweeper {
+    Sweeper {
+        conn: ctx.checker.cache.connection(),
+        ctx: ctx.clone(),
+        batch: config.sweep_batch,
+    }
+}
+
+#[get("/metrics")]
+async fn render_metrics(m: web::Data<Metrics>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(m.render())
+}
+
+#[get("/healthz")]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Runs until SIGTERM or Ctrl-C, then lets in-flight jobs finish and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let ctx = connect(&config).await?;
+    let metrics = ctx.checker.metrics.clone();
+    let shutdown = CancellationToken::new();
+
+    let server = {
+        let m = metrics.clone();
+        HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(m.clone()))
+                .service(render_metrics)
+                .service(healthz)
+        })
+        .disable_signals()
+        .bind(config.metrics_addr)
+        .with_context(|| format!("binding METRICS_ADDR={}", config.metrics_addr))?
+    };
+    let addrs = server.addrs();
+    let server = server.run();
+    let server_handle = server.handle();
+    tracing::info!(metrics = ?addrs, "stalewatch-worker started");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(supervise::run::<CheckJob, _, _>(
+        ctx.clone(),
+        ctx.queue_conn.clone(),
+        ctx.keys.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        handlers::check,
+    ));
+    tasks.spawn(supervise::run::<ConfirmJob, _, _>(
+        ctx.clone(),
+        ctx.queue_conn.clone(),
+        ctx.keys.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        handlers::confirm,
+    ));
+    tasks.spawn(sweeper(&ctx, &config).run(config.sweep_interval, shutdown.clone()));
+    tasks.spawn(upkeep::run(
+        ctx.queue_conn.clone(),
+        ctx.keys.clone(),
+        ctx.checker.pool.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let server_task = tokio::spawn(server);
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight jobs");
+    shutdown.cancel();
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight work did not finish within 30 s; exiting anyway");
+    }
+    server_handle.stop(true).await;
+    let _ = server_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,8 @@
+//! stalewatch-worker: apalis workers for check and confirm jobs, the backup sweep, and the
+//! queue upkeep apalis-redis leaves to its users.
+
+pub mod app;
+pub mod handlers;
+pub mod supervise;
+pub mod sweep;
+pub mod upkeep;

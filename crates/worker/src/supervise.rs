@@ -1,0 +1,134 @@
+//! Runs an apalis worker and restarts it when it dies.
+//!
+//! apalis-redis 1.0 ends a worker on any Redis error (a restart, a pause longer than the
+//! response timeout), so a long-lived process has to bring its workers back by itself. Each
+//! incarnation gets a fresh name: re-registering a name refreshes too soon after the last
+//! heartbeat is refused (shared/notes/apalis-redis-1.0.md).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis::prelude::{BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, WorkerBuilder};
+use apalis_redis::RedisStorage;
+use backon::{ExponentialBuilder, Retryable};
+use redis::aio::ConnectionManager;
+use stalewatch_core::{jobs::Job, keys::Keys, metrics::Metrics, queue};
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::Ctx;
+
+/// How often an idle worker looks for due jobs.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+/// Jobs fetched per poll.
+const FETCH_BATCH: usize = 64;
+
+/// Wakes the worker every `interval`, re-arming its timer each time it fires.
+///
+/// apalis's own interval strategy builds the next timer without polling it, so nothing
+/// registers a wake-up; the worker then sleeps until its heartbeat (seen: stalls of up to
+/// 30 s). Polling the new timer at once registers the wake-up.
+struct Every {
+    interval: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Every {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            sleep: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.interval);
+        let _ = self.sleep.as_mut().poll(cx);
+        Poll::Ready(Some(()))
+    }
+}
+
+/// A name no other incarnation of any worker has used.
+fn fresh_name(queue: &str) -> String {
+    format!(
+        "{queue}-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Runs workers for `J` until `shutdown`, restarting them with backoff when they die.
+pub async fn run<J, F, Fut>(
+    ctx: Ctx,
+    conn: ConnectionManager,
+    keys: Keys,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    handler: F,
+) where
+    J: Job,
+    F: Fn(J, Data<Ctx>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxDynError>> + Send + 'static,
+{
+    let once = || {
+        let (ctx, conn, keys, shutdown, handler) = (
+            ctx.clone(),
+            conn.clone(),
+            keys.clone(),
+            shutdown.clone(),
+            handler.clone(),
+        );
+        async move {
+            let config = queue::config::<J>(&keys, FETCH_BATCH);
+            // A backlog larger than apalis's fetch can promote in one go would wedge it.
+            queue::promote_due(&mut conn.clone(), &config).await?;
+            let storage = RedisStorage::<J>::new(conn)
+                .with_config(config)
+                .poll_with_strategy(Every::new(POLL_EVERY));
+            let name = fresh_name(J::QUEUE);
+            tracing::info!(worker = %name, "worker started");
+            let stop = shutdown.clone();
+            let signal = async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            };
+            WorkerBuilder::new(name)
+                .backend(storage)
+                .data(ctx)
+                .build(handler)
+                .run_until(signal)
+                .await?;
+            if !shutdown.is_cancelled() {
+                // The backend's stream ended on an error it swallowed: start over.
+                anyhow::bail!("worker ended by itself");
+            }
+            anyhow::Ok(())
+        }
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter();
+    let result = once
+        .retry(backoff)
+        .when(|_| !shutdown.is_cancelled())
+        .notify(|e, after| {
+            metrics.worker_restarts.with_label_values(&[J::QUEUE]).inc();
+            tracing::warn!(queue = J::QUEUE, error = %e, ?after, "worker stopped; restarting");
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(queue = J::QUEUE, error = %e, "worker stopped during shutdown");
+    }
+}

@@ -1,0 +1,74 @@
+# Shared by scripts/dev, scripts/test and scripts/bench: make sure PostgreSQL and Redis answer,
+# installing and starting them from Debian's packages when they don't (needs root).
+
+PG_HOST=${PG_HOST:-127.0.0.1}
+PG_PORT=${PG_PORT:-5432}
+REDIS_HOST=${REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${REDIS_PORT:-6379}
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" "$2" && return 0; sleep 0.1; done
+  return 1
+}
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    log "$* missing and not root: install it (apt-get install $*) or point the URLs at a server"
+    exit 1
+  fi
+  if [ -z "${APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_postgres() {
+  if port_open "$PG_HOST" "$PG_PORT"; then return 0; fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt_install postgresql
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  log "starting PostgreSQL $version"
+  # Local development and tests only: trust connections from this machine.
+  local hba="/etc/postgresql/$version/main/pg_hba.conf"
+  if ! grep -q "stalewatch" "$hba"; then
+    sed -i '1i # stalewatch: trust local TCP connections (development machine)\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  wait_port "$PG_HOST" "$PG_PORT" || { log "PostgreSQL did not start"; exit 1; }
+}
+
+ensure_redis() {
+  if port_open "$REDIS_HOST" "$REDIS_PORT"; then return 0; fi
+  if ! command -v redis-server >/dev/null; then
+    log "installing Redis"
+    apt_install redis-server
+  fi
+  log "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/stalewatch.log
+  wait_port "$REDIS_HOST" "$REDIS_PORT" || { log "Redis did not start"; exit 1; }
+}
+
+ensure_services() {
+  ensure_postgres
+  ensure_redis
+}
+
+# Creates database $1 on the local server when it does not exist.
+ensure_database() {
+  local name=$1
+  if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
+  local url="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
+  if [ "$(psql "$url" -tAc "SELECT 1 FROM pg_database WHERE datname = '$name'")" != 1 ]; then
+    psql "$url" -qc "CREATE DATABASE $name" >/dev/null
+  fi
+}
