@@ -77,6 +77,41 @@ impl Cache {
         Ok(())
     }
 
+    /// Writes `value` (a JSON document carrying `version`) unless the cache already holds a
+    /// newer version of it. Two writers finishing out of order (a slow PUT, a cache-aside fill
+    /// that read before a write) then cannot put an older version over a newer one.
+    /// Returns false when the write was skipped.
+    pub async fn set_unless_newer(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: i64,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"local cur = redis.call('GET', KEYS[1])
+                  if cur then
+                      local ok, doc = pcall(cjson.decode, cur)
+                      if ok and type(doc) == 'table' and tonumber(doc.version)
+                          and tonumber(doc.version) > tonumber(ARGV[2]) then
+                          return 0
+                      end
+                  end
+                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+                  return 1",
+            )
+        });
+        let written: i64 = SCRIPT
+            .key(key)
+            .arg(value)
+            .arg(version)
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(written == 1)
+    }
+
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let n: u64 = redis::cmd("DEL")
             .arg(key)

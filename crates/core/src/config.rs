@@ -70,6 +70,7 @@ pub struct Config {
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
     pub key_prefix: String,
     pub grace_period: Duration,
+    /// Pause between sweep passes; zero disables the periodic sweep.
     pub sweep_interval: Duration,
     pub sweep_batch: usize,
     pub cache_ttl: Duration,

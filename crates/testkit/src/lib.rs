@@ -109,6 +109,11 @@ async fn ensure_template(conn: &mut AsyncPgConnection) -> Result<String> {
 
 impl TestEnv {
     pub async fn new() -> Result<Self> {
+        Self::with_redis(&redis_url()).await
+    }
+
+    /// A fresh database, and a prefix on the Redis at `redis_url` (a test's own server).
+    pub async fn with_redis(redis_url: &str) -> Result<Self> {
         let mut conn = admin().await?;
         let template = ensure_template(&mut conn).await?;
         let id = Uuid::new_v4().simple().to_string();
@@ -118,7 +123,7 @@ impl TestEnv {
             .await
             .with_context(|| format!("creating {db_name} from {template}"))?;
         let database_url = format!("{}/{db_name}", pg_base_url());
-        let redis_url = redis_url();
+        let redis_url = redis_url.to_string();
         let prefix = format!("sw_test:{}:", &id[..12]);
         let pool = db::pool(&database_url, 8)?;
         let conn = cache::connect(&redis_url)
@@ -234,5 +239,110 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Path of a workspace binary (`scripts/test` builds them before the tests run).
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Waits until something listens on `port` (30 s at most).
+pub async fn wait_port(port: u16) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("port {port} to listen"),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process (api, worker, redis-server) killed when the test ends. Its output goes to
+/// a file so tests can read the log lines it wrote.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(program: &std::path::Path, args: &[&str], env: &[(String, String)]) -> Proc {
+        let log = std::env::temp_dir().join(format!(
+            "stalewatch-{}-{}.log",
+            program.file_name().unwrap().to_string_lossy(),
+            Uuid::new_v4().simple()
+        ));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Proc { child, log }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (None if it had to be killed after `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("--- log of the child process: {}", self.log.display());
+        }
     }
 }

@@ -94,7 +94,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
         handlers::confirm,
     ));
-    tasks.spawn(sweeper(&ctx, &config).run(config.sweep_interval, shutdown.clone()));
+    if config.sweep_interval.is_zero() {
+        tracing::info!("SWEEP_INTERVAL_MS=0: periodic sweep disabled");
+    } else {
+        tasks.spawn(sweeper(&ctx, &config).run(config.sweep_interval, shutdown.clone()));
+    }
     tasks.spawn(upkeep::run(
         ctx.queue_conn.clone(),
         ctx.keys.clone(),

@@ -41,13 +41,19 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Writes the item to the cache; a Redis failure is logged and counted, never fatal: the
-/// row is committed and the sweep heals the cache later.
+/// Writes the item to the cache unless a newer version is already there (writers finishing
+/// out of order must not regress it). A Redis failure is logged and counted, never fatal:
+/// the row is committed and the sweep heals the cache later.
 async fn write_cache(state: &AppState, item: &Item) {
     let key = state.cache.keys().item(&item.id);
     if let Err(e) = state
         .cache
-        .set(&key, &item.to_cache_bytes(), state.config.cache_ttl)
+        .set_unless_newer(
+            &key,
+            &item.to_cache_bytes(),
+            item.version,
+            state.config.cache_ttl,
+        )
         .await
     {
         state
@@ -108,11 +114,14 @@ pub async fn get(
         .ok_or_else(|| not_found(id))?;
     if state.injector.mode == FailureMode::StaleRead {
         // The classic race: the fill lands after a concurrent write and puts back what was
-        // read before it.
+        // read before it. A plain SET, as a naive cache-aside client would do.
         let (state, stale) = (state.clone(), item.clone());
         tokio::spawn(async move {
             tokio::time::sleep(state.injector.delay).await;
-            write_cache(&state, &stale).await;
+            let _ = state
+                .cache
+                .set(&key, &stale.to_cache_bytes(), state.config.cache_ttl)
+                .await;
         });
     } else {
         write_cache(&state, &item).await;

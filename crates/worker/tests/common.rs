@@ -1,0 +1,151 @@
+//! Helpers for the tests that run the real binaries.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use stalewatch_core::{
+    db::{
+        incidents::{self, IncidentRow, ListQuery},
+        items::{self, Item},
+    },
+    jobs::{CheckJob, Job},
+    queue,
+};
+use stalewatch_testkit::{bin_path, eventually, free_port, Proc, TestEnv};
+
+pub fn worker(env: &TestEnv, extra: &[(&str, &str)]) -> (Proc, u16) {
+    let port = free_port();
+    let mut vars = env.env_vars();
+    vars.push(("METRICS_ADDR".into(), format!("127.0.0.1:{port}")));
+    vars.push(("LOG_FORMAT".into(), "json".into()));
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    (
+        Proc::spawn(&bin_path("stalewatch-worker"), &[], &vars),
+        port,
+    )
+}
+
+pub fn api(env: &TestEnv, extra: &[(&str, &str)]) -> (Proc, String) {
+    let port = free_port();
+    let mut vars = env.env_vars();
+    vars.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    vars.push(("LOG_FORMAT".into(), "json".into()));
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    (
+        Proc::spawn(&bin_path("stalewatch-api"), &[], &vars),
+        format!("http://127.0.0.1:{port}"),
+    )
+}
+
+pub async fn wait_http(url: &str) {
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(30), &format!("{url} to answer"), || {
+        let req = client.get(url).send();
+        async move {
+            req.await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await
+}
+
+/// One metric's value (summed over the series matching `labels`) from a /metrics page.
+pub async fn metric(port: u16, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("metrics endpoint")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every incident of `key`, newest first.
+pub async fn incidents_of(env: &TestEnv, key: &str) -> Vec<IncidentRow> {
+    let mut conn = env.pool.get().await.unwrap();
+    incidents::list(
+        &mut conn,
+        &ListQuery {
+            key: Some(key.to_string()),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn all_incidents(env: &TestEnv) -> Vec<IncidentRow> {
+    let mut conn = env.pool.get().await.unwrap();
+    incidents::list(
+        &mut conn,
+        &ListQuery {
+            limit: 100_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates `n` items and makes the cache of each hold an older version of it.
+pub async fn stale_items(env: &TestEnv, n: usize) -> Vec<Item> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let item = items::create(
+            &env.pool,
+            &format!("item-{i}"),
+            &serde_json::json!({ "i": i }),
+        )
+        .await
+        .unwrap();
+        let mut old: Value = serde_json::to_value(&item).unwrap();
+        old["version"] = Value::from(0);
+        old["name"] = Value::from("an older name");
+        env.cache
+            .set(
+                &env.keys().item(&item.id),
+                old.to_string().as_bytes(),
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        out.push(item);
+    }
+    out
+}
+
+pub async fn push_checks(env: &TestEnv, jobs: Vec<CheckJob>) {
+    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    for chunk in jobs.chunks(1000) {
+        let batch = chunk.iter().cloned().map(|j| (j, None)).collect();
+        queue::push(&mut conn, env.keys(), batch).await.unwrap();
+    }
+}
+
+/// Waits until `J`'s queue has nothing pending or scheduled.
+pub async fn drained<J: Job>(env: &TestEnv, timeout: Duration) {
+    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    let config = queue::config::<J>(env.keys(), 1);
+    eventually(timeout, &format!("the {} queue to drain", J::NAME), || {
+        let (mut conn, config) = (conn.clone(), config.clone());
+        async move {
+            let d = queue::depth(&mut conn, &config).await.ok()?;
+            (d.pending == 0 && d.scheduled == 0).then_some(())
+        }
+    })
+    .await;
+    let _ = &mut conn;
+}

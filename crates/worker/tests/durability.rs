@@ -1,0 +1,268 @@
+//! Crashes, restarts and load against the real worker process and the real queue.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::*;
+use stalewatch_core::{
+    incident::Source,
+    jobs::{CheckJob, ConfirmJob},
+    queue,
+};
+use stalewatch_testkit::{eventually, free_port, Proc, TestEnv};
+use uuid::Uuid;
+
+fn check(ids: Vec<Uuid>) -> CheckJob {
+    CheckJob {
+        ids,
+        source: Source::WriteCheck,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_confirmations_survive_a_sigkilled_worker_and_run_once() {
+    let env = TestEnv::new().await.unwrap();
+    // A long grace period so the kill lands inside it; no sweep, so only the confirm jobs
+    // can confirm.
+    let settings = [("GRACE_PERIOD_MS", "4000"), ("SWEEP_INTERVAL_MS", "0")];
+    let (mut first, _) = worker(&env, &settings);
+    let items = stale_items(&env, 50).await;
+    let keys: Vec<String> = items.iter().map(|i| env.keys().item(&i.id)).collect();
+    push_checks(&env, vec![check(items.iter().map(|i| i.id).collect())]).await;
+
+    eventually(Duration::from_secs(20), "50 detected incidents", || {
+        let env = &env;
+        async move {
+            let rows = all_incidents(env).await;
+            (rows.len() == 50 && rows.iter().all(|r| r.state == "detected")).then_some(())
+        }
+    })
+    .await;
+    let due = all_incidents(&env)
+        .await
+        .iter()
+        .map(|r| r.confirm_due_at)
+        .max()
+        .unwrap();
+    first.kill9();
+    assert!(
+        chrono::Utc::now() < due,
+        "the kill landed inside the grace period"
+    );
+
+    let (mut second, _) = worker(&env, &settings);
+    eventually(Duration::from_secs(30), "50 confirmed incidents", || {
+        let env = &env;
+        async move {
+            let rows = all_incidents(env).await;
+            (rows.len() == 50 && rows.iter().all(|r| r.state != "detected")).then_some(())
+        }
+    })
+    .await;
+    drained::<ConfirmJob>(&env, Duration::from_secs(10)).await;
+    let rows = all_incidents(&env).await;
+    let by_key: HashMap<&str, usize> = rows.iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r.cache_key.as_str()).or_default() += 1;
+        m
+    });
+    for key in &keys {
+        assert_eq!(by_key.get(key.as_str()), Some(&1), "one incident for {key}");
+    }
+    for r in &rows {
+        assert_eq!(r.state, "confirmed", "confirmed once, not again: {r:?}");
+        assert_eq!(r.observations, 2, "detection plus one confirmation: {r:?}");
+        assert!(
+            r.confirmed_at.unwrap() >= r.confirm_due_at,
+            "never before the grace ends"
+        );
+    }
+
+    // SIGTERM: in-flight work finishes and the process exits 0.
+    let status = second.terminate(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_a_queue_without_duplicates_or_double_counting() {
+    let env = TestEnv::new().await.unwrap();
+    let settings = [("GRACE_PERIOD_MS", "600000"), ("SWEEP_INTERVAL_MS", "0")];
+    let (_a, port_a) = worker(&env, &settings);
+    let (_b, port_b) = worker(&env, &settings);
+    let stale = stale_items(&env, 300).await;
+    // 90 jobs of 10 keys: every stale key appears in exactly three jobs, spread apart so the
+    // two workers race on the same keys.
+    let mut ids: Vec<Uuid> = Vec::new();
+    for round in 0..3 {
+        let mut r: Vec<Uuid> = stale.iter().map(|i| i.id).collect();
+        r.rotate_left(round * 97);
+        ids.extend(r);
+    }
+    let mut jobs: Vec<CheckJob> = ids.chunks(10).map(|c| check(c.to_vec())).collect();
+    // Plus a few thousand checks of keys that exist nowhere (a match, nothing to record).
+    jobs.extend((0..2000).map(|_| check(vec![Uuid::now_v7()])));
+    let total = jobs.len() as f64;
+    push_checks(&env, jobs).await;
+
+    drained::<CheckJob>(&env, Duration::from_secs(120)).await;
+    let done = eventually(
+        Duration::from_secs(30),
+        "every check job acknowledged",
+        || async {
+            let a = metric(
+                port_a,
+                "stalewatch_jobs_total",
+                &["job=\"check\"", "outcome=\"ok\""],
+            )
+            .await;
+            let b = metric(
+                port_b,
+                "stalewatch_jobs_total",
+                &["job=\"check\"", "outcome=\"ok\""],
+            )
+            .await;
+            (a + b >= total).then_some((a, b))
+        },
+    )
+    .await;
+    assert_eq!(done.0 + done.1, total, "each job ran exactly once");
+    assert!(
+        done.0 > 0.0 && done.1 > 0.0,
+        "both workers took jobs: {done:?}"
+    );
+
+    let rows = all_incidents(&env).await;
+    assert_eq!(
+        rows.len(),
+        stale.len(),
+        "one incident per stale key, no duplicates"
+    );
+    for r in &rows {
+        assert_eq!(r.state, "detected");
+        assert_eq!(r.observations, 3, "three checks counted once each: {r:?}");
+    }
+    let opened = metric(
+        port_a,
+        "stalewatch_incident_transitions_total",
+        &["from=\"none\""],
+    )
+    .await
+        + metric(
+            port_b,
+            "stalewatch_incident_transitions_total",
+            &["from=\"none\""],
+        )
+        .await;
+    assert_eq!(
+        opened,
+        stale.len() as f64,
+        "each incident opened by exactly one worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_of_20000_due_checks_drains_and_finished_jobs_are_deleted() {
+    let env = TestEnv::new().await.unwrap();
+    // Pushed while no worker runs: 20,000 jobs due at once, more than apalis-redis's own
+    // fetch can promote in one go.
+    let jobs: Vec<CheckJob> = (0..20_000).map(|_| check(vec![Uuid::now_v7()])).collect();
+    push_checks(&env, jobs).await;
+    let (_w, port) = worker(&env, &[("SWEEP_INTERVAL_MS", "0")]);
+    drained::<CheckJob>(&env, Duration::from_secs(180)).await;
+    eventually(Duration::from_secs(60), "20,000 jobs processed", || async {
+        let ok = metric(
+            port,
+            "stalewatch_jobs_total",
+            &["job=\"check\"", "outcome=\"ok\""],
+        )
+        .await;
+        (ok >= 20_000.0).then_some(())
+    })
+    .await;
+    // Finished jobs don't pile up in Redis.
+    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    let config = queue::config::<CheckJob>(env.keys(), 1);
+    eventually(
+        Duration::from_secs(30),
+        "finished jobs to be deleted",
+        || {
+            let (mut conn, config) = (conn.clone(), config.clone());
+            async move {
+                let done: u64 = redis::cmd("SCARD")
+                    .arg(config.done_jobs_set())
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                let data: u64 = redis::cmd("HLEN")
+                    .arg(config.job_data_hash())
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                (done == 0 && data == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = &mut conn;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_recovers_by_itself_when_redis_restarts() {
+    // A Redis of this test's own, so restarting it disturbs nobody else.
+    let port = free_port();
+    let start_redis = || {
+        Proc::spawn(
+            std::path::Path::new("redis-server"),
+            &[
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            &[],
+        )
+    };
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let mut redis = start_redis();
+    stalewatch_testkit::wait_port(port).await;
+    let private = TestEnv::with_redis(&redis_url).await.unwrap();
+    let (_w, _) = worker(
+        &private,
+        &[("SWEEP_INTERVAL_MS", "0"), ("GRACE_PERIOD_MS", "600000")],
+    );
+
+    let first = stale_items(&private, 1).await;
+    push_checks(&private, vec![check(vec![first[0].id])]).await;
+    eventually(Duration::from_secs(20), "the first check", || async {
+        (all_incidents(&private).await.len() == 1).then_some(())
+    })
+    .await;
+
+    redis.kill9();
+    redis = start_redis();
+    stalewatch_testkit::wait_port(port).await;
+    // The test's own connection notices the restart on its first command, then reconnects.
+    eventually(
+        Duration::from_secs(10),
+        "the test's connection to reconnect",
+        || async { private.cache.ping().await.ok() },
+    )
+    .await;
+
+    let second = stale_items(&private, 1).await;
+    push_checks(&private, vec![check(vec![second[0].id])]).await;
+    eventually(
+        Duration::from_secs(60),
+        "a check after the restart",
+        || async { (all_incidents(&private).await.len() == 2).then_some(()) },
+    )
+    .await;
+    drop(redis);
+}
