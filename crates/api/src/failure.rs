@@ -35,8 +35,10 @@ impl Injector {
         let mut pending = self.pending.lock().await;
         let task = tokio::spawn(async move {
             tokio::time::sleep(this.delay).await;
-            // Deregister first: once the write starts it is no longer cancellable.
-            this.pending.lock().await.remove(&task_key);
+            // Write while holding the lock: a concurrent `cancel` then waits for the write to
+            // land, and the refresh that called it writes after us, never before.
+            let mut pending = this.pending.lock().await;
+            pending.remove(&task_key);
             match this.cache.set(&task_key, &old, this.ttl).await {
                 Ok(()) => tracing::info!(key = %task_key, "injected stale overwrite"),
                 Err(e) => tracing::warn!(key = %task_key, error = %e, "injected overwrite failed"),

@@ -250,7 +250,7 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not built: run `cargo build --workspace --bins` (scripts/test does)",
+        "{} not built: run the tests through scripts/test (or `cargo build --workspace --bins`)",
         path.display()
     );
     path

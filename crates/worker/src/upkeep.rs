@@ -40,7 +40,7 @@ pub async fn run(
             tracing::debug!(error = %e, "queue upkeep failed; retrying next tick");
         }
         // Once a second is plenty for a gauge.
-        if n % 4 == 0 {
+        if n.is_multiple_of(4) {
             if let Err(e) = track::refresh_open_gauge(&pool, &metrics).await {
                 tracing::debug!(error = %e, "open-incident gauge not refreshed");
             }

@@ -26,7 +26,13 @@ pub struct CreateItem {
 #[serde(deny_unknown_fields)]
 pub struct UpdateItem {
     name: Option<String>,
+    /// `"value": null` sets the value to JSON null; only a missing field leaves it alone.
+    #[serde(default, deserialize_with = "present")]
     value: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -211,7 +217,7 @@ async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiErr
         .recorded
         .into_iter()
         .find_map(|r| r.incident)
-        .map(|row| crate::routes::incidents::IncidentView::from(row));
+        .map(crate::routes::incidents::IncidentView::from);
     let item = item.ok_or_else(|| not_found(id))?;
     Ok(HttpResponse::Ok().json(json!({
         "refreshed": true,
