@@ -752,3 +752,95 @@ async fn an_expired_key_resolves_its_incident_under_cache_aside() {
         .expect(StatusCode::OK, "active");
     assert!(!listed(&active, incident), "{active}");
 }
+
+// ---- outages --------------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn put_with_value_null_sets_json_null() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let item = api.create("nullable", json!({ "a": 1 })).await;
+    let id = item["id"].as_str().unwrap();
+    let updated = api
+        .put_json(&format!("/items/{id}"), &json!({ "value": null }))
+        .await
+        .expect(StatusCode::OK, "PUT value null");
+    assert_eq!(updated["value"], Value::Null);
+    assert_eq!(updated["version"], 2);
+}
+
+#[actix_web::test]
+async fn with_redis_down_reads_fall_back_and_writes_still_commit() {
+    // A Redis of this test's own, so stopping it disturbs nobody.
+    let port = stalewatch_testkit::free_port();
+    let mut redis = stalewatch_testkit::Proc::spawn(
+        std::path::Path::new("redis-server"),
+        &[
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ],
+        &[],
+    );
+    stalewatch_testkit::wait_port(port).await;
+    let env = TestEnv::with_redis(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let api = Api::start(env.config()).await;
+    let item = api.create("survivor", json!(1)).await;
+    let id = item["id"].as_str().unwrap().to_string();
+
+    redis.kill9();
+    let read = api.get(&format!("/items/{id}")).await;
+    let body = read.expect(StatusCode::OK, "GET with Redis down");
+    assert_eq!(read.header("x-cache"), Some("bypass"));
+    assert_eq!(body["source"], "db");
+    let put = api
+        .put_json(&format!("/items/{id}"), &json!({ "value": 2 }))
+        .await
+        .expect(StatusCode::OK, "PUT with Redis down");
+    assert_eq!(put["version"], 2);
+    let row = stalewatch_core::db::items::get(&env.pool, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (row.version, row.value),
+        (2, json!(2)),
+        "the write committed"
+    );
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json()["postgres"], "ok");
+    let metrics = String::from_utf8_lossy(&api.get("/metrics").await.body).into_owned();
+    assert!(
+        metrics.contains("stalewatch_cache_requests_total{result=\"error\"}"),
+        "cache errors are counted"
+    );
+}
+
+#[actix_web::test]
+async fn with_postgres_down_the_api_answers_503_in_json() {
+    let env = TestEnv::new().await.unwrap();
+    let closed = stalewatch_testkit::free_port();
+    let config = Config {
+        database_url: format!("postgres://postgres@127.0.0.1:{closed}/nowhere"),
+        ..env.config()
+    };
+    let api = Api::start(config).await;
+    let created = api
+        .post_json("/items", &json!({ "name": "x", "value": 1 }))
+        .await;
+    assert_eq!(created.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(created.json()["error"]["code"], "unavailable");
+    let read = api.get(&format!("/items/{}", Uuid::now_v7())).await;
+    assert_eq!(read.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        api.get("/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+}

@@ -296,3 +296,84 @@ async fn cache_values_expire_with_their_ttl() {
         .unwrap();
     assert!((1..=7).contains(&ttl), "ttl {ttl}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_has_one_holder_and_only_the_holder_renews_or_releases_it() {
+    use stalewatch_core::lease::Lease;
+    let env = TestEnv::new().await.unwrap();
+    let conn = env.cache.connection();
+    let key = format!("{}lease-test", env.prefix);
+    let ttl = Duration::from_millis(300);
+    let first = Lease::try_acquire(&conn, &key, ttl)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(
+        Lease::try_acquire(&conn, &key, ttl)
+            .await
+            .unwrap()
+            .is_none(),
+        "one holder"
+    );
+    assert!(first.renew().await.unwrap());
+    // After the TTL lapses without renewal another holder may take it, and the first can
+    // neither renew nor release the second's lease.
+    let second =
+        stalewatch_testkit::eventually(Duration::from_secs(5), "the lease to expire", || {
+            let (conn, key) = (conn.clone(), key.clone());
+            async move {
+                Lease::try_acquire(&conn, &key, Duration::from_secs(30))
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+    assert!(!first.renew().await.unwrap());
+    assert!(!first.release().await.unwrap());
+    assert!(second.renew().await.unwrap());
+    assert!(second.release().await.unwrap());
+    assert!(Lease::try_acquire(&conn, &key, ttl)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_write_never_replaces_a_newer_version() {
+    let env = TestEnv::new().await.unwrap();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    let ttl = Duration::from_secs(60);
+    let doc = |v: i64| serde_json::json!({ "version": v, "name": format!("v{v}") }).to_string();
+    assert!(env
+        .cache
+        .set_unless_newer(&key, doc(3).as_bytes(), 3, ttl)
+        .await
+        .unwrap());
+    assert!(!env
+        .cache
+        .set_unless_newer(&key, doc(2).as_bytes(), 2, ttl)
+        .await
+        .unwrap());
+    assert_eq!(
+        env.cache.get(&key).await.unwrap().unwrap(),
+        doc(3).into_bytes()
+    );
+    // The same version is rewritten (a refresh repairs same-version content), a newer one too.
+    assert!(env
+        .cache
+        .set_unless_newer(&key, doc(3).as_bytes(), 3, ttl)
+        .await
+        .unwrap());
+    assert!(env
+        .cache
+        .set_unless_newer(&key, doc(4).as_bytes(), 4, ttl)
+        .await
+        .unwrap());
+    // Whatever is cached, if it is not a versioned document it is replaced.
+    env.cache.set(&key, b"not json", ttl).await.unwrap();
+    assert!(env
+        .cache
+        .set_unless_newer(&key, doc(1).as_bytes(), 1, ttl)
+        .await
+        .unwrap());
+}

@@ -54,25 +54,31 @@ impl Sweeper {
     /// Sweeps every `interval` until `shutdown`, whenever no other worker holds the lease.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         loop {
-            match Lease::try_acquire(&self.conn, &self.keys().sweep_lease(), LEASE_TTL).await {
-                Ok(Some(lease)) => {
-                    match self.pass(&lease, true, &shutdown).await {
-                        Ok(s) if s.complete => {
-                            tracing::debug!(items = s.items, seconds = s.seconds, "sweep pass done")
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "sweep pass failed; will retry"),
-                    }
-                    let _ = lease.release().await;
+            match self.resume(&shutdown).await {
+                Ok(Some(s)) if s.complete => {
+                    tracing::debug!(items = s.items, seconds = s.seconds, "sweep pass done")
                 }
+                Ok(Some(_)) => {}
                 Ok(None) => tracing::trace!("another worker is sweeping"),
-                Err(e) => tracing::warn!(error = %e, "sweep lease unavailable"),
+                Err(e) => tracing::warn!(error = %e, "sweep pass failed; will retry"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// One pass from the saved position, if no other worker holds the lease (`None` then).
+    pub async fn resume(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Summary>> {
+        let Some(lease) =
+            Lease::try_acquire(&self.conn, &self.keys().sweep_lease(), LEASE_TTL).await?
+        else {
+            return Ok(None);
+        };
+        let summary = self.pass(&lease, true, shutdown).await;
+        let _ = lease.release().await;
+        summary.map(Some)
     }
 
     /// Sweeps everything once from the start, at full speed, without touching the periodic
