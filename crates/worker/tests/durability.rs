@@ -266,3 +266,63 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     .await;
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
+    use stalewatch_core::{check::Checker, jobs::ConfirmTarget, metrics::Metrics};
+    let env = TestEnv::new().await.unwrap();
+    let settings = [("GRACE_PERIOD_MS", "3000"), ("SWEEP_INTERVAL_MS", "0")];
+    let item = stale_items(&env, 1).await.remove(0);
+    let config = stalewatch_core::config::Config {
+        grace_period: Duration::from_secs(3),
+        ..env.config()
+    };
+    let checker = Checker::new(&config, env.pool.clone(), env.cache.clone(), Metrics::new());
+    let detected = checker
+        .check_ids(&[item.id], Source::Sweep, None)
+        .await
+        .unwrap();
+    let incident = detected.recorded[0].incident.clone().expect("detected");
+    // Due in 4 s but runnable now: the handler holds it in flight, waiting for the due time.
+    let job = ConfirmJob {
+        targets: vec![ConfirmTarget {
+            incident_id: incident.id,
+            item_id: item.id,
+        }],
+        due_at: chrono::Utc::now() + chrono::Duration::seconds(4),
+    };
+    let (mut first, _) = worker(&env, &settings);
+    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    queue::push(&mut conn, env.keys(), vec![(job, None)])
+        .await
+        .unwrap();
+    let config = queue::config::<ConfirmJob>(env.keys(), 1);
+    eventually(
+        Duration::from_secs(20),
+        "the confirm job to be taken",
+        || {
+            let (mut conn, config) = (conn.clone(), config.clone());
+            async move {
+                let d = queue::depth(&mut conn, &config).await.ok()?;
+                (d.pending == 0 && d.scheduled == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    first.kill9();
+    let (_second, _) = worker(&env, &settings);
+    let row = eventually(
+        Duration::from_secs(60),
+        "the orphaned job to run again",
+        || {
+            let env = &env;
+            async move {
+                let rows = all_incidents(env).await;
+                rows.into_iter().find(|r| r.state == "confirmed")
+            }
+        },
+    )
+    .await;
+    assert_eq!(row.id, incident.id);
+    assert_eq!(row.observations, 2, "confirmed once");
+}
