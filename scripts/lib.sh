@@ -41,7 +41,9 @@ ensure_postgres() {
   if ! grep -q "stalewatch" "$hba"; then
     sed -i '1i # stalewatch: trust local TCP connections (development machine)\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
   fi
+  # The package may have started it already: start if not, and reload so the trust lines apply.
   pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  pg_ctlcluster --skip-systemctl-redirect "$version" main reload || true
   wait_port "$PG_HOST" "$PG_PORT" || { log "PostgreSQL did not start"; exit 1; }
 }
 
