@@ -844,3 +844,40 @@ async fn with_postgres_down_the_api_answers_503_in_json() {
     );
     assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
 }
+
+#[actix_web::test]
+async fn a_key_that_reappears_after_delete_is_an_orphan() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let item = api.create("gone", json!(1)).await;
+    let id = id_of(&item);
+    let key = env.keys().item(&id);
+    api.delete(&format!("/items/{id}"))
+        .await
+        .expect(StatusCode::OK, "DELETE");
+    // A slow writer puts the item back after the delete.
+    env.cache
+        .set(
+            &key,
+            &serde_json::to_vec(&item).unwrap(),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let outcome = api
+        .state
+        .checker
+        .check_ids(&[id], Source::WriteCheck, None)
+        .await
+        .unwrap();
+    let row = outcome.recorded[0]
+        .incident
+        .clone()
+        .expect("an incident opens");
+    assert_eq!(
+        (row.state.as_str(), row.kind.as_str()),
+        ("detected", "orphan_in_cache")
+    );
+    assert_eq!(row.cache_version, Some(1));
+    assert_eq!(row.db_version, None);
+}
