@@ -21,6 +21,16 @@ pub const SNAPSHOT_CAP: usize = 2048;
 
 const OPEN: [&str; 3] = ["detected", "confirmed", "persistent"];
 
+/// The open-state filter written exactly as the partial unique index's predicate. As a
+/// literal (not a bound array) PostgreSQL answers "open incidents of these keys" from that
+/// index whatever the table's statistics say. With a bound array, a prepared statement
+/// planned while the table was empty kept scanning every open incident for each batch:
+/// 125 ms per batch at 10,000 open incidents, and a first sweep of 1M items ran at a
+/// quarter of its steady speed (docs/BENCHMARKS.md).
+fn is_open() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    diesel::dsl::sql("state IN ('detected', 'confirmed', 'persistent')")
+}
+
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Serialize)]
 #[diesel(table_name = t, check_for_backend(diesel::pg::Pg))]
 pub struct IncidentRow {
@@ -108,7 +118,7 @@ pub async fn open_for_keys(
 ) -> Result<HashMap<String, IncidentRow>, DbError> {
     let rows: Vec<IncidentRow> = t::table
         .filter(t::cache_key.eq_any(keys))
-        .filter(t::state.eq_any(OPEN))
+        .filter(is_open())
         .select(IncidentRow::as_select())
         .load(conn)
         .await?;
@@ -130,7 +140,7 @@ pub async fn open_for_key_locked(
 ) -> Result<Option<IncidentRow>, DbError> {
     Ok(t::table
         .filter(t::cache_key.eq(key))
-        .filter(t::state.eq_any(OPEN))
+        .filter(is_open())
         .select(IncidentRow::as_select())
         .for_update()
         .first(conn)
@@ -281,7 +291,7 @@ pub async fn list(
 /// Open incidents by state, read from the table so the gauge is right after a restart.
 pub async fn count_open(conn: &mut AsyncPgConnection) -> Result<HashMap<String, i64>, DbError> {
     let rows: Vec<(String, i64)> = t::table
-        .filter(t::state.eq_any(OPEN))
+        .filter(is_open())
         .group_by(t::state)
         .select((t::state, diesel::dsl::count_star()))
         .load(conn)
