@@ -2,14 +2,25 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{schema::items, DbError, PgPool};
 
 /// One row, and also exactly the JSON document cached under the item's key.
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Insertable,
+    Serialize,
+    Deserialize,
+)]
 #[diesel(table_name = items, check_for_backend(diesel::pg::Pg))]
 pub struct Item {
     pub id: Uuid,
@@ -28,8 +39,7 @@ impl Item {
 }
 
 /// A partial update; `None` leaves the field as it is.
-#[derive(Debug, Clone, Default, AsChangeset)]
-#[diesel(table_name = items)]
+#[derive(Debug, Clone, Default)]
 pub struct ItemChanges {
     pub name: Option<String>,
     pub value: Option<serde_json::Value>,
@@ -75,39 +85,53 @@ pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Item>, DbError>
 
 /// Applies `changes` and bumps the version by one, returning the row before and after.
 ///
-/// The row is locked (`FOR UPDATE`) for the transaction, so concurrent updates of one item
-/// queue up and each one raises the version exactly once: no lost updates.
+/// One statement: the sub-select locks the row (`FOR UPDATE`) and reads it as it was, so
+/// concurrent updates of one item queue up and each raises the version exactly once (no lost
+/// updates), in one round trip instead of a four-statement transaction.
 pub async fn update(
     pool: &PgPool,
     id: Uuid,
     changes: ItemChanges,
 ) -> Result<Option<(Item, Item)>, DbError> {
     let mut conn = pool.get().await?;
-    let result = conn
-        .transaction::<_, diesel::result::Error, _>(async |conn| {
-            let Some(before) = items::table
-                .find(id)
-                .select(Item::as_select())
-                .for_update()
-                .first(conn)
-                .await
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let after = diesel::update(items::table.find(id))
-                .set((
-                    &changes,
-                    items::version.eq(items::version + 1),
-                    items::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning(Item::as_returning())
-                .get_result(conn)
-                .await?;
-            Ok(Some((before, after)))
-        })
-        .await?;
-    Ok(result)
+    let row: Option<UpdatedRow> = diesel::sql_query(
+        "UPDATE items SET name = COALESCE($2, items.name), value = COALESCE($3, items.value),          version = items.version + 1, updated_at = now()          FROM (SELECT * FROM items WHERE id = $1 FOR UPDATE) AS old          WHERE items.id = old.id          RETURNING items.id, items.name, items.value, items.version, items.created_at,          items.updated_at, old.name AS old_name, old.value AS old_value,          old.version AS old_version, old.updated_at AS old_updated_at",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .bind::<Nullable<Text>, _>(changes.name)
+    .bind::<Nullable<Jsonb>, _>(changes.value)
+    .get_result(&mut conn)
+    .await
+    .optional()?;
+    Ok(row.map(UpdatedRow::split))
+}
+
+/// What the single-statement update returns: the new row and the old one's changing columns.
+#[derive(QueryableByName)]
+struct UpdatedRow {
+    #[diesel(embed)]
+    after: Item,
+    #[diesel(sql_type = Text)]
+    old_name: String,
+    #[diesel(sql_type = Jsonb)]
+    old_value: serde_json::Value,
+    #[diesel(sql_type = BigInt)]
+    old_version: i64,
+    #[diesel(sql_type = Timestamptz)]
+    old_updated_at: DateTime<Utc>,
+}
+
+impl UpdatedRow {
+    fn split(self) -> (Item, Item) {
+        let before = Item {
+            name: self.old_name,
+            value: self.old_value,
+            version: self.old_version,
+            updated_at: self.old_updated_at,
+            ..self.after.clone()
+        };
+        (before, self.after)
+    }
 }
 
 pub async fn delete(pool: &PgPool, id: Uuid) -> Result<bool, DbError> {
