@@ -1,0 +1,241 @@
+//! Data for `scripts/bench`: fills the benchmark database and its cache, pushes check jobs,
+//! and writes the raw Redis reads used as a floor. Not a benchmark itself.
+//!
+//! ```text
+//! bench_seed seed <items> <stale-percent>   TRUNCATE, insert <items> rows, cache every one
+//! bench_seed cache <stale-percent>          (re)write every row's cached copy
+//! bench_seed push-checks <ids-per-job>      check jobs covering every item, in id order
+//! bench_seed mget-resp <keys-per-mget>      MGET commands over every item key, as RESP on
+//!                                           stdout (for `redis-cli --pipe`)
+//! ```
+//!
+//! Reads DATABASE_URL, REDIS_URL, KEY_PREFIX and CACHE_TTL_SECS like the binaries. It truncates
+//! tables and writes keys, so it refuses to run unless the database name and the key prefix
+//! both start with "bench" (scripts/bench uses `stalewatch_bench` and `bench:`).
+
+use std::{io::Write, time::Instant};
+
+use anyhow::{bail, Context};
+use diesel::sql_types::BigInt;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use stalewatch_core::{
+    config::Config,
+    db::{
+        self,
+        items::{self, Item},
+    },
+    incident::Source,
+    jobs::CheckJob,
+    keys::Keys,
+    queue,
+};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Rows read per page and SETs per pipeline: big enough that round trips don't matter,
+/// small enough (about 2.5 MB of values) not to stall Redis for other users.
+const PAGE: i64 = 10_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let db_name = config.database_url.rsplit('/').next().unwrap_or_default();
+    if !db_name.contains("bench") {
+        bail!("refusing to touch database {db_name:?}: bench_seed only runs on a bench database");
+    }
+    if !config.key_prefix.starts_with("bench") {
+        bail!(
+            "refusing KEY_PREFIX={:?}: use a bench prefix",
+            config.key_prefix
+        );
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    db::migrate(&config.database_url).await?;
+    match args.as_slice() {
+        ["seed", n, pct] => {
+            let n: i64 = n.parse().context("items")?;
+            let pct: f64 = pct.parse().context("stale percent")?;
+            seed_rows(&config, n).await?;
+            write_cache(&config, pct).await
+        }
+        ["cache", pct] => write_cache(&config, pct.parse().context("stale percent")?).await,
+        ["push-checks", per_job] => push_checks(&config, per_job.parse()?).await,
+        ["mget-resp", per_cmd] => mget_resp(&config, per_cmd.parse()?).await,
+        _ => bail!(
+            "usage: bench_seed seed <items> <stale-percent> | cache <stale-percent> \
+             | push-checks <ids-per-job> | mget-resp <keys-per-mget>"
+        ),
+    }
+}
+
+async fn connect_pg(config: &Config) -> anyhow::Result<AsyncPgConnection> {
+    use diesel_async::AsyncConnection;
+    Ok(AsyncPgConnection::establish(&config.database_url).await?)
+}
+
+/// One INSERT ... SELECT generate_series: the server builds the rows, nothing crosses the
+/// wire per row. Ids are UUIDv7-shaped (48-bit millisecond prefix, increasing with the row
+/// number) like the API's `Uuid::now_v7()`, so id order is insertion order as in real data.
+async fn seed_rows(config: &Config, n: i64) -> anyhow::Result<()> {
+    let mut conn = connect_pg(config).await?;
+    let started = Instant::now();
+    diesel::sql_query("TRUNCATE items, inconsistencies RESTART IDENTITY")
+        .execute(&mut conn)
+        .await?;
+    diesel::sql_query(
+        "INSERT INTO items (id, name, value, version, created_at, updated_at) \
+         SELECT (lpad(to_hex(t0 + g), 12, '0') || '7' || substr(h, 1, 3) || '8' \
+                 || substr(h, 4, 15))::uuid, \
+                'item-' || g, \
+                jsonb_build_object('n', g, 'color', (ARRAY['red', 'green', 'blue'])[1 + g % 3], \
+                                   'size', 1 + g % 40, 'tags', jsonb_build_array('bench', 'seed')), \
+                2, now(), now() \
+         FROM (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS t0) s, \
+              generate_series(1, $1::bigint) AS g, \
+              LATERAL md5(g::text) AS h",
+    )
+    .bind::<BigInt, _>(n)
+    .execute(&mut conn)
+    .await?;
+    diesel::sql_query("ANALYZE items")
+        .execute(&mut conn)
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "seed: inserted {n} rows in {secs:.2} s ({:.0} rows/s)",
+        n as f64 / secs
+    );
+    Ok(())
+}
+
+/// The cached copy of a stale item: one version older, with another value, as a writer that
+/// lost a race would have left it.
+fn stale_copy(item: &Item) -> Vec<u8> {
+    let mut old = item.clone();
+    old.version = item.version - 1;
+    old.value = serde_json::json!({ "n": -1, "color": "stale" });
+    old.updated_at = item.created_at;
+    old.to_cache_bytes()
+}
+
+/// Writes every row's exact cached bytes (`Item::to_cache_bytes`, what the API writes) with
+/// pipelined SETs; every `100 / stale_pct`-th row in id order gets a stale copy instead.
+/// A reader task pages through the table while the writer pipelines the previous page.
+async fn write_cache(config: &Config, stale_pct: f64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let every = if stale_pct > 0.0 {
+        (100.0 / stale_pct).round().max(1.0) as u64
+    } else {
+        0
+    };
+    let keys = Keys::new(config.key_prefix.clone());
+    let ttl = config.cache_ttl.as_secs().max(1);
+    let (tx, mut rx) = mpsc::channel::<Vec<Item>>(2);
+    let mut conn = connect_pg(config).await?;
+    let reader = tokio::spawn(async move {
+        let mut cursor: Option<Uuid> = None;
+        loop {
+            let page = items::page_after(&mut conn, cursor, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.id);
+            let short = (page.len() as i64) < PAGE;
+            if tx.send(page).await.is_err() || short {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let (mut written, mut stale) = (0u64, 0u64);
+    while let Some(page) = rx.recv().await {
+        let mut pipe = redis::pipe();
+        for item in &page {
+            let bytes = if every > 0 && written.is_multiple_of(every) {
+                stale += 1;
+                stale_copy(item)
+            } else {
+                item.to_cache_bytes()
+            };
+            pipe.cmd("SET")
+                .arg(keys.item(&item.id))
+                .arg(bytes)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+            written += 1;
+        }
+        pipe.query_async::<()>(&mut redis).await?;
+    }
+    reader.await??;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "seed: cached {written} items ({stale} stale) in {secs:.2} s ({:.0} keys/s)",
+        written as f64 / secs
+    );
+    Ok(())
+}
+
+/// Every item id in id order.
+async fn all_ids(config: &Config) -> anyhow::Result<Vec<Uuid>> {
+    use diesel::{ExpressionMethods, QueryDsl};
+    use stalewatch_core::db::schema::items::dsl;
+    let mut conn = connect_pg(config).await?;
+    Ok(dsl::items
+        .select(dsl::id)
+        .order(dsl::id.asc())
+        .load(&mut conn)
+        .await?)
+}
+
+/// Check jobs of `per_job` ids each, covering every item, pushed as ready now (the worker is
+/// expected to be stopped, so they wait in the queue). At most 1,000 jobs per push.
+async fn push_checks(config: &Config, per_job: usize) -> anyhow::Result<()> {
+    let ids = all_ids(config).await?;
+    let started = Instant::now();
+    let keys = Keys::new(config.key_prefix.clone());
+    let mut conn = queue::connect(&config.redis_url).await?;
+    let jobs: Vec<CheckJob> = ids
+        .chunks(per_job.max(1))
+        .map(|c| CheckJob {
+            ids: c.to_vec(),
+            source: Source::WriteCheck,
+        })
+        .collect();
+    for chunk in jobs.chunks(1000) {
+        let batch = chunk.iter().cloned().map(|j| (j, None)).collect();
+        queue::push(&mut conn, &keys, batch).await?;
+    }
+    eprintln!(
+        "push-checks: {} jobs covering {} ids in {:.2} s",
+        jobs.len(),
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // The one line scripts/bench reads.
+    println!("jobs={} ids={}", jobs.len(), ids.len());
+    Ok(())
+}
+
+/// RESP-encoded `MGET` commands over every item key in id order, `per_cmd` keys each.
+async fn mget_resp(config: &Config, per_cmd: usize) -> anyhow::Result<()> {
+    let ids = all_ids(config).await?;
+    let keys = Keys::new(config.key_prefix.clone());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    let mut commands = 0;
+    for chunk in ids.chunks(per_cmd.max(1)) {
+        write!(out, "*{}\r\n$4\r\nMGET\r\n", chunk.len() + 1)?;
+        for id in chunk {
+            let key = keys.item(id);
+            write!(out, "${}\r\n{}\r\n", key.len(), key)?;
+        }
+        commands += 1;
+    }
+    out.flush()?;
+    eprintln!(
+        "mget-resp: {commands} MGET commands over {} keys",
+        ids.len()
+    );
+    Ok(())
+}
