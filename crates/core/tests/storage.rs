@@ -226,16 +226,29 @@ async fn concurrent_updates_raise_the_version_exactly_once_each() {
                     value: Some(serde_json::json!({ "n": i })),
                     ..Default::default()
                 };
-                items::update(&pool, item.id, changes)
-                    .await
-                    .unwrap()
-                    .unwrap()
+                // Half through each update path: both must queue on the row lock.
+                if i % 2 == 0 {
+                    items::update(&pool, item.id, changes)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                } else {
+                    let (before, after) = items::update_returning_previous(&pool, item.id, changes)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(
+                        after.version,
+                        before.version + 1,
+                        "before is the replaced row"
+                    );
+                    assert_ne!(before.value, after.value);
+                }
             })
         })
         .collect();
     for t in tasks {
-        let (before, after) = t.await.unwrap();
-        assert_eq!(after.version, before.version + 1);
+        t.await.unwrap();
     }
     let now = items::get(&env.pool, item.id).await.unwrap().unwrap();
     assert_eq!(now.version, 1 + n as i64);

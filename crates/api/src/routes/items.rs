@@ -155,21 +155,27 @@ pub async fn update(
         name: body.name,
         value: body.value,
     };
-    let (before, after) = items::update(&state.pool, id, changes)
-        .await?
-        .ok_or_else(|| not_found(id))?;
     let key = state.cache.keys().item(&id);
-    match state.injector.mode {
-        FailureMode::Drop => tracing::debug!(key, "FAILURE_MODE=drop: cache write skipped"),
-        FailureMode::Delay => {
-            write_cache(&state, &after).await;
-            state
-                .injector
-                .overwrite_later(key, before.to_cache_bytes())
-                .await;
+    let after = if state.injector.mode == FailureMode::Delay {
+        let (before, after) = items::update_returning_previous(&state.pool, id, changes)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        write_cache(&state, &after).await;
+        state
+            .injector
+            .overwrite_later(key, before.to_cache_bytes())
+            .await;
+        after
+    } else {
+        let after = items::update(&state.pool, id, changes)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        match state.injector.mode {
+            FailureMode::Drop => tracing::debug!(key, "FAILURE_MODE=drop: cache write skipped"),
+            _ => write_cache(&state, &after).await,
         }
-        FailureMode::Off | FailureMode::StaleRead => write_cache(&state, &after).await,
-    }
+        after
+    };
     state.checks.request(id);
     Ok(HttpResponse::Ok().json(after))
 }

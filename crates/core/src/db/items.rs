@@ -39,7 +39,8 @@ impl Item {
 }
 
 /// A partial update; `None` leaves the field as it is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, AsChangeset)]
+#[diesel(table_name = items)]
 pub struct ItemChanges {
     pub name: Option<String>,
     pub value: Option<serde_json::Value>,
@@ -83,12 +84,35 @@ pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Item>, DbError>
         .await?)
 }
 
-/// Applies `changes` and bumps the version by one, returning the row before and after.
+/// Applies `changes` and bumps the version by one, returning the new row.
 ///
-/// One statement: the sub-select locks the row (`FOR UPDATE`) and reads it as it was, so
-/// concurrent updates of one item queue up and each raises the version exactly once (no lost
-/// updates), in one round trip instead of a four-statement transaction.
+/// One UPDATE: concurrent updates of an item queue on its row lock and each raises the
+/// version exactly once (no lost updates). Built with the DSL so the connection caches the
+/// prepared statement.
 pub async fn update(
+    pool: &PgPool,
+    id: Uuid,
+    changes: ItemChanges,
+) -> Result<Option<Item>, DbError> {
+    let mut conn = pool.get().await?;
+    Ok(diesel::update(items::table.find(id))
+        .set((
+            &changes,
+            items::version.eq(items::version + 1),
+            items::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(Item::as_returning())
+        .get_result(&mut conn)
+        .await
+        .optional()?)
+}
+
+/// Like [`update`], also returning the row as it was before (FAILURE_MODE=delay writes that
+/// back to the cache).
+///
+/// One statement: the sub-select locks the row (`FOR UPDATE`) and reads it as it was, so the
+/// "before" is the version this update replaced, whatever ran concurrently.
+pub async fn update_returning_previous(
     pool: &PgPool,
     id: Uuid,
     changes: ItemChanges,
