@@ -773,19 +773,7 @@ async fn put_with_value_null_sets_json_null() {
 async fn with_redis_down_reads_fall_back_and_writes_still_commit() {
     // A Redis of this test's own, so stopping it disturbs nobody.
     let port = stalewatch_testkit::free_port();
-    let mut redis = stalewatch_testkit::Proc::spawn(
-        std::path::Path::new("redis-server"),
-        &[
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ],
-        &[],
-    );
-    stalewatch_testkit::wait_port(port).await;
+    let mut redis = stalewatch_testkit::redis_server(port).await;
     let env = TestEnv::with_redis(&format!("redis://127.0.0.1:{port}"))
         .await
         .unwrap();

@@ -271,6 +271,25 @@ pub async fn wait_port(port: u16) {
     .await
 }
 
+/// A Redis server of the test's own on `port` (no persistence), for tests that stop or
+/// restart Redis without disturbing anyone else. Returns once it accepts connections.
+pub async fn redis_server(port: u16) -> Proc {
+    let port_arg = port.to_string();
+    let args = [
+        "--port",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    let proc = Proc::spawn(std::path::Path::new("redis-server"), &args, &[]);
+    wait_port(port).await;
+    proc
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -10,7 +10,7 @@ use stalewatch_core::{
     jobs::{CheckJob, ConfirmJob},
     queue,
 };
-use stalewatch_testkit::{eventually, free_port, Proc, TestEnv};
+use stalewatch_testkit::{eventually, free_port, TestEnv};
 use uuid::Uuid;
 
 fn check(ids: Vec<Uuid>) -> CheckJob {
@@ -213,25 +213,8 @@ async fn a_backlog_of_20000_due_checks_drains_and_finished_jobs_are_deleted() {
 async fn the_worker_recovers_by_itself_when_redis_restarts() {
     // A Redis of this test's own, so restarting it disturbs nobody else.
     let port = free_port();
-    let start_redis = || {
-        Proc::spawn(
-            std::path::Path::new("redis-server"),
-            &[
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            &[],
-        )
-    };
     let redis_url = format!("redis://127.0.0.1:{port}");
-    let mut redis = start_redis();
-    stalewatch_testkit::wait_port(port).await;
+    let mut redis = stalewatch_testkit::redis_server(port).await;
     let private = TestEnv::with_redis(&redis_url).await.unwrap();
     let (_w, _) = worker(
         &private,
@@ -246,8 +229,7 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     .await;
 
     redis.kill9();
-    redis = start_redis();
-    stalewatch_testkit::wait_port(port).await;
+    redis = stalewatch_testkit::redis_server(port).await;
     // The test's own connection notices the restart on its first command, then reconnects.
     eventually(
         Duration::from_secs(10),

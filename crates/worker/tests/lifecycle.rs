@@ -8,6 +8,10 @@ use common::*;
 use serde_json::{json, Value};
 use stalewatch_testkit::{eventually, TestEnv};
 
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 async fn incident_for(client: &reqwest::Client, api: &str, key: &str) -> Vec<Value> {
     let body: Value = client
         .get(format!("{api}/inconsistencies"))
@@ -139,14 +143,7 @@ async fn an_injected_divergence_is_detected_confirmed_persistent_then_resolved()
     })
     .await;
 
-    let active: Value = client
-        .get(format!("{url}/items/inconsistencies/active"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let active: Value = get_json(&client, format!("{url}/items/inconsistencies/active")).await;
     assert_eq!(active["count"], 1);
 
     let refreshed: Value = client
@@ -159,23 +156,9 @@ async fn an_injected_divergence_is_detected_confirmed_persistent_then_resolved()
         .unwrap();
     assert_eq!(refreshed["incident"]["state"], "resolved");
     assert_eq!(refreshed["incident"]["resolution"], "refresh");
-    let active: Value = client
-        .get(format!("{url}/items/inconsistencies/active"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let active: Value = get_json(&client, format!("{url}/items/inconsistencies/active")).await;
     assert_eq!(active["count"], 0, "{active}");
-    let all: Value = client
-        .get(format!("{url}/items/inconsistencies/all"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get_json(&client, format!("{url}/items/inconsistencies/all")).await;
     assert_eq!(all["count"], 1);
     assert_eq!(all["data"][0]["state"], "resolved");
 
