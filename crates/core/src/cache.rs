@@ -2,8 +2,9 @@
 //!
 //! Reads and writes go over one shared multiplexed `ConnectionManager`: on this kind of machine
 //! it served 3.2x the GET rate of checking a connection out of a pool for every command
-//! (shared/notes/redis-client-paths.md). `deadpool-redis` is kept for work that needs a
-//! connection to itself (blocking reads, MULTI).
+//! (shared/notes/redis-client-paths.md), with the same consistency. A pool (deadpool-redis) is
+//! only worth having for work that needs a connection to itself (blocking stream reads, MULTI);
+//! nothing here does yet.
 
 use std::time::Duration;
 
@@ -15,8 +16,6 @@ use crate::keys::Keys;
 pub enum CacheError {
     #[error("Redis is unavailable: {0} (is it running, and is REDIS_URL right?)")]
     Redis(#[from] redis::RedisError),
-    #[error("Redis pool: {0}")]
-    Pool(String),
 }
 
 /// Opens the shared connection. Commands time out after 2 s so a frozen Redis makes callers
@@ -29,13 +28,6 @@ pub async fn connect(redis_url: &str) -> Result<ConnectionManager, CacheError> {
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_millis(500));
     Ok(ConnectionManager::new_with_config(client, config).await?)
-}
-
-/// A pool for exclusive-use connections.
-pub fn pool(redis_url: &str) -> Result<deadpool_redis::Pool, CacheError> {
-    deadpool_redis::Config::from_url(redis_url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .map_err(|e| CacheError::Pool(e.to_string()))
 }
 
 /// Cached values by full key. Cheap to clone: clones share the connection.

@@ -177,28 +177,20 @@ pub struct Depth {
     pub pending: u64,
     /// Waiting for their time.
     pub scheduled: u64,
-    /// Finished but not yet deleted.
-    pub done: u64,
 }
 
 pub async fn depth(
     conn: &mut ConnectionManager,
     config: &QueueConfig,
 ) -> Result<Depth, QueueError> {
-    let (pending, scheduled, done): (u64, u64, u64) = redis::pipe()
+    let (pending, scheduled): (u64, u64) = redis::pipe()
         .cmd("LLEN")
         .arg(config.active_jobs_list())
         .cmd("ZCARD")
         .arg(config.scheduled_jobs_set())
-        .cmd("SCARD")
-        .arg(config.done_jobs_set())
         .query_async(conn)
         .await?;
-    Ok(Depth {
-        pending,
-        scheduled,
-        done,
-    })
+    Ok(Depth { pending, scheduled })
 }
 
 /// Updates the queue-depth gauge of `J`'s queue.

@@ -193,11 +193,8 @@ impl Drop for TestEnv {
 async fn delete_prefix(redis_url: &str, prefix: &str) -> Result<()> {
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    // Queue names are derived from the prefix with ':' turned into '_' (Keys::queue).
-    let queue_base: String = prefix
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    // apalis queue names come from the prefix, spelled without ':' (Keys::queue).
+    let queue_base = Keys::new(prefix).queue("");
     for pattern in [format!("{prefix}*"), format!("{queue_base}*")] {
         let mut cursor: u64 = 0;
         loop {

@@ -29,7 +29,6 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let queue_conn = queue::connect(&config.redis_url).await?;
     Ok(Ctx {
         checker,
-        keys,
         queue_conn,
     })
 }
@@ -80,17 +79,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(supervise::run::<CheckJob, _, _>(
         ctx.clone(),
-        ctx.queue_conn.clone(),
-        ctx.keys.clone(),
-        metrics.clone(),
         shutdown.clone(),
         handlers::check,
     ));
     tasks.spawn(supervise::run::<ConfirmJob, _, _>(
         ctx.clone(),
-        ctx.queue_conn.clone(),
-        ctx.keys.clone(),
-        metrics.clone(),
         shutdown.clone(),
         handlers::confirm,
     ));
@@ -101,7 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tasks.spawn(upkeep::run(
         ctx.queue_conn.clone(),
-        ctx.keys.clone(),
+        ctx.keys().clone(),
         ctx.checker.pool.clone(),
         metrics.clone(),
         shutdown.clone(),

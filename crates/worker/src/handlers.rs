@@ -8,6 +8,7 @@ use stalewatch_core::{
     check::{Checker, Outcome},
     jobs::{CheckJob, ConfirmJob, ConfirmTarget, Job},
     keys::Keys,
+    metrics::Metrics,
     queue,
     track::Recorded,
 };
@@ -16,14 +17,20 @@ use stalewatch_core::{
 #[derive(Clone)]
 pub struct Ctx {
     pub checker: Checker,
-    pub keys: Keys,
     pub queue_conn: redis::aio::ConnectionManager,
 }
 
 impl Ctx {
+    pub fn keys(&self) -> &Keys {
+        self.checker.cache.keys()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.checker.metrics
+    }
+
     fn count<J: Job>(&self, outcome: &str) {
-        self.checker
-            .metrics
+        self.metrics()
             .jobs
             .with_label_values(&[J::NAME, outcome])
             .inc();
@@ -52,7 +59,7 @@ pub async fn schedule_confirmations(ctx: &Ctx, outcome: &Outcome) {
         .filter_map(|r: &Recorded| {
             let at = r.confirm_at?;
             let incident = r.incident.as_ref()?;
-            let item_id = ctx.keys.parse_item(&r.cache_key)?;
+            let item_id = ctx.keys().parse_item(&r.cache_key)?;
             Some((
                 ConfirmTarget {
                     incident_id: incident.id,
@@ -70,7 +77,7 @@ pub async fn schedule_confirmations(ctx: &Ctx, outcome: &Outcome) {
         due_at,
     };
     let mut conn = ctx.queue_conn.clone();
-    if let Err(e) = queue::push(&mut conn, &ctx.keys, vec![(job, Some(due_at))]).await {
+    if let Err(e) = queue::push(&mut conn, ctx.keys(), vec![(job, Some(due_at))]).await {
         // The incidents are stored as Detected; the sweep's next mismatch after the grace
         // period confirms them anyway (any late enough mismatch does).
         ctx.count::<ConfirmJob>("push_error");
@@ -86,7 +93,7 @@ pub async fn confirm(job: ConfirmJob, ctx: Data<Ctx>) -> Result<(), BoxDynError>
     let expected: HashMap<String, i64> = job
         .targets
         .iter()
-        .map(|t| (ctx.keys.item(&t.item_id), t.incident_id))
+        .map(|t| (ctx.keys().item(&t.item_id), t.incident_id))
         .collect();
     let ids: Vec<_> = job.targets.iter().map(|t| t.item_id).collect();
     match ctx.checker.confirm(&ids, &expected).await {

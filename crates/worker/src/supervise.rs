@@ -15,8 +15,7 @@ use std::{
 use apalis::prelude::{BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, WorkerBuilder};
 use apalis_redis::RedisStorage;
 use backon::{ExponentialBuilder, Retryable};
-use redis::aio::ConnectionManager;
-use stalewatch_core::{jobs::Job, keys::Keys, metrics::Metrics, queue};
+use stalewatch_core::{jobs::Job, queue};
 use tokio_util::sync::CancellationToken;
 
 use crate::handlers::Ctx;
@@ -68,28 +67,17 @@ fn fresh_name(queue: &str) -> String {
 }
 
 /// Runs workers for `J` until `shutdown`, restarting them with backoff when they die.
-pub async fn run<J, F, Fut>(
-    ctx: Ctx,
-    conn: ConnectionManager,
-    keys: Keys,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-    handler: F,
-) where
+pub async fn run<J, F, Fut>(ctx: Ctx, shutdown: CancellationToken, handler: F)
+where
     J: Job,
     F: Fn(J, Data<Ctx>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BoxDynError>> + Send + 'static,
 {
     let once = || {
-        let (ctx, conn, keys, shutdown, handler) = (
-            ctx.clone(),
-            conn.clone(),
-            keys.clone(),
-            shutdown.clone(),
-            handler.clone(),
-        );
+        let (ctx, shutdown, handler) = (ctx.clone(), shutdown.clone(), handler.clone());
         async move {
-            let config = queue::config::<J>(&keys, FETCH_BATCH);
+            let conn = ctx.queue_conn.clone();
+            let config = queue::config::<J>(ctx.keys(), FETCH_BATCH);
             // A backlog larger than apalis's fetch can promote in one go would wedge it.
             queue::promote_due(&mut conn.clone(), &config).await?;
             let storage = RedisStorage::<J>::new(conn)
@@ -124,7 +112,10 @@ pub async fn run<J, F, Fut>(
         .retry(backoff)
         .when(|_| !shutdown.is_cancelled())
         .notify(|e, after| {
-            metrics.worker_restarts.with_label_values(&[J::QUEUE]).inc();
+            ctx.metrics()
+                .worker_restarts
+                .with_label_values(&[J::QUEUE])
+                .inc();
             tracing::warn!(queue = J::QUEUE, error = %e, ?after, "worker stopped; restarting");
         })
         .await;

@@ -44,7 +44,7 @@ pub struct Summary {
 
 impl Sweeper {
     fn keys(&self) -> &Keys {
-        &self.ctx.keys
+        self.ctx.keys()
     }
 
     fn checker(&self) -> &Checker {

@@ -137,7 +137,7 @@ pub async fn push_checks(env: &TestEnv, jobs: Vec<CheckJob>) {
 
 /// Waits until `J`'s queue has nothing pending or scheduled.
 pub async fn drained<J: Job>(env: &TestEnv, timeout: Duration) {
-    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    let conn = queue::connect(&env.redis_url).await.unwrap();
     let config = queue::config::<J>(env.keys(), 1);
     eventually(timeout, &format!("the {} queue to drain", J::NAME), || {
         let (mut conn, config) = (conn.clone(), config.clone());
@@ -147,5 +147,4 @@ pub async fn drained<J: Job>(env: &TestEnv, timeout: Duration) {
         }
     })
     .await;
-    let _ = &mut conn;
 }

@@ -19,8 +19,6 @@ use crate::incident::{Cause, Incident, State, Step};
 /// Longest snapshot of a DB or cached value kept with an incident.
 pub const SNAPSHOT_CAP: usize = 2048;
 
-const OPEN: [&str; 3] = ["detected", "confirmed", "persistent"];
-
 /// The open-state filter written exactly as the partial unique index's predicate. As a
 /// literal (not a bound array) PostgreSQL answers "open incidents of these keys" from that
 /// index whatever the table's statistics say. With a bound array, a prepared statement
@@ -71,7 +69,7 @@ impl IncidentRow {
     }
 
     pub fn is_open(&self) -> bool {
-        OPEN.contains(&self.state.as_str())
+        State::parse(&self.state).is_some_and(State::is_open)
     }
 }
 

@@ -36,13 +36,6 @@ pub enum DbError {
     Migration(String),
 }
 
-impl DbError {
-    /// True when retrying later may help (server down, pool exhausted), as opposed to a bug.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, DbError::Unavailable(_))
-    }
-}
-
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for DbError {
     fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
         DbError::Unavailable(e.to_string())
@@ -69,7 +62,7 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
         .max_size(size)
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))
-        .runtime(deadpool_redis::Runtime::Tokio1)
+        .runtime(deadpool::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Unavailable(e.to_string()))
 }
