@@ -37,7 +37,13 @@ impl AppState {
         );
         let queue_conn = stalewatch_core::queue::connect(&config.redis_url).await?;
         let metrics = Metrics::new();
-        let checker = Checker::new(&config, pool.clone(), cache.clone(), metrics.clone());
+        let checker = Checker::new(
+            &config,
+            pool.clone(),
+            cache.clone(),
+            metrics.clone(),
+            queue_conn.clone(),
+        );
         let checks = CheckQueue::start(
             queue_conn.clone(),
             keys,

@@ -2,7 +2,7 @@
 //!
 //! Reads and writes go over one shared multiplexed `ConnectionManager`: on this kind of machine
 //! it served 3.2x the GET rate of checking a connection out of a pool for every command
-//! (shared/notes/redis-client-paths.md), with the same consistency. A pool (deadpool-redis) is
+//! (docs/redis.md), with the same consistency. A pool (deadpool-redis) is
 //! only worth having for work that needs a connection to itself (blocking stream reads, MULTI);
 //! nothing here does yet.
 
@@ -30,6 +30,12 @@ pub async fn connect(redis_url: &str) -> Result<ConnectionManager, CacheError> {
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
+/// A connection that died under a command (a Redis restart: the first command on the old
+/// socket fails with "broken pipe" while the manager reconnects).
+fn connection_lost(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal()
+}
+
 /// Cached values by full key. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct Cache {
@@ -50,23 +56,33 @@ impl Cache {
         self.conn.clone()
     }
 
+    /// Runs an idempotent command, and once more when the connection turned out to be dead,
+    /// so a Redis restart costs no failed request.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, CacheError> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if connection_lost(&e) => {
+                tracing::debug!(error = %e, "Redis connection lost; retrying once");
+                Ok(cmd.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.conn.clone())
-            .await?)
+        self.query(redis::cmd("GET").arg(key)).await
     }
 
     /// Writes `value` with a TTL (whole seconds, at least one).
     pub async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("EX")
-            .arg(ttl.as_secs().max(1))
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        self.query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl.as_secs().max(1)),
+        )
+        .await
     }
 
     /// Writes `value` (a JSON document carrying `version`) unless the cache already holds a
@@ -94,21 +110,18 @@ impl Cache {
                   return 1",
             )
         });
-        let written: i64 = SCRIPT
-            .key(key)
-            .arg(value)
-            .arg(version)
-            .arg(ttl.as_secs().max(1))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let mut invocation = SCRIPT.key(key);
+        invocation.arg(value).arg(version).arg(ttl.as_secs().max(1));
+        let mut conn = self.conn.clone();
+        let written: i64 = match invocation.invoke_async(&mut conn).await {
+            Err(e) if connection_lost(&e) => invocation.invoke_async(&mut conn).await?,
+            other => other?,
+        };
         Ok(written == 1)
     }
 
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
-        let n: u64 = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut self.conn.clone())
-            .await?;
+        let n: u64 = self.query(redis::cmd("DEL").arg(key)).await?;
         Ok(n > 0)
     }
 
@@ -117,16 +130,11 @@ impl Cache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(redis::cmd("MGET")
-            .arg(keys)
-            .query_async(&mut self.conn.clone())
-            .await?)
+        self.query(redis::cmd("MGET").arg(keys)).await
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut self.conn.clone())
-            .await?;
+        self.query::<String>(&redis::cmd("PING")).await?;
         Ok(())
     }
 }

@@ -43,6 +43,27 @@ impl FromStr for FailureMode {
     }
 }
 
+/// Whether stalewatch rewrites diverged keys by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RepairPolicy {
+    /// A monitor does not touch the cache unasked: only a refresh through the API does.
+    #[default]
+    Off,
+    /// A key whose incident is confirmed is rewritten from PostgreSQL (versioned write).
+    Confirmed,
+}
+
+impl FromStr for RepairPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "confirmed" => Ok(Self::Confirmed),
+            _ => Err("off or confirmed".into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     #[default]
@@ -83,6 +104,14 @@ pub struct Config {
     pub failure_mode: FailureMode,
     pub failure_delay: Duration,
     pub post_write_check: Duration,
+    pub repair_policy: RepairPolicy,
+    /// How often the worker confirms Detected incidents whose confirmation is overdue (a
+    /// confirm job that was lost with its queue, or never pushed).
+    pub confirm_backstop: Duration,
+    /// Resolved and transient incidents older than this are deleted.
+    pub incident_retention: Duration,
+    /// Dead jobs (every attempt failed) are kept this long for people to look at.
+    pub dead_job_retention: Duration,
 }
 
 impl Default for Config {
@@ -127,7 +156,21 @@ impl Config {
             failure_mode: env.parse("FAILURE_MODE", FailureMode::Off)?,
             failure_delay: env.millis("FAILURE_DELAY_MS", 2000)?,
             post_write_check: env.millis("POST_WRITE_CHECK_MS", 3000)?,
+            repair_policy: env.parse("REPAIR_POLICY", RepairPolicy::Off)?,
+            confirm_backstop: Duration::from_millis(
+                env.positive("CONFIRM_BACKSTOP_MS", 5000)? as u64
+            ),
+            incident_retention: env.duration("INCIDENT_RETENTION", "30d")?,
+            dead_job_retention: env.duration("DEAD_JOB_RETENTION", "7d")?,
         })
+    }
+
+    /// How many jobs of one queue a worker process runs at once. Tied to the pool: each
+    /// running job holds one connection, the sweep and the upkeep may hold one each, and the
+    /// two queues share the rest. More jobs than connections would only wait for the pool,
+    /// and a job that waits past the pool's time-out fails and burns a retry.
+    pub fn job_concurrency(&self) -> usize {
+        (self.database_pool_size.saturating_sub(2) / 2).max(1)
     }
 }
 
@@ -171,6 +214,16 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         Ok(n)
     }
 
+    /// A duration with a unit, as in `30d`, `12h`, `90s` or `1h 30m`.
+    fn duration(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.string(var, default);
+        humantime::parse_duration(value.trim()).map_err(|_| ConfigError {
+            var,
+            value,
+            expected: "a duration with a unit, such as 30d, 12h or 90s".into(),
+        })
+    }
+
     fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
         let ms: u64 = self.parse(var, default).map_err(|e| ConfigError {
             expected: "a whole number of milliseconds".into(),
@@ -203,6 +256,24 @@ mod tests {
         assert_eq!(c.post_write_check, Duration::from_millis(3000));
         assert_eq!(c.cache_policy, CachePolicy::CacheAside);
         assert!(c.ignore_fields.is_empty());
+        assert_eq!(c.repair_policy, RepairPolicy::Off);
+        assert_eq!(c.confirm_backstop, Duration::from_secs(5));
+        assert_eq!(c.incident_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.dead_job_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.job_concurrency(), 7);
+    }
+
+    #[test]
+    fn durations_and_policies_are_read() {
+        let c = with(&[
+            ("INCIDENT_RETENTION", "12h"),
+            ("REPAIR_POLICY", "confirmed"),
+            ("DATABASE_POOL_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.incident_retention, Duration::from_secs(12 * 3600));
+        assert_eq!(c.repair_policy, RepairPolicy::Confirmed);
+        assert_eq!(c.job_concurrency(), 1);
     }
 
     #[test]
@@ -233,6 +304,9 @@ mod tests {
             ("FAILURE_MODE", "sometimes"),
             ("HTTP_ADDR", "localhost"),
             ("LOG_FORMAT", "xml"),
+            ("REPAIR_POLICY", "always"),
+            ("INCIDENT_RETENTION", "30"),
+            ("CONFIRM_BACKSTOP_MS", "0"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

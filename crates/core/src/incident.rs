@@ -19,7 +19,16 @@
 //! Persistent --match-----> Resolved
 //! ```
 //!
-//! A closed incident (Resolved or Transient) counts as no incident at all.
+//! A closed incident (Resolved or Transient) counts as no incident at all, except that it
+//! dates the key's last resolution.
+//!
+//! Observations arrive late and out of order (a slow batch, a pool wait, a retried job), so
+//! each one carries when it was made and which DB version it saw, and [`step`] refuses the
+//! ones that would rewrite history:
+//! - a match older than the incident's newest evidence, or that saw an older DB version than
+//!   the incident did, does not close it (the cache may still be stale);
+//! - a mismatch older than the key's last resolution does not open a new incident (it may
+//!   have seen the cache before the refresh that resolved it).
 
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -78,16 +87,19 @@ pub enum Source {
     Sweep,
     Cdc,
     Manual,
+    /// The check after a repair (REPAIR_POLICY=confirmed).
+    Repair,
 }
 
 impl Source {
     /// Every source, for enumerating metric labels up front.
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::WriteCheck,
         Source::Confirm,
         Source::Sweep,
         Source::Cdc,
         Source::Manual,
+        Source::Repair,
     ];
 
     /// Stable name used in storage and metric labels; matches the serde form.
@@ -98,6 +110,7 @@ impl Source {
             Source::Sweep => "sweep",
             Source::Cdc => "cdc",
             Source::Manual => "manual",
+            Source::Repair => "repair",
         }
     }
 
@@ -155,6 +168,7 @@ impl Cause {
             Source::WriteCheck => Cause::Write,
             Source::Cdc => Cause::Invalidation,
             Source::Manual => Cause::Refresh,
+            Source::Repair => Cause::Repair,
             Source::Confirm | Source::Sweep => Cause::Natural,
         }
     }
@@ -171,7 +185,11 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
     pub verdict: Verdict,
+    /// When the observation was made: PostgreSQL's clock when its reads began, a lower bound
+    /// of the moment of everything it saw.
     pub at: DateTime<Utc>,
+    /// The DB version it saw; `None` for a missing row or an entity without versions.
+    pub db_version: Option<i64>,
     pub source: Source,
     /// Only used when a match closes a Confirmed/Persistent incident; a
     /// Transient close has no cause because nothing needed fixing.
@@ -194,6 +212,8 @@ pub struct Incident {
     pub resolution: Option<Cause>,
     /// Number of mismatch observations; starts at 1.
     pub observations: i64,
+    /// The DB version of the newest evidence, when the entity has versions.
+    pub db_version: Option<i64>,
 }
 
 impl Incident {
@@ -215,6 +235,34 @@ pub struct Transition {
     pub to: State,
 }
 
+/// Why an observation was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// A match made before the open incident's newest evidence.
+    OlderThanEvidence,
+    /// A match that saw an older DB version than the open incident did.
+    OlderDbVersion,
+    /// A mismatch made before the key's last incident closed.
+    BeforeResolution,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [
+        Refusal::OlderThanEvidence,
+        Refusal::OlderDbVersion,
+        Refusal::BeforeResolution,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::OlderThanEvidence => "older_than_evidence",
+            Refusal::OlderDbVersion => "older_db_version",
+            Refusal::BeforeResolution => "before_resolution",
+        }
+    }
+}
+
 /// What the caller must do after one observation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
@@ -224,6 +272,8 @@ pub struct Step {
     pub transition: Option<Transition>,
     /// Some(at) when a confirmation job must be scheduled at `at` (only on opening: at = first_seen + grace).
     pub schedule_confirm_at: Option<DateTime<Utc>>,
+    /// Some when the observation was out of order and changed nothing.
+    pub refused: Option<Refusal>,
 }
 
 impl Step {
@@ -238,22 +288,32 @@ impl Step {
             next: None,
             transition: None,
             schedule_confirm_at: None,
+            refused: None,
+        }
+    }
+
+    fn refused(why: Refusal) -> Step {
+        Step {
+            refused: Some(why),
+            ..Step::noop()
         }
     }
 }
 
 /// Advances the incident for one key by one observation.
 ///
-/// `current` may be a closed incident (Resolved/Transient): it is treated as
-/// no open incident, so callers can pass the key's latest row without first
-/// checking its state.
+/// `current` is the key's open incident or, when it has none, its latest closed one (or
+/// `None` when it never had any): a closed incident counts as no incident, but an
+/// observation made before it closed cannot open a new one.
 pub fn step(current: Option<&Incident>, obs: &Observation, grace: Duration) -> Step {
-    let open = current.filter(|inc| inc.state.is_open());
-    match (open, obs.verdict) {
-        (None, Verdict::Match) => Step::noop(),
-        (None, Verdict::Mismatch) => open_incident(obs, grace),
-        (Some(inc), Verdict::Match) => close(inc, obs),
-        (Some(inc), Verdict::Mismatch) => record_mismatch(inc, obs),
+    match (current, obs.verdict) {
+        (Some(inc), Verdict::Match) if inc.state.is_open() => close(inc, obs),
+        (Some(inc), Verdict::Mismatch) if inc.state.is_open() => record_mismatch(inc, obs),
+        (_, Verdict::Match) => Step::noop(),
+        (Some(closed), Verdict::Mismatch) if closed.resolved_at.is_some_and(|r| obs.at < r) => {
+            Step::refused(Refusal::BeforeResolution)
+        }
+        (_, Verdict::Mismatch) => open_incident(obs, grace),
     }
 }
 
@@ -268,6 +328,7 @@ fn open_incident(obs: &Observation, grace: Duration) -> Step {
         resolved_at: None,
         resolution: None,
         observations: 1,
+        db_version: obs.db_version,
     };
     Step {
         next: Some(incident),
@@ -276,13 +337,23 @@ fn open_incident(obs: &Observation, grace: Duration) -> Step {
             to: State::Detected,
         }),
         schedule_confirm_at: Some(confirm_due_at),
+        refused: None,
     }
 }
 
 fn close(inc: &Incident, obs: &Observation) -> Step {
+    // A match made before the newest mismatch, or of an older row, says nothing about the
+    // cache now: it may have been read before the divergence this incident is about.
+    if obs.at < inc.last_seen_at {
+        return Step::refused(Refusal::OlderThanEvidence);
+    }
+    if let (Some(seen), Some(evidence)) = (obs.db_version, inc.db_version) {
+        if seen < evidence {
+            return Step::refused(Refusal::OlderDbVersion);
+        }
+    }
     let mut next = inc.clone();
-    // Observations may arrive out of order; clamping keeps durations non-negative.
-    next.resolved_at = Some(obs.at.max(inc.last_seen_at));
+    next.resolved_at = Some(obs.at);
     if inc.state == State::Detected {
         // Never confirmed, so there was nothing to fix and no cause to credit.
         next.state = State::Transient;
@@ -298,6 +369,7 @@ fn record_mismatch(inc: &Incident, obs: &Observation) -> Step {
     let mut next = inc.clone();
     next.observations = inc.observations.saturating_add(1);
     next.last_seen_at = inc.last_seen_at.max(obs.at);
+    next.db_version = inc.db_version.max(obs.db_version);
     match inc.state {
         // Any source may confirm once the due time has passed, so a lost or
         // late confirm job cannot leave an incident stuck in Detected.
@@ -322,6 +394,7 @@ fn changed(from: State, next: Incident) -> Step {
         next: Some(next),
         transition,
         schedule_confirm_at: None,
+        refused: None,
     }
 }
 
@@ -353,8 +426,16 @@ mod tests {
         Observation {
             verdict,
             at: at_ms(ms),
+            db_version: None,
             source,
             cause: Cause::for_source(source),
+        }
+    }
+
+    fn of_version(o: Observation, v: i64) -> Observation {
+        Observation {
+            db_version: Some(v),
+            ..o
         }
     }
 
@@ -417,6 +498,7 @@ mod tests {
                 resolved_at: None,
                 resolution: None,
                 observations: 1,
+                db_version: None,
             }
         );
     }
@@ -595,11 +677,43 @@ mod tests {
     }
 
     #[test]
-    fn out_of_order_match_resolves_no_earlier_than_last_seen() {
-        let cur = persistent(); // last seen at 7 s
-        let inc = stored(step(Some(&cur), &matched(2_000), GRACE));
+    fn a_match_older_than_the_newest_evidence_closes_nothing() {
+        // Detected at 0 s and seen again at 3 s; a match read at 2 s arrives late.
+        let cur = stored(step(Some(&detected()), &mismatch(3_000), GRACE));
+        let s = step(Some(&cur), &matched(2_000), GRACE);
+        assert_eq!(s.refused, Some(Refusal::OlderThanEvidence));
+        assert!(s.is_noop());
+        // After the grace period too: a confirmed incident stays open.
+        let s = step(Some(&persistent()), &matched(2_000), GRACE);
+        assert_eq!(s.refused, Some(Refusal::OlderThanEvidence));
+        // A match made at the newest evidence's time or later closes it.
+        let inc = stored(step(Some(&persistent()), &matched(7_000), GRACE));
+        assert_eq!(inc.state, State::Resolved);
         assert_eq!(inc.resolved_at, Some(at_ms(7_000)));
-        assert!(inc.duration().unwrap() >= chrono::Duration::zero());
+    }
+
+    #[test]
+    fn a_match_of_an_older_row_closes_nothing() {
+        let cur = stored(step(None, &of_version(mismatch(0), 5), GRACE));
+        assert_eq!(cur.db_version, Some(5));
+        let s = step(Some(&cur), &of_version(matched(1_000), 4), GRACE);
+        assert_eq!(s.refused, Some(Refusal::OlderDbVersion));
+        let inc = stored(step(Some(&cur), &of_version(matched(1_000), 5), GRACE));
+        assert_eq!(inc.state, State::Transient);
+        // Mismatches keep the newest version seen, whatever order they come in.
+        let inc = stored(step(Some(&cur), &of_version(mismatch(500), 3), GRACE));
+        assert_eq!(inc.db_version, Some(5));
+    }
+
+    #[test]
+    fn a_mismatch_older_than_the_last_resolution_opens_nothing() {
+        let resolved = stored(step(Some(&persistent()), &matched(9_000), GRACE));
+        let s = step(Some(&resolved), &mismatch(8_000), GRACE);
+        assert_eq!(s.refused, Some(Refusal::BeforeResolution));
+        assert!(s.is_noop());
+        // One made at or after the resolution is a new divergence.
+        let s = step(Some(&resolved), &mismatch(9_000), GRACE);
+        assert_eq!(s.transition, transition(None, State::Detected));
     }
 
     #[test]
@@ -697,6 +811,8 @@ mod tests {
         cause: Cause,
         gap_ms: i64,
         back_ms: i64,
+        /// Versions behind the newest row: a reader that saw an older row.
+        version_lag: i64,
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -706,21 +822,26 @@ mod tests {
             prop::sample::select(Cause::ALL.to_vec()),
             0i64..5_000,
             prop_oneof![9 => Just(0i64), 1 => 1i64..1_000],
+            prop_oneof![9 => Just(0i64), 1 => 1i64..3],
         )
-            .prop_map(|(mismatch, source, cause, gap_ms, back_ms)| Event {
-                mismatch,
-                source,
-                cause,
-                gap_ms,
-                back_ms,
-            })
+            .prop_map(
+                |(mismatch, source, cause, gap_ms, back_ms, version_lag)| Event {
+                    mismatch,
+                    source,
+                    cause,
+                    gap_ms,
+                    back_ms,
+                    version_lag,
+                },
+            )
     }
 
     fn observations(events: &[Event]) -> Vec<Observation> {
         let mut clock = t0();
         events
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 clock += chrono::Duration::milliseconds(e.gap_ms);
                 Observation {
                     verdict: if e.mismatch {
@@ -730,6 +851,7 @@ mod tests {
                     },
                     // Occasionally a little in the past: late delivery.
                     at: clock - chrono::Duration::milliseconds(e.back_ms),
+                    db_version: Some(i as i64 - e.version_lag),
                     source: e.source,
                     cause: e.cause,
                 }
@@ -746,6 +868,24 @@ mod tests {
         let grace_c = chrono::Duration::from_std(grace).unwrap();
         let prev = store.open.as_ref();
         let prev_state = prev.map(|p| p.state);
+        let last_resolution = store.closed.last().and_then(|c| c.resolved_at);
+
+        // Out-of-order observations are refused exactly when the rules say so.
+        let older_match = prev.is_some_and(|p| {
+            o.at < p.last_seen_at
+                || matches!((o.db_version, p.db_version), (Some(a), Some(b)) if a < b)
+        });
+        let should_refuse = match o.verdict {
+            Verdict::Match => older_match,
+            Verdict::Mismatch => prev.is_none() && last_resolution.is_some_and(|r| o.at < r),
+        };
+        prop_assert_eq!(s.refused.is_some(), should_refuse);
+        if s.refused.is_some() {
+            prop_assert!(s.is_noop());
+            prop_assert_eq!(s.transition, None);
+            prop_assert_eq!(s.schedule_confirm_at, None);
+            return Ok(());
+        }
 
         let Some(next) = &s.next else {
             prop_assert!(prev.is_none() && o.verdict == Verdict::Match);
@@ -823,7 +963,7 @@ mod tests {
         if let Some(r) = next.resolved_at {
             prop_assert!(r >= next.first_seen_at);
             prop_assert!(r >= next.last_seen_at);
-            prop_assert_eq!(r, o.at.max(next.last_seen_at));
+            prop_assert_eq!(r, o.at);
             prop_assert!(next.duration().unwrap() >= chrono::Duration::zero());
         }
         if next.state == State::Resolved {
@@ -844,7 +984,7 @@ mod tests {
             for o in observations(&events) {
                 let s = step(store.current(), &o, grace);
                 check_one(&store, &o, grace, &s)?;
-                if o.verdict == Verdict::Mismatch {
+                if o.verdict == Verdict::Mismatch && s.refused.is_none() {
                     mismatches += 1;
                 }
                 if let Some(next) = s.next {
@@ -852,7 +992,7 @@ mod tests {
                 }
                 prop_assert!(store.closed.iter().all(|c| !c.state.is_open()));
             }
-            // Every mismatch is counted in exactly one incident.
+            // Every applied mismatch is counted in exactly one incident.
             let counted: i64 = store
                 .closed
                 .iter()
@@ -875,12 +1015,53 @@ mod tests {
                     store.apply(next);
                 }
             }
+            // A probe made after everything so far: the closed history changes nothing.
+            let mut probe = observations(&[probe])[0];
+            probe.at = t0() + chrono::Duration::days(1);
             if store.open.is_none() {
-                let o = observations(&[probe])[0];
                 prop_assert_eq!(
-                    step(store.current(), &o, grace),
-                    step(None, &o, grace)
+                    step(store.current(), &probe, grace),
+                    step(None, &probe, grace)
                 );
+            }
+        }
+
+        /// Two or more observers watch one key whose cache is stale over some stretches of
+        /// time; their observations are delivered in any order. Whenever the newest
+        /// observation delivered so far saw the divergence, an incident is open: no late
+        /// match, whatever its order, closes it.
+        #[test]
+        fn no_interleaving_closes_an_incident_on_a_divergence_seen_last(
+            truth in prop::collection::vec(any::<bool>(), 1..30),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 30),
+            grace_ms in 0u64..5_000,
+        ) {
+            let grace = Duration::from_millis(grace_ms);
+            // Observation i is made at i seconds and sees DB version i / 3.
+            let mut pending: Vec<Observation> = truth
+                .iter()
+                .enumerate()
+                .map(|(i, &stale)| Observation {
+                    verdict: if stale { Verdict::Mismatch } else { Verdict::Match },
+                    at: at_ms(i as i64 * 1_000),
+                    db_version: Some(i as i64 / 3),
+                    source: Source::Sweep,
+                    cause: Cause::Natural,
+                })
+                .collect();
+            let mut store = Store::default();
+            let mut newest: Option<Observation> = None;
+            for pick in order.iter().take(pending.len()) {
+                let o = pending.remove(pick.index(pending.len()));
+                if newest.is_none_or(|n| o.at > n.at) {
+                    newest = Some(o);
+                }
+                if let Some(next) = step(store.current(), &o, grace).next {
+                    store.apply(next);
+                }
+                if newest.is_some_and(|n| n.verdict == Verdict::Mismatch) {
+                    prop_assert!(store.open.is_some(), "the newest observation saw a divergence");
+                }
             }
         }
     }

@@ -82,6 +82,29 @@ impl Keys {
         format!("{}sweep:lease", self.prefix)
     }
 
+    /// Exists while the deployment rests between sweep passes: set by the worker that
+    /// finished a pass, expiring after SWEEP_INTERVAL_MS, so the pause is the deployment's,
+    /// however many workers take turns.
+    pub fn sweep_rest(&self) -> String {
+        format!("{}sweep:rest", self.prefix)
+    }
+
+    /// When the last sweep pass completed (Unix milliseconds).
+    pub fn sweep_done_at(&self) -> String {
+        format!("{}sweep:done_at", self.prefix)
+    }
+
+    /// The key-side pass's SCAN cursor, so a restart goes on from there.
+    pub fn orphan_cursor(&self) -> String {
+        format!("{}sweep:orphan_cursor", self.prefix)
+    }
+
+    /// When each dead job of `queue` was first seen dead (a sorted set by Unix seconds), so
+    /// dead jobs can be removed after their retention.
+    pub fn dead_seen(&self, queue: &str) -> String {
+        format!("{}dead_seen:{queue}", self.prefix)
+    }
+
     /// An apalis queue name. apalis-redis builds keys like `{queue}:active`, so the name itself
     /// keeps to `[A-Za-z0-9_]`: the prefix with anything else turned into `_`.
     pub fn queue(&self, name: &str) -> String {

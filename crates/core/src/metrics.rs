@@ -2,8 +2,8 @@
 //! (`_total` counters, base units); the README lists each one.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// All of stalewatch's metrics, registered in their own registry.
@@ -34,6 +34,17 @@ pub struct Metrics {
     pub worker_restarts: IntCounterVec,
     /// Jobs waiting, by queue and kind (pending, scheduled).
     pub queue_depth: IntGaugeVec,
+    /// Jobs that used up their attempts, by queue, until removed after their retention.
+    pub dead_jobs: IntGaugeVec,
+    /// Observations that arrived out of order and changed nothing, by reason.
+    pub refused: IntCounterVec,
+    /// Seconds since the deployment last completed a sweep pass (read from Redis, so every
+    /// worker reports the same; counted from the worker's start until a first pass ends).
+    pub sweep_age: IntGauge,
+    /// Cache keys rewritten from PostgreSQL by REPAIR_POLICY or a refresh, by outcome.
+    pub repairs: IntCounterVec,
+    /// Closed incidents deleted after INCIDENT_RETENTION.
+    pub incidents_deleted: IntCounter,
 }
 
 impl Default for Metrics {
@@ -86,6 +97,32 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(queue_depth.clone()))
+            .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let dead_jobs = IntGaugeVec::new(
+            Opts::new(
+                "stalewatch_dead_jobs",
+                "Jobs that used up their attempts, by queue",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(dead_jobs.clone()))
+            .expect("unique metric");
+        let incidents_deleted = IntCounter::new(
+            "stalewatch_incidents_deleted_total",
+            "Closed incidents deleted after INCIDENT_RETENTION",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(incidents_deleted.clone()))
             .expect("unique metric");
         let sweep_position = IntGauge::new(
             "stalewatch_sweep_position_items",
@@ -142,8 +179,24 @@ impl Metrics {
                 "apalis workers restarted after stopping on an error",
                 &["queue"],
             ),
+            refused: counter(
+                "stalewatch_observations_refused_total",
+                "Out-of-order observations that changed nothing",
+                &["reason"],
+            ),
+            repairs: counter(
+                "stalewatch_repairs_total",
+                "Cache keys rewritten from PostgreSQL, by outcome",
+                &["outcome"],
+            ),
+            sweep_age: gauge(
+                "stalewatch_sweep_age_seconds",
+                "Seconds since the last completed sweep pass of the deployment",
+            ),
             open_incidents,
             queue_depth,
+            dead_jobs,
+            incidents_deleted,
             sweep_position,
             registry,
         }

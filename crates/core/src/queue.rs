@@ -1,5 +1,5 @@
 //! The apalis-redis queues: configuration, pushing jobs, and the upkeep apalis-redis 1.0 does
-//! not do for itself (shared/notes/apalis-redis-1.0.md):
+//! not do for itself (docs/apalis-redis.md):
 //! - due jobs are promoted in bounded chunks, because its own fetch promotes every due job in
 //!   one Lua `unpack` and fails once more than about 8,000 are due;
 //! - finished jobs are deleted, because it keeps every one of them forever.
@@ -168,6 +168,54 @@ pub async fn delete_done(
         .arg(limit)
         .invoke_async(conn)
         .await?)
+}
+
+/// Dead jobs (every attempt failed): how many there are, and how many were removed because
+/// they had been dead longer than `retention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dead {
+    pub remaining: u64,
+    pub removed: u64,
+}
+
+/// Dates newly dead jobs (apalis keeps only their ids, in a set) in a sorted set of our own,
+/// and removes those dead longer than `retention`, at most `limit` per call.
+pub async fn tend_dead(
+    conn: &mut ConnectionManager,
+    config: &QueueConfig,
+    seen_key: &str,
+    retention: Duration,
+    limit: usize,
+) -> Result<Dead, QueueError> {
+    static SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            r"
+            for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+                redis.call('ZADD', KEYS[2], 'NX', ARGV[2], id)
+            end
+            local old = redis.call('ZRANGEBYSCORE', KEYS[2], 0, ARGV[3], 'LIMIT', 0, ARGV[4])
+            for _, id in ipairs(old) do
+                redis.call('SREM', KEYS[1], id)
+                redis.call('HDEL', KEYS[3], id)
+                redis.call('DEL', ARGV[1] .. ':' .. id)
+                redis.call('ZREM', KEYS[2], id)
+            end
+            return {redis.call('SCARD', KEYS[1]), #old}",
+        )
+    });
+    let now = now_secs();
+    let cutoff = now.saturating_sub(retention.as_secs());
+    let (remaining, removed): (u64, u64) = SCRIPT
+        .key(config.dead_jobs_set())
+        .key(seen_key)
+        .key(config.job_data_hash())
+        .arg(config.job_meta_hash())
+        .arg(now)
+        .arg(cutoff)
+        .arg(limit)
+        .invoke_async(conn)
+        .await?;
+    Ok(Dead { remaining, removed })
 }
 
 /// Jobs waiting in one queue.

@@ -29,12 +29,21 @@ pub struct Recorded {
     pub incident: Option<IncidentRow>,
 }
 
+/// What a batch recorded, and the error that stopped it part-way, if one did. Whatever is in
+/// `recorded` is committed, so its confirmations must be scheduled either way.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub recorded: Vec<Recorded>,
+    pub error: Option<DbError>,
+}
+
 /// How a batch of observations was made.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub source: Source,
     /// Why a match closes an incident; by default the source's own cause.
     pub cause: Option<Cause>,
+    /// When the observations were made (PostgreSQL's clock, read with the rows).
     pub at: DateTime<Utc>,
     pub grace: Duration,
     /// Confirmations only: for each key, the Detected incident this confirmation was scheduled
@@ -53,41 +62,107 @@ impl Context<'_> {
             ),
         }
     }
-}
 
-/// Records what was seen for a batch of keys: one query reads their open incidents, and only
-/// keys whose incident changes are written.
-pub async fn record_batch(
-    pool: &PgPool,
-    metrics: &Metrics,
-    ctx: &Context<'_>,
-    evidence: Vec<Evidence>,
-) -> Result<Vec<Recorded>, DbError> {
-    let mut conn = pool.get().await?;
-    let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
-    let mut open = incidents::open_for_keys(&mut conn, &keys).await?;
-    let mut out = Vec::with_capacity(evidence.len());
-    for ev in evidence {
-        metrics
-            .checks
-            .with_label_values(&[ctx.source.as_str(), ev.kind.as_str()])
-            .inc();
-        let obs = Observation {
+    fn observation(&self, ev: &Evidence) -> Observation {
+        Observation {
             verdict: if ev.kind.is_match() {
                 Verdict::Match
             } else {
                 Verdict::Mismatch
             },
-            at: ctx.at,
-            source: ctx.source,
-            cause: ctx.cause.unwrap_or(Cause::for_source(ctx.source)),
-        };
-        let current = open.remove(&ev.cache_key);
-        out.push(record_one(&mut conn, metrics, ctx, &obs, &ev, current).await?);
+            at: self.at,
+            db_version: ev.db_version,
+            source: self.source,
+            cause: self.cause.unwrap_or(Cause::for_source(self.source)),
+        }
     }
-    Ok(out)
 }
 
+/// Records what was seen for a batch of keys: one query reads their open incidents, one more
+/// the last resolution of the keys that would open a new one, one statement counts every
+/// further mismatch of a Persistent incident, and only keys whose state changes are written
+/// one by one.
+pub async fn record_batch(
+    conn: &mut AsyncPgConnection,
+    metrics: &Metrics,
+    ctx: &Context<'_>,
+    evidence: Vec<Evidence>,
+) -> Batch {
+    let mut batch = Batch::default();
+    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence).await {
+        batch.error = Some(e);
+    }
+    batch
+}
+
+async fn record_into(
+    batch: &mut Batch,
+    conn: &mut AsyncPgConnection,
+    metrics: &Metrics,
+    ctx: &Context<'_>,
+    evidence: Vec<Evidence>,
+) -> Result<(), DbError> {
+    let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
+    let mut open = incidents::open_for_keys(conn, &keys).await?;
+    // Only a mismatch without an open incident needs the key's history: it may not open one
+    // if it was made before the last resolution.
+    let openers: Vec<String> = evidence
+        .iter()
+        .filter(|e| !e.kind.is_match() && !open.contains_key(&e.cache_key))
+        .map(|e| e.cache_key.clone())
+        .collect();
+    let mut closed = incidents::latest_closed_for_keys(conn, &openers).await?;
+
+    let mut fold: Vec<(i64, &Evidence)> = Vec::new();
+    let mut one_by_one: Vec<(&Evidence, Option<IncidentRow>)> = Vec::new();
+    for ev in &evidence {
+        metrics
+            .checks
+            .with_label_values(&[ctx.source.as_str(), ev.kind.as_str()])
+            .inc();
+        let current = open.remove(&ev.cache_key);
+        match current {
+            Some(row)
+                if !ev.kind.is_match()
+                    && row.state == State::Persistent.as_str()
+                    && ctx.allows(&ev.cache_key, Some(&row)) =>
+            {
+                fold.push((row.id, ev))
+            }
+            Some(row) => one_by_one.push((ev, Some(row))),
+            None => one_by_one.push((ev, closed.remove(&ev.cache_key))),
+        }
+    }
+
+    let folded = incidents::fold_persistent(conn, ctx.at, &fold).await?;
+    for (id, ev) in &fold {
+        if folded.contains(id) {
+            batch.recorded.push(Recorded::nothing(&ev.cache_key));
+        } else {
+            // Left Persistent since it was read: through the state machine like the rest.
+            one_by_one.push((ev, incidents::latest_for_key(conn, &ev.cache_key).await?));
+        }
+    }
+    for (ev, current) in one_by_one {
+        let obs = ctx.observation(ev);
+        let recorded = record_one(conn, metrics, ctx, &obs, ev, current).await?;
+        batch.recorded.push(recorded);
+    }
+    Ok(())
+}
+
+impl Recorded {
+    fn nothing(key: &str) -> Recorded {
+        Recorded {
+            cache_key: key.to_string(),
+            transition: None,
+            confirm_at: None,
+            incident: None,
+        }
+    }
+}
+
+/// Steps and stores one key. `current` is the key's open incident, or its latest closed one.
 async fn record_one(
     conn: &mut AsyncPgConnection,
     metrics: &Metrics,
@@ -97,20 +172,13 @@ async fn record_one(
     current: Option<IncidentRow>,
 ) -> Result<Recorded, DbError> {
     let grace = ctx.grace;
-    let nothing = || Recorded {
-        cache_key: ev.cache_key.clone(),
-        transition: None,
-        confirm_at: None,
-        incident: None,
-    };
-    if !ctx.allows(&ev.cache_key, current.as_ref()) {
-        return Ok(nothing());
+    if !ctx.allows(&ev.cache_key, current.as_ref().filter(|c| c.is_open())) {
+        return Ok(Recorded::nothing(&ev.cache_key));
     }
     // Fast path: no lock, the write is conditional on what was read.
-    let step = step_for(current.as_ref(), obs, grace);
+    let mut step = step_for(current.as_ref(), obs, grace);
     let mut applied = incidents::apply(conn, current.as_ref(), &step, ev).await?;
-    let mut step = step;
-    // Lost a race: lock the key's open incident so concurrent observers queue up instead of
+    // Lost a race: lock the key's latest incident so concurrent observers queue up instead of
     // retrying in lockstep. Only an INSERT racing another INSERT can still conflict here, and
     // the next round finds that row and locks it.
     let mut tries = 0;
@@ -121,8 +189,8 @@ async fn record_one(
         }
         (step, applied) = conn
             .transaction::<_, DbError, _>(async |conn| {
-                let current = incidents::open_for_key_locked(conn, &ev.cache_key).await?;
-                if !ctx.allows(&ev.cache_key, current.as_ref()) {
+                let current = incidents::latest_for_key_locked(conn, &ev.cache_key).await?;
+                if !ctx.allows(&ev.cache_key, current.as_ref().filter(|c| c.is_open())) {
                     return Ok((incident::Step::noop(), Applied::Nothing));
                 }
                 let step = step_for(current.as_ref(), obs, grace);
@@ -130,6 +198,10 @@ async fn record_one(
                 Ok((step, applied))
             })
             .await?;
+    }
+    if let Some(why) = step.refused {
+        metrics.refused.with_label_values(&[why.as_str()]).inc();
+        tracing::debug!(key = %ev.cache_key, reason = why.as_str(), "out-of-order observation ignored");
     }
     let incident = match applied {
         Applied::Stored(row) => {

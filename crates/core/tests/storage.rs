@@ -16,6 +16,21 @@ use stalewatch_core::{
 };
 use stalewatch_testkit::TestEnv;
 
+/// Records a batch on a connection of its own, as one result.
+async fn record_batch(
+    pool: &stalewatch_core::db::PgPool,
+    metrics: &stalewatch_core::metrics::Metrics,
+    ctx: &track::Context<'_>,
+    evidence: Vec<Evidence>,
+) -> Result<Vec<track::Recorded>, stalewatch_core::db::DbError> {
+    let mut conn = pool.get().await?;
+    let batch = track::record_batch(&mut conn, metrics, ctx, evidence).await;
+    match batch.error {
+        Some(e) => Err(e),
+        None => Ok(batch.recorded),
+    }
+}
+
 fn evidence(key: &str, kind: Kind) -> Evidence {
     Evidence {
         cache_key: key.to_string(),
@@ -74,7 +89,7 @@ async fn concurrent_openers_make_exactly_one_incident() {
                     grace: Duration::from_secs(60),
                     confirming: None,
                 };
-                track::record_batch(&pool, &metrics, &ctx, vec![evidence(&key, Kind::Stale)])
+                record_batch(&pool, &metrics, &ctx, vec![evidence(&key, Kind::Stale)])
                     .await
                     .unwrap()
             })
@@ -114,6 +129,7 @@ async fn the_same_transition_applied_concurrently_lands_once() {
     let mismatch = |at| Observation {
         verdict: Verdict::Mismatch,
         at,
+        db_version: None,
         source: Source::Confirm,
         cause: Cause::Natural,
     };
@@ -170,7 +186,7 @@ async fn a_resolved_key_opens_a_new_incident_on_the_next_mismatch() {
             confirming: None,
         };
         let (pool, metrics, ev) = (env.pool.clone(), metrics.clone(), evidence(&key, kind));
-        async move { track::record_batch(&pool, &metrics, &ctx, vec![ev]).await }
+        async move { record_batch(&pool, &metrics, &ctx, vec![ev]).await }
     };
     record(Kind::Stale, t).await.unwrap();
     let confirmed = record(Kind::Stale, t + chrono::Duration::milliseconds(1))

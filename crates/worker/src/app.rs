@@ -16,7 +16,7 @@ use stalewatch_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{handlers, handlers::Ctx, supervise, sweep::Sweeper, upkeep};
+use crate::{backstop, handlers, handlers::Ctx, supervise, sweep::Sweeper, upkeep::Upkeep};
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
@@ -25,8 +25,8 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
         .await
         .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
     let cache = Cache::new(cache_conn, keys.clone());
-    let checker = Checker::new(config, pool, cache, Metrics::new());
     let queue_conn = queue::connect(&config.redis_url).await?;
+    let checker = Checker::new(config, pool, cache, Metrics::new(), queue_conn.clone());
     Ok(Ctx {
         checker,
         queue_conn,
@@ -77,28 +77,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(metrics = ?addrs, "stalewatch-worker started");
 
     let mut tasks = tokio::task::JoinSet::new();
+    let concurrency = config.job_concurrency();
     tasks.spawn(supervise::run::<CheckJob, _, _>(
         ctx.clone(),
+        concurrency,
         shutdown.clone(),
         handlers::check,
     ));
     tasks.spawn(supervise::run::<ConfirmJob, _, _>(
         ctx.clone(),
+        concurrency,
         shutdown.clone(),
         handlers::confirm,
+    ));
+    tasks.spawn(backstop::run(
+        ctx.clone(),
+        config.confirm_backstop,
+        shutdown.clone(),
     ));
     if config.sweep_interval.is_zero() {
         tracing::info!("SWEEP_INTERVAL_MS=0: periodic sweep disabled");
     } else {
         tasks.spawn(sweeper(&ctx, &config).run(config.sweep_interval, shutdown.clone()));
     }
-    tasks.spawn(upkeep::run(
-        ctx.queue_conn.clone(),
-        ctx.keys().clone(),
-        ctx.checker.pool.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn(
+        Upkeep::new(
+            &config,
+            ctx.queue_conn.clone(),
+            ctx.keys().clone(),
+            ctx.checker.pool.clone(),
+            metrics.clone(),
+        )
+        .run(shutdown.clone()),
+    );
     let server_task = tokio::spawn(server);
 
     wait_for_signal().await;

@@ -5,12 +5,10 @@ use std::collections::HashMap;
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
 use stalewatch_core::{
-    check::{Checker, Outcome},
-    jobs::{CheckJob, ConfirmJob, ConfirmTarget, Job},
+    check::Checker,
+    jobs::{CheckJob, ConfirmJob, Job},
     keys::Keys,
     metrics::Metrics,
-    queue,
-    track::Recorded,
 };
 
 /// What every handler shares.
@@ -38,50 +36,16 @@ impl Ctx {
 }
 
 pub async fn check(job: CheckJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
-    let outcome = match ctx.checker.check_ids(&job.ids, job.source, None).await {
-        Ok(o) => o,
+    match ctx.checker.check_ids(&job.ids, job.source, None).await {
+        Ok(_) => {
+            ctx.count::<CheckJob>("ok");
+            Ok(())
+        }
         Err(e) => {
             ctx.count::<CheckJob>("error");
             // apalis retries it later; a DB or Redis outage is the usual cause.
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    schedule_confirmations(&ctx, &outcome).await;
-    ctx.count::<CheckJob>("ok");
-    Ok(())
-}
-
-/// One confirmation job for every incident this batch opened, due when the last of them is.
-pub async fn schedule_confirmations(ctx: &Ctx, outcome: &Outcome) {
-    let targets: Vec<(ConfirmTarget, chrono::DateTime<Utc>)> = outcome
-        .recorded
-        .iter()
-        .filter_map(|r: &Recorded| {
-            let at = r.confirm_at?;
-            let incident = r.incident.as_ref()?;
-            let item_id = ctx.keys().parse_item(&r.cache_key)?;
-            Some((
-                ConfirmTarget {
-                    incident_id: incident.id,
-                    item_id,
-                },
-                at,
-            ))
-        })
-        .collect();
-    let Some(due_at) = targets.iter().map(|(_, at)| *at).max() else {
-        return;
-    };
-    let job = ConfirmJob {
-        targets: targets.into_iter().map(|(t, _)| t).collect(),
-        due_at,
-    };
-    let mut conn = ctx.queue_conn.clone();
-    if let Err(e) = queue::push(&mut conn, ctx.keys(), vec![(job, Some(due_at))]).await {
-        // The incidents are stored as Detected; the sweep's next mismatch after the grace
-        // period confirms them anyway (any late enough mismatch does).
-        ctx.count::<ConfirmJob>("push_error");
-        tracing::warn!(error = %e, "could not schedule confirmations; the sweep will confirm");
     }
 }
 

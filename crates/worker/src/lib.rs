@@ -2,6 +2,7 @@
 //! queue upkeep apalis-redis leaves to its users.
 
 pub mod app;
+pub mod backstop;
 pub mod handlers;
 pub mod supervise;
 pub mod sweep;

@@ -3,7 +3,7 @@
 //! apalis-redis 1.0 ends a worker on any Redis error (a restart, a pause longer than the
 //! response timeout), so a long-lived process has to bring its workers back by itself. Each
 //! incarnation gets a fresh name: re-registering a name refreshes too soon after the last
-//! heartbeat is refused (shared/notes/apalis-redis-1.0.md).
+//! heartbeat is refused (docs/apalis-redis.md).
 
 use std::{
     future::Future,
@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use apalis::prelude::{BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, WorkerBuilder};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, WorkerBuilder, WorkerBuilderExt,
+};
 use apalis_redis::RedisStorage;
 use backon::{ExponentialBuilder, Retryable};
 use stalewatch_core::{jobs::Job, queue};
@@ -66,8 +68,9 @@ fn fresh_name(queue: &str) -> String {
     )
 }
 
-/// Runs workers for `J` until `shutdown`, restarting them with backoff when they die.
-pub async fn run<J, F, Fut>(ctx: Ctx, shutdown: CancellationToken, handler: F)
+/// Runs workers for `J` until `shutdown`, restarting them with backoff when they die. At most
+/// `concurrency` jobs run at once (see `Config::job_concurrency`).
+pub async fn run<J, F, Fut>(ctx: Ctx, concurrency: usize, shutdown: CancellationToken, handler: F)
 where
     J: Job,
     F: Fn(J, Data<Ctx>) -> Fut + Clone + Send + Sync + 'static,
@@ -93,6 +96,7 @@ where
             WorkerBuilder::new(name)
                 .backend(storage)
                 .data(ctx)
+                .concurrency(concurrency)
                 .build(handler)
                 .run_until(signal)
                 .await?;

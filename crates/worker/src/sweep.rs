@@ -3,8 +3,14 @@
 //! what the write checks cannot see: a flushed Redis, a change made straight in SQL, a check
 //! job lost with its queue.
 //!
-//! The position is kept in Redis after every batch, so a restarted worker goes on from there,
-//! and a lease makes sure only one worker sweeps at a time.
+//! A row pass cannot see a cached key whose row is gone (deleted in plain SQL), so each pass
+//! ends with a key-side pass: SCAN the item keys in batches and check them, which reports
+//! `orphan_in_cache` for keys without a row.
+//!
+//! Both positions (the last id, the SCAN cursor) are kept in Redis after every batch, so a
+//! restarted worker goes on from there; a lease makes sure only one worker sweeps at a time,
+//! and after a complete pass the deployment rests for SWEEP_INTERVAL_MS, however many workers
+//! take turns.
 
 use std::{
     collections::BTreeMap,
@@ -19,10 +25,13 @@ use stalewatch_core::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::handlers::{schedule_confirmations, Ctx};
+use crate::handlers::Ctx;
 
 /// Lease time; renewed after every batch, so it only has to outlast one batch.
 const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// How often an idle worker looks whether the deployment's rest is over.
+const POLL: Duration = Duration::from_millis(500);
 
 pub struct Sweeper {
     pub ctx: Ctx,
@@ -34,6 +43,8 @@ pub struct Sweeper {
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub items: u64,
+    /// Keys the key-side pass looked at.
+    pub keys_scanned: u64,
     pub verdicts: BTreeMap<&'static str, u64>,
     pub transitions: u64,
     pub seconds: f64,
@@ -51,32 +62,58 @@ impl Sweeper {
         &self.ctx.checker
     }
 
-    /// Sweeps every `interval` until `shutdown`, whenever no other worker holds the lease.
+    /// Sweeps until `shutdown`: a pass whenever the deployment is not resting and no other
+    /// worker holds the lease; after a complete pass, a rest of `interval` for everyone.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         loop {
-            match self.resume(&shutdown).await {
+            match self.resume(interval, &shutdown).await {
                 Ok(Some(s)) if s.complete => {
                     tracing::debug!(items = s.items, seconds = s.seconds, "sweep pass done")
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => tracing::trace!("another worker is sweeping"),
+                Ok(None) => tracing::trace!("resting, or another worker is sweeping"),
                 Err(e) => tracing::warn!(error = %e, "sweep pass failed; will retry"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(POLL.min(interval)) => {}
             }
         }
     }
 
-    /// One pass from the saved position, if no other worker holds the lease (`None` then).
-    pub async fn resume(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Summary>> {
+    /// One pass from the saved position, unless the deployment is resting or another worker
+    /// holds the lease (`None` then). A complete pass starts the rest of `interval`.
+    pub async fn resume(
+        &self,
+        interval: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Summary>> {
+        let mut conn = self.conn.clone();
+        let resting: bool = redis::cmd("EXISTS")
+            .arg(self.keys().sweep_rest())
+            .query_async(&mut conn)
+            .await?;
+        if resting {
+            return Ok(None);
+        }
         let Some(lease) =
             Lease::try_acquire(&self.conn, &self.keys().sweep_lease(), LEASE_TTL).await?
         else {
             return Ok(None);
         };
         let summary = self.pass(&lease, true, shutdown).await;
+        if !interval.is_zero() && matches!(&summary, Ok(s) if s.complete) {
+            // Rest before the lease goes, so no other worker slips a pass in between.
+            redis::pipe()
+                .cmd("SET")
+                .arg(self.keys().sweep_rest())
+                .arg(1)
+                .arg("PX")
+                .arg(interval.as_millis().max(1) as u64)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
         let _ = lease.release().await;
         summary.map(Some)
     }
@@ -129,25 +166,16 @@ impl Sweeper {
             if shutdown.is_cancelled() || !lease.renew().await? {
                 return Ok(self.finish(summary, started, false));
             }
-            let page = items::page_after(&mut db, cursor, self.batch as i64).await?;
+            let (at, page) = items::page_after(&mut db, cursor, self.batch as i64).await?;
             let last = page.last().map(|i| i.id);
             let n = page.len();
             let rows = page.into_iter().map(|i| (i.id, Some(i))).collect();
-            let outcome = self.checker().check_rows(rows, Source::Sweep).await?;
-            schedule_confirmations(&self.ctx, &outcome).await;
+            let outcome = self
+                .checker()
+                .check_rows(&mut db, at, rows, Source::Sweep)
+                .await?;
             summary.items += n as u64;
-            summary.transitions += outcome
-                .recorded
-                .iter()
-                .filter(|r| r.transition.is_some())
-                .count() as u64;
-            for (kind, count) in &outcome.verdicts {
-                *summary.verdicts.entry(kind.as_str()).or_default() += count;
-                metrics
-                    .sweep_items
-                    .with_label_values(&[kind.as_str()])
-                    .inc_by(*count);
-            }
+            self.count(&mut summary, &outcome);
             metrics.sweep_position.add(n as i64);
             if n < self.batch {
                 // End of the table: the next pass starts from the beginning.
@@ -157,9 +185,22 @@ impl Sweeper {
                         .query_async::<()>(&mut conn)
                         .await?;
                 }
+                drop(db);
+                if !self
+                    .orphan_pass(lease, resume, shutdown, &mut summary)
+                    .await?
+                {
+                    return Ok(self.finish(summary, started, false));
+                }
                 metrics
                     .sweep_duration
                     .observe(started.elapsed().as_secs_f64());
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                redis::cmd("SET")
+                    .arg(self.keys().sweep_done_at())
+                    .arg(now_ms)
+                    .query_async::<()>(&mut conn)
+                    .await?;
                 return Ok(self.finish(summary, started, true));
             }
             cursor = last;
@@ -170,6 +211,93 @@ impl Sweeper {
                     .query_async::<()>(&mut conn)
                     .await?;
             }
+        }
+    }
+
+    /// The key-side pass: SCANs the item keys and checks them, so a key whose row is gone is
+    /// reported as an orphan. Resumes from the saved SCAN cursor with `resume`. False when it
+    /// stopped early (shutdown, lost lease).
+    async fn orphan_pass(
+        &self,
+        lease: &Lease,
+        resume: bool,
+        shutdown: &CancellationToken,
+        summary: &mut Summary,
+    ) -> anyhow::Result<bool> {
+        let cursor_key = self.keys().orphan_cursor();
+        let pattern = self.keys().item_pattern();
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = if resume {
+            let stored: Option<u64> = redis::cmd("GET")
+                .arg(&cursor_key)
+                .query_async(&mut conn)
+                .await?;
+            stored.unwrap_or(0)
+        } else {
+            0
+        };
+        loop {
+            if shutdown.is_cancelled() || !lease.renew().await? {
+                return Ok(false);
+            }
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(self.batch)
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<Uuid> = keys
+                .iter()
+                .filter_map(|k| self.keys().parse_item(k))
+                .collect();
+            summary.keys_scanned += keys.len() as u64;
+            // Keys with a row were compared by the row pass; only the others need a check.
+            let existing = {
+                let mut db = self.checker().pool.get().await?;
+                items::existing(&mut db, &ids).await?
+            };
+            let orphans: Vec<Uuid> = ids
+                .into_iter()
+                .filter(|id| !existing.contains(id))
+                .collect();
+            if !orphans.is_empty() {
+                let outcome = self
+                    .checker()
+                    .check_ids(&orphans, Source::Sweep, None)
+                    .await?;
+                self.count(summary, &outcome);
+            }
+            if next == 0 {
+                if resume {
+                    redis::cmd("DEL")
+                        .arg(&cursor_key)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                }
+                return Ok(true);
+            }
+            cursor = next;
+            if resume {
+                redis::cmd("SET")
+                    .arg(&cursor_key)
+                    .arg(cursor)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+        }
+    }
+
+    fn count(&self, summary: &mut Summary, outcome: &stalewatch_core::check::Outcome) {
+        summary.transitions += outcome.transitions();
+        for (kind, count) in &outcome.verdicts {
+            *summary.verdicts.entry(kind.as_str()).or_default() += count;
+            self.checker()
+                .metrics
+                .sweep_items
+                .with_label_values(&[kind.as_str()])
+                .inc_by(*count);
         }
     }
 

@@ -252,18 +252,37 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
 async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
     use stalewatch_core::{check::Checker, jobs::ConfirmTarget, metrics::Metrics};
     let env = TestEnv::new().await.unwrap();
-    let settings = [("GRACE_PERIOD_MS", "3000"), ("SWEEP_INTERVAL_MS", "0")];
+    // Neither the sweep nor the confirmation backstop: only the job under test may confirm.
+    let settings = [
+        ("GRACE_PERIOD_MS", "3000"),
+        ("SWEEP_INTERVAL_MS", "0"),
+        ("CONFIRM_BACKSTOP_MS", "3600000"),
+    ];
     let item = stale_items(&env, 1).await.remove(0);
     let config = stalewatch_core::config::Config {
         grace_period: Duration::from_secs(3),
         ..env.config()
     };
-    let checker = Checker::new(&config, env.pool.clone(), env.cache.clone(), Metrics::new());
+    let mut conn = queue::connect(&env.redis_url).await.unwrap();
+    let checker = Checker::new(
+        &config,
+        env.pool.clone(),
+        env.cache.clone(),
+        Metrics::new(),
+        conn.clone(),
+    );
     let detected = checker
         .check_ids(&[item.id], Source::Sweep, None)
         .await
         .unwrap();
     let incident = detected.recorded[0].incident.clone().expect("detected");
+    // The check scheduled its own confirmation; drop it, so the one below is the only one.
+    let confirm_queue = queue::config::<ConfirmJob>(env.keys(), 1);
+    redis::cmd("DEL")
+        .arg(confirm_queue.scheduled_jobs_set())
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     // Due in 4 s but runnable now: the handler holds it in flight, waiting for the due time.
     let job = ConfirmJob {
         targets: vec![ConfirmTarget {
@@ -273,7 +292,6 @@ async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
         due_at: chrono::Utc::now() + chrono::Duration::seconds(4),
     };
     let (mut first, _) = worker(&env, &settings);
-    let mut conn = queue::connect(&env.redis_url).await.unwrap();
     queue::push(&mut conn, env.keys(), vec![(job, None)])
         .await
         .unwrap();

@@ -67,7 +67,11 @@ async fn a_sweep_resumes_from_its_saved_position() {
         .await
         .unwrap();
     let s = sweeper(&env, 10).await;
-    let summary = s.resume(&CancellationToken::new()).await.unwrap().unwrap();
+    let summary = s
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(summary.complete);
     assert_eq!(summary.items, 15, "only the items after the saved position");
     let swept: Vec<String> = all_incidents(&env)
@@ -89,7 +93,11 @@ async fn a_sweep_resumes_from_its_saved_position() {
         .await
         .unwrap();
     assert_eq!(cursor, None);
-    let next = s.resume(&CancellationToken::new()).await.unwrap().unwrap();
+    let next = s
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next.items, 40);
 }
 
@@ -103,11 +111,15 @@ async fn no_sweep_starts_while_another_holds_the_lease() {
         .await
         .unwrap()
         .expect("the lease is free");
-    assert!(s.resume(&CancellationToken::new()).await.unwrap().is_none());
+    assert!(s
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .is_none());
     assert!(all_incidents(&env).await.is_empty(), "nothing was swept");
     assert!(held.release().await.unwrap());
     let summary = s
-        .resume(&CancellationToken::new())
+        .resume(Duration::ZERO, &CancellationToken::new())
         .await
         .unwrap()
         .expect("lease free again");

@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 use stalewatch_core::{
     config::FailureMode,
     db::items::{self, Item, ItemChanges},
-    incident::{Cause, Source},
 };
 use uuid::Uuid;
 
@@ -198,27 +197,15 @@ pub async fn delete(
     Ok(HttpResponse::Ok().json(json!({ "deleted": true, "id": id })))
 }
 
-/// Rewrites the cache from PostgreSQL and resolves the key's open incident (cause: refresh).
+/// Rewrites the cache from PostgreSQL with the versioned write (so a refresh racing a PUT
+/// never puts back the older value) and resolves the key's open incident (cause: refresh).
 async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
-    let key = state.cache.keys().item(&id);
     // A pending injected overwrite would undo the refresh.
-    state.injector.cancel(&key).await;
-    let item = items::get(&state.pool, id).await?;
-    match &item {
-        Some(item) => {
-            state
-                .cache
-                .set(&key, &item.to_cache_bytes(), state.config.cache_ttl)
-                .await?
-        }
-        None => {
-            state.cache.delete(&key).await?;
-        }
-    }
-    let outcome = state
-        .checker
-        .check_ids(&[id], Source::Manual, Some(Cause::Refresh))
-        .await?;
+    state
+        .injector
+        .cancel(&state.cache.keys().item(&id))
+        .await;
+    let (item, outcome) = state.checker.refresh(id).await?;
     let incident = outcome
         .recorded
         .into_iter()

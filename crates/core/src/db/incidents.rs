@@ -4,11 +4,11 @@
 //! key at once exactly one of them applies its transition; the other gets
 //! [`Applied::Conflict`] and re-reads.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
@@ -65,6 +65,7 @@ impl IncidentRow {
             resolved_at: self.resolved_at,
             resolution: self.resolution.as_deref().and_then(Cause::parse),
             observations: self.observations,
+            db_version: self.db_version,
         }
     }
 
@@ -123,22 +124,51 @@ pub async fn open_for_keys(
     Ok(rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect())
 }
 
-pub async fn open_for_key(
-    conn: &mut AsyncPgConnection,
-    key: &str,
-) -> Result<Option<IncidentRow>, DbError> {
-    Ok(open_for_keys(conn, &[key.to_string()]).await?.remove(key))
-}
-
-/// The open incident of `key`, locked until the end of the caller's transaction: the slow
-/// path for a key that many writers observe at once.
-pub async fn open_for_key_locked(
+/// The latest incident of `key`, open or closed.
+pub async fn latest_for_key(
     conn: &mut AsyncPgConnection,
     key: &str,
 ) -> Result<Option<IncidentRow>, DbError> {
     Ok(t::table
         .filter(t::cache_key.eq(key))
-        .filter(is_open())
+        .order(t::id.desc())
+        .select(IncidentRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The latest closed incident of each of these keys that has one: it dates the key's last
+/// resolution, before which no observation may open a new incident.
+pub async fn latest_closed_for_keys(
+    conn: &mut AsyncPgConnection,
+    keys: &[String],
+) -> Result<HashMap<String, IncidentRow>, DbError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<IncidentRow> = t::table
+        .filter(t::cache_key.eq_any(keys))
+        .filter(t::state.eq_any([State::Resolved.as_str(), State::Transient.as_str()]))
+        .order((t::cache_key, t::id.desc()))
+        .distinct_on(t::cache_key)
+        .select(IncidentRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect())
+}
+
+/// The latest incident of `key`, open or closed, locked until the end of the caller's
+/// transaction: the slow path for a key that many writers observe at once. Locking the
+/// latest row, not only an open one, makes an opener wait for a concurrent closer and then
+/// see the resolution it wrote.
+pub async fn latest_for_key_locked(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+) -> Result<Option<IncidentRow>, DbError> {
+    Ok(t::table
+        .filter(t::cache_key.eq(key))
+        .order(t::id.desc())
         .select(IncidentRow::as_select())
         .for_update()
         .first(conn)
@@ -178,11 +208,15 @@ async fn insert_open(
     next: &Incident,
     ev: &Evidence,
 ) -> Result<Option<IncidentRow>, DbError> {
-    // ON CONFLICT on the partial unique index: a second opener for the same key inserts nothing.
+    // ON CONFLICT on the partial unique index: a second opener for the same key inserts
+    // nothing. NOT EXISTS: nor does an observation made before the key's last resolution
+    // that committed since the opener read it.
     let row = diesel::sql_query(
         "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, db_version, \
          cache_version, db_value, cache_value, diff, first_seen_at, confirm_due_at, last_seen_at, \
-         observations) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         observations) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
+         WHERE NOT EXISTS (SELECT 1 FROM inconsistencies \
+                           WHERE cache_key = $1 AND resolved_at > $11) \
          ON CONFLICT (cache_key) WHERE state IN ('detected', 'confirmed', 'persistent') \
          DO NOTHING RETURNING *",
     )
@@ -212,7 +246,8 @@ async fn update_expected(
     next: &Incident,
     ev: &Evidence,
 ) -> Result<Option<IncidentRow>, DbError> {
-    // Only the writer that read this exact state and count gets a row back.
+    // Only the writer that read this exact state and count gets a row back: any observation
+    // applied since (a mismatch adds one) makes this one re-read and step again.
     let target = t::table
         .filter(t::id.eq(cur.id))
         .filter(t::state.eq(&cur.state))
@@ -252,6 +287,111 @@ async fn update_expected(
             .optional()?
     };
     Ok(row)
+}
+
+/// One more mismatch for each of these Persistent incidents, in one statement: the common
+/// case of a sweep over a cache with many known divergences. A Persistent incident only
+/// counts and keeps the newest evidence, so the increments commute and need no read first.
+/// Returns the ids updated; an incident that left Persistent meanwhile is not among them
+/// and goes through the state machine instead.
+pub async fn fold_persistent(
+    conn: &mut AsyncPgConnection,
+    at: DateTime<Utc>,
+    updates: &[(i64, &Evidence)],
+) -> Result<Vec<i64>, DbError> {
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = updates.iter().map(|(id, _)| *id).collect();
+    let kinds: Vec<&str> = updates.iter().map(|(_, e)| e.kind.as_str()).collect();
+    let db_versions: Vec<Option<i64>> = updates.iter().map(|(_, e)| e.db_version).collect();
+    let cache_versions: Vec<Option<i64>> = updates.iter().map(|(_, e)| e.cache_version).collect();
+    let snapshot = |v: &Option<String>| v.clone().map(|v| cap(v, SNAPSHOT_CAP));
+    let db_values: Vec<Option<String>> =
+        updates.iter().map(|(_, e)| snapshot(&e.db_value)).collect();
+    let cache_values: Vec<Option<String>> = updates
+        .iter()
+        .map(|(_, e)| snapshot(&e.cache_value))
+        .collect();
+    let diffs: Vec<&str> = updates.iter().map(|(_, e)| e.diff.as_str()).collect();
+
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let rows: Vec<Id> = diesel::sql_query(
+        "UPDATE inconsistencies AS i SET observations = i.observations + 1, \
+         last_seen_at = GREATEST(i.last_seen_at, $1), \
+         db_version = GREATEST(i.db_version, u.db_version), kind = u.kind, \
+         cache_version = u.cache_version, db_value = u.db_value, cache_value = u.cache_value, \
+         diff = u.diff \
+         FROM unnest($2, $3, $4, $5, $6, $7, $8) \
+              AS u(id, kind, db_version, cache_version, db_value, cache_value, diff) \
+         WHERE i.id = u.id AND i.state = 'persistent' RETURNING i.id",
+    )
+    .bind::<Timestamptz, _>(at)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<Array<Nullable<BigInt>>, _>(db_versions)
+    .bind::<Array<Nullable<BigInt>>, _>(cache_versions)
+    .bind::<Array<Nullable<Text>>, _>(db_values)
+    .bind::<Array<Nullable<Text>>, _>(cache_values)
+    .bind::<Array<Text>, _>(diffs)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// A Detected incident whose confirmation is overdue.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable)]
+pub struct Overdue {
+    pub id: i64,
+    pub cache_key: String,
+    pub entity_id: String,
+}
+
+/// Detected incidents whose `confirm_due_at` passed more than `slack` ago (PostgreSQL's
+/// clock), oldest first: what the confirmation backstop re-checks. One index scan
+/// (`inconsistencies_detected_due`).
+pub async fn overdue(
+    conn: &mut AsyncPgConnection,
+    slack: Duration,
+    limit: i64,
+) -> Result<Vec<Overdue>, DbError> {
+    let slack = chrono::Duration::from_std(slack).unwrap_or(chrono::Duration::MAX);
+    let now = super::now(conn).await?;
+    Ok(t::table
+        .filter(t::state.eq(State::Detected.as_str()))
+        .filter(t::confirm_due_at.lt(now - slack))
+        .order(t::confirm_due_at.asc())
+        .limit(limit)
+        .select((t::id, t::cache_key, t::entity_id))
+        .load(conn)
+        .await?)
+}
+
+/// Deletes up to `limit` incidents that closed more than `retention` ago (PostgreSQL's
+/// clock). Returns how many went; callers repeat while it is `limit`.
+pub async fn delete_closed_before(
+    conn: &mut AsyncPgConnection,
+    retention: Duration,
+    limit: i64,
+) -> Result<usize, DbError> {
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let now = super::now(conn).await?;
+    let cutoff = now
+        .checked_sub_signed(retention)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    // The partial index on resolved_at finds them; the LIMIT keeps each transaction short.
+    Ok(diesel::sql_query(
+        "DELETE FROM inconsistencies WHERE id IN \
+         (SELECT id FROM inconsistencies WHERE resolved_at < $1 LIMIT $2)",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .bind::<BigInt, _>(limit)
+    .execute(conn)
+    .await?)
 }
 
 /// Filters for listing incidents, newest first.

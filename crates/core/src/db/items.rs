@@ -1,6 +1,8 @@
 //! The `items` table: the application data whose cached copies stalewatch watches.
 
 use chrono::{DateTime, Utc};
+use diesel::deserialize::{self, FromSql};
+use diesel::pg::{Pg, PgValue};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -38,6 +40,57 @@ impl Item {
     }
 }
 
+/// A jsonb value as PostgreSQL sent it, not yet parsed. Reading rows this way lets one value
+/// the parser refuses (jsonb nested deeper than serde_json's recursion limit, written straight
+/// in SQL: PostgreSQL accepts it) fail only its own row instead of the whole query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawJson(Vec<u8>);
+
+impl FromSql<Jsonb, Pg> for RawJson {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        // jsonb's binary form is a version byte (1) followed by the document's text.
+        match value.as_bytes().split_first() {
+            Some((1, text)) => Ok(RawJson(text.to_vec())),
+            _ => Err("unsupported jsonb version".into()),
+        }
+    }
+}
+
+impl diesel::Queryable<Jsonb, Pg> for RawJson {
+    type Row = RawJson;
+    fn build(row: RawJson) -> deserialize::Result<Self> {
+        Ok(row)
+    }
+}
+
+/// A row as read, before its value is parsed.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = items, check_for_backend(diesel::pg::Pg))]
+pub struct ItemRow {
+    pub id: Uuid,
+    pub name: String,
+    pub value: RawJson,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ItemRow {
+    /// The item, or why its value cannot be read.
+    pub fn decode(self) -> Result<Item, String> {
+        let value = serde_json::from_slice(&self.value.0)
+            .map_err(|e| format!("its value is not JSON this service can read ({e})"))?;
+        Ok(Item {
+            id: self.id,
+            name: self.name,
+            value,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
 /// A partial update; `None` leaves the field as it is.
 #[derive(Debug, Clone, Default, AsChangeset)]
 #[diesel(table_name = items)]
@@ -64,24 +117,42 @@ pub async fn create(pool: &PgPool, name: &str, value: &serde_json::Value) -> Res
         .await?)
 }
 
+/// One item. Idempotent, so a connection lost to a server restart is retried once on a
+/// fresh one; a stored value this service cannot parse is [`DbError::Undecodable`].
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Item>, DbError> {
-    let mut conn = pool.get().await?;
-    Ok(items::table
-        .find(id)
-        .select(Item::as_select())
-        .first(&mut conn)
-        .await
-        .optional()?)
+    let row: Option<ItemRow> = super::idempotent(pool, async |conn| {
+        Ok(items::table
+            .find(id)
+            .select(ItemRow::as_select())
+            .first(conn)
+            .await
+            .optional()?)
+    })
+    .await?;
+    row.map(|r| {
+        r.decode().map_err(|reason| DbError::Undecodable {
+            what: format!("item {id}"),
+            reason,
+        })
+    })
+    .transpose()
 }
 
-/// Many rows in one query; absent ids are simply missing from the result.
-pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Item>, DbError> {
-    let mut conn = pool.get().await?;
-    Ok(items::table
+/// Many rows in one query, with PostgreSQL's clock read in the same round trip (before the
+/// rows, so it bounds from below when what was read was current). Absent ids are simply
+/// missing from the result.
+pub async fn get_many_at(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> Result<(DateTime<Utc>, Vec<ItemRow>), DbError> {
+    let conn: &AsyncPgConnection = conn;
+    let mut c = conn;
+    let rows = items::table
         .filter(items::id.eq_any(ids))
-        .select(Item::as_select())
-        .load(&mut conn)
-        .await?)
+        .select(ItemRow::as_select())
+        .load(&mut c);
+    let (at, rows) = futures::try_join!(super::now(conn), async { Ok(rows.await?) })?;
+    Ok((at, rows))
 }
 
 /// Applies `changes` and bumps the version by one, returning the new row.
@@ -166,19 +237,37 @@ pub async fn delete(pool: &PgPool, id: Uuid) -> Result<bool, DbError> {
     Ok(n > 0)
 }
 
-/// The next `limit` rows in id order after `after`: the sweep's walk over the table.
+/// Which of `ids` have a row: the key-side sweep checks only the keys that do not.
+pub async fn existing(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, DbError> {
+    let found: Vec<Uuid> = items::table
+        .filter(items::id.eq_any(ids))
+        .select(items::id)
+        .load(conn)
+        .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// The next `limit` rows in id order after `after` (the sweep's walk over the table), with
+/// PostgreSQL's clock as in [`get_many_at`].
 pub async fn page_after(
     conn: &mut AsyncPgConnection,
     after: Option<Uuid>,
     limit: i64,
-) -> Result<Vec<Item>, DbError> {
+) -> Result<(DateTime<Utc>, Vec<ItemRow>), DbError> {
     let mut query = items::table
-        .select(Item::as_select())
+        .select(ItemRow::as_select())
         .order(items::id.asc())
         .limit(limit)
         .into_boxed();
     if let Some(after) = after {
         query = query.filter(items::id.gt(after));
     }
-    Ok(query.load(conn).await?)
+    let conn: &AsyncPgConnection = conn;
+    let mut c = conn;
+    let rows = query.load(&mut c);
+    let (at, rows) = futures::try_join!(super::now(conn), async { Ok(rows.await?) })?;
+    Ok((at, rows))
 }

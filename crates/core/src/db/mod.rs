@@ -7,37 +7,125 @@ pub mod schema;
 
 use std::time::Duration;
 
-use diesel::sql_types::BigInt;
+use chrono::{DateTime, Utc};
+use deadpool::managed::{self, Metrics, Object, RecycleResult};
+use diesel::sql_types::{BigInt, Timestamptz};
 use diesel_async::{
     async_connection_wrapper::AsyncConnectionWrapper,
     pooled_connection::{
-        deadpool::Pool, AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+        AsyncDieselConnectionManager, ManagerConfig, PoolError as ConnError, RecyclingMethod,
     },
     AsyncConnection, AsyncPgConnection, RunQueryDsl,
 };
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-pub type PgPool = Pool<AsyncPgConnection>;
+pub type PgPool = managed::Pool<Manager>;
+pub type PoolError = managed::PoolError<ConnError>;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
 
 /// Any advisory lock id works as long as every stalewatch process uses the same one.
 const MIGRATION_LOCK_ID: i64 = 0x5741_4c45_5741_5443; // "WALEWATC"
 
+/// What can go wrong talking to PostgreSQL, in classes a caller can act on: retry later
+/// (`Unavailable`, `Contended`), the data was refused (`Conflict`, `Rejected`), a stored row
+/// this service cannot read (`Undecodable`), or a fault of ours (`Query`, `Migration`).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("PostgreSQL is unavailable: {0} (is it running, and is DATABASE_URL right?)")]
     Unavailable(String),
+    /// A unique or exclusion constraint refused the write.
+    #[error("conflicts with an existing row: {0}")]
+    Conflict(String),
+    /// PostgreSQL refused the values themselves (a CHECK, NOT NULL or foreign key constraint,
+    /// or a value it cannot store).
+    #[error("PostgreSQL refused the values: {0}")]
+    Rejected(String),
+    /// A stored row that this service cannot decode (for example jsonb nested deeper than
+    /// the JSON parser's recursion limit, written straight in SQL).
+    #[error("{what} cannot be decoded: {reason}")]
+    Undecodable { what: String, reason: String },
     #[error("query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
     #[error("the incident of {0} kept changing under concurrent writers; retry the check")]
     Contended(String),
     #[error("migrations failed: {0}")]
     Migration(String),
 }
 
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for DbError {
-    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+impl DbError {
+    /// True when the same operation may succeed on another connection or a little later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DbError::Unavailable(_) | DbError::Contended(_))
+    }
+}
+
+impl From<diesel::result::Error> for DbError {
+    fn from(e: diesel::result::Error) -> Self {
+        classify(e)
+    }
+}
+
+/// Sorts diesel's errors into [`DbError`]'s classes. diesel-async reports a lost connection
+/// as `UnableToSendCommand` and keeps SQLSTATE codes to itself for everything outside its
+/// short list of kinds, so the few server messages that mean "this session is gone or the
+/// server is not accepting work" are recognised by their text.
+fn classify(e: diesel::result::Error) -> DbError {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(kind, info) => {
+            let message = info.message().to_string();
+            match kind {
+                K::UnableToSendCommand | K::ClosedConnection | K::ReadOnlyTransaction => {
+                    DbError::Unavailable(message)
+                }
+                K::SerializationFailure => DbError::Contended(message),
+                K::UniqueViolation | K::ExclusionViolation => DbError::Conflict(message),
+                K::CheckViolation
+                | K::NotNullViolation
+                | K::ForeignKeyViolation
+                | K::RestrictViolation => DbError::Rejected(message),
+                _ if is_unavailable_message(&message) => DbError::Unavailable(message),
+                _ if is_data_exception(&message) => DbError::Rejected(message),
+                _ => DbError::Query(E::DatabaseError(kind, info)),
+            }
+        }
+        E::DeserializationError(reason) => DbError::Undecodable {
+            what: "a row".into(),
+            reason: reason.to_string(),
+        },
+        other => DbError::Query(other),
+    }
+}
+
+/// Server messages of SQLSTATE classes 08 (connection), 53 (resources) and 57 (operator
+/// intervention): the session or the server is going away, not the statement's fault.
+fn is_unavailable_message(message: &str) -> bool {
+    const MARKERS: [&str; 6] = [
+        "terminating connection",
+        "the database system is",
+        "too many clients",
+        "server closed the connection",
+        "connection closed",
+        "canceling statement due to conflict with recovery",
+    ];
+    MARKERS.iter().any(|m| message.contains(m))
+}
+
+/// Messages of SQLSTATE class 22 (data exception) that a request's values can cause.
+fn is_data_exception(message: &str) -> bool {
+    const MARKERS: [&str; 5] = [
+        "invalid byte sequence",
+        "unsupported Unicode escape sequence",
+        "invalid input syntax",
+        "out of range",
+        "value too long",
+    ];
+    MARKERS.iter().any(|m| message.contains(m))
+}
+
+impl From<PoolError> for DbError {
+    fn from(e: PoolError) -> Self {
         DbError::Unavailable(e.to_string())
     }
 }
@@ -48,17 +136,51 @@ impl From<diesel::ConnectionError> for DbError {
     }
 }
 
-/// A pool that fails fast (5 s) when PostgreSQL is down instead of queueing callers forever.
+/// Connections idle longer than this are tested (`SELECT 1`) before they are handed out.
+const VERIFY_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// diesel-async's pool manager, testing only connections that sat idle.
 ///
-/// Connections are handed out without the default `SELECT 1` test: that doubled the round
-/// trips of a PUT. A connection that died (server restart) fails its first query and is
-/// dropped by the pool; the caller sees a 503 or a retried job, once per dead connection.
+/// Testing every checkout doubled the round trips of a PUT; testing none handed out
+/// connections that a PostgreSQL restart had killed, each failing one request. A busy
+/// connection was just used successfully, so only idle ones are worth a test; a connection
+/// that dies while busy fails one operation, which [`idempotent`] retries.
+pub struct Manager {
+    inner: AsyncDieselConnectionManager<AsyncPgConnection>,
+}
+
+impl managed::Manager for Manager {
+    type Type = AsyncPgConnection;
+    type Error = ConnError;
+
+    async fn create(&self) -> Result<AsyncPgConnection, ConnError> {
+        self.inner.create().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        metrics: &Metrics,
+    ) -> RecycleResult<ConnError> {
+        // Fast: drops connections whose socket is known closed or whose transaction broke.
+        self.inner.recycle(conn, metrics).await?;
+        if metrics.last_used() > VERIFY_AFTER_IDLE {
+            diesel::sql_query("SELECT 1")
+                .execute(conn)
+                .await
+                .map_err(ConnError::QueryError)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pool that fails fast (5 s) when PostgreSQL is down instead of queueing callers forever.
 pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
-    let manager =
+    let inner =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
-    Pool::builder(manager)
+    managed::Pool::builder(Manager { inner })
         .max_size(size)
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))
@@ -93,6 +215,33 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, DbError> {
         .execute(&mut conn)
         .await?;
     applied
+}
+
+/// Runs an operation that is safe to repeat, retrying it once on a fresh connection when the
+/// first one turns out to be dead (a server restart, a failover). The dead connection is
+/// taken out of the pool rather than returned to it.
+pub async fn idempotent<T>(
+    pool: &PgPool,
+    op: impl AsyncFn(&mut AsyncPgConnection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
+    let mut conn = pool.get().await?;
+    match op(&mut conn).await {
+        Err(DbError::Unavailable(reason)) => {
+            tracing::debug!(%reason, "PostgreSQL connection lost; retrying once on a fresh one");
+            drop(Object::take(conn));
+            let mut conn = pool.get().await?;
+            op(&mut conn).await
+        }
+        other => other,
+    }
+}
+
+/// PostgreSQL's clock: the one clock of every incident time, whichever process observes.
+/// Takes a shared reference so that it can be pipelined with the query it dates.
+pub async fn now(mut conn: &AsyncPgConnection) -> Result<DateTime<Utc>, DbError> {
+    Ok(diesel::select(diesel::dsl::sql::<Timestamptz>("now()"))
+        .get_result(&mut conn)
+        .await?)
 }
 
 /// Cheap liveness probe for /readyz.

@@ -1,0 +1,2 @@
+DROP INDEX inconsistencies_closed_at;
+DROP INDEX inconsistencies_detected_due;
