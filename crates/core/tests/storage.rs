@@ -406,3 +406,188 @@ async fn a_cache_write_never_replaces_a_newer_version() {
         .await
         .unwrap());
 }
+
+/// One observer's batch of one key, made at `at`, that saw DB version `db_version`.
+async fn observe(
+    env: &TestEnv,
+    key: &str,
+    kind: Kind,
+    at: chrono::DateTime<Utc>,
+    db_version: i64,
+) -> Vec<track::Recorded> {
+    let ctx = track::Context {
+        source: Source::Sweep,
+        cause: None,
+        at,
+        grace: Duration::from_secs(2),
+        confirming: None,
+    };
+    let ev = Evidence {
+        db_version: Some(db_version),
+        ..evidence(key, kind)
+    };
+    record_batch(&env.pool, &Metrics::new(), &ctx, vec![ev])
+        .await
+        .unwrap()
+}
+
+async fn latest(env: &TestEnv, key: &str) -> incidents::IncidentRow {
+    let mut conn = env.pool.get().await.unwrap();
+    incidents::latest_for_key(&mut conn, key)
+        .await
+        .unwrap()
+        .expect("an incident")
+}
+
+/// Two observers in a forced order: A reads a consistent pair (version 1) at t0 and is slow;
+/// meanwhile the row moves to version 2, the cache stays behind, and B detects it at t1.
+/// A's late match must not close B's incident, neither while Detected nor once Confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_match_does_not_close_a_newer_incident() {
+    let env = TestEnv::new().await.unwrap();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    // Whole milliseconds: PostgreSQL keeps microseconds.
+    let t0 = chrono::SubsecRound::trunc_subsecs(Utc::now(), 3) - chrono::Duration::seconds(60);
+    let ms = chrono::Duration::milliseconds;
+    observe(&env, &key, Kind::Stale, t0 + ms(100), 2).await; // B
+    observe(&env, &key, Kind::Match, t0, 1).await; // A, late
+    assert_eq!(latest(&env, &key).await.state, "detected");
+    // The same after the grace period: confirmed by a later mismatch, then A again.
+    observe(&env, &key, Kind::Stale, t0 + ms(2_500), 2).await;
+    assert_eq!(latest(&env, &key).await.state, "confirmed");
+    observe(&env, &key, Kind::Match, t0 + ms(50), 1).await;
+    assert_eq!(latest(&env, &key).await.state, "confirmed");
+    // A match of the same row made after the newest evidence does close it.
+    observe(&env, &key, Kind::Match, t0 + ms(3_000), 2).await;
+    let row = latest(&env, &key).await;
+    assert_eq!(row.state, "resolved");
+    assert_eq!(row.resolved_at, Some(t0 + ms(3_000)));
+}
+
+/// A refresh resolved the key at t2; a mismatch read at t1 < t2 (before the refresh landed)
+/// arrives afterwards and must not open a new incident. One read after t2 does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mismatch_older_than_the_last_resolution_opens_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    let key = env.keys().item(&uuid::Uuid::now_v7());
+    let t0 = Utc::now() - chrono::Duration::seconds(60);
+    let ms = chrono::Duration::milliseconds;
+    observe(&env, &key, Kind::Stale, t0, 2).await;
+    observe(&env, &key, Kind::Stale, t0 + ms(2_000), 2).await;
+    observe(&env, &key, Kind::Match, t0 + ms(5_000), 2).await;
+    let resolved = latest(&env, &key).await;
+    assert_eq!(resolved.state, "resolved");
+    let late = observe(&env, &key, Kind::Stale, t0 + ms(4_000), 2).await;
+    assert_eq!(late[0].transition, None);
+    assert_eq!(latest(&env, &key).await.id, resolved.id, "no new incident");
+    let fresh = observe(&env, &key, Kind::Stale, t0 + ms(6_000), 2).await;
+    assert_eq!(fresh[0].transition.map(|t| t.to), Some(State::Detected));
+}
+
+/// A batch whose second key fails to store still schedules the confirmation of the first:
+/// the retry of the batch would find that incident open and schedule nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_fails_part_way_still_schedules_its_confirmations() {
+    use diesel_async::RunQueryDsl;
+    use stalewatch_core::{check::Checker, jobs::ConfirmJob, queue};
+    let env = TestEnv::new().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let item = items::create(&env.pool, &format!("i{i}"), &serde_json::json!({ "i": i }))
+            .await
+            .unwrap();
+        let stale = serde_json::json!({ "id": item.id, "version": 0 });
+        env.cache
+            .set(
+                &env.keys().item(&item.id),
+                stale.to_string().as_bytes(),
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        ids.push(item.id);
+    }
+    ids.sort();
+    // Ids are checked in order: storing the second one's incident fails.
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+           RAISE EXCEPTION 'refused for the test'; END $$ LANGUAGE plpgsql",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON inconsistencies FOR EACH ROW \
+           WHEN (NEW.entity_id = '{}') EXECUTE FUNCTION refuse()",
+        ids[1]
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let queue_conn = queue::connect(&env.redis_url).await.unwrap();
+    let checker = Checker::new(
+        &env.config(),
+        env.pool.clone(),
+        env.cache.clone(),
+        Metrics::new(),
+        queue_conn.clone(),
+    );
+    let err = checker.check_ids(&ids, Source::WriteCheck, None).await;
+    assert!(err.is_err(), "the second key fails");
+    let first = latest(&env, &env.keys().item(&ids[0])).await;
+    assert_eq!(first.state, "detected");
+    let scheduled: Vec<String> = redis::cmd("ZRANGE")
+        .arg(queue::config::<ConfirmJob>(env.keys(), 1).scheduled_jobs_set())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut queue_conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduled.len(),
+        1,
+        "one confirmation job for the committed incident"
+    );
+    let payload: Vec<u8> = redis::cmd("HGET")
+        .arg(queue::config::<ConfirmJob>(env.keys(), 1).job_data_hash())
+        .arg(&scheduled[0])
+        .query_async(&mut queue_conn.clone())
+        .await
+        .unwrap();
+    let job: ConfirmJob = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(job.targets.len(), 1);
+    assert_eq!(job.targets[0].incident_id, first.id);
+}
+
+/// Refresh uses the versioned write: a refresh that read an older row than the one a
+/// concurrent writer already cached leaves the newer copy in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_never_puts_back_an_older_version() {
+    use stalewatch_core::{check::Checker, queue};
+    let env = TestEnv::new().await.unwrap();
+    let item = items::create(&env.pool, "x", &serde_json::json!({ "a": 1 }))
+        .await
+        .unwrap();
+    let key = env.keys().item(&item.id);
+    let checker = Checker::new(
+        &env.config(),
+        env.pool.clone(),
+        env.cache.clone(),
+        Metrics::new(),
+        queue::connect(&env.redis_url).await.unwrap(),
+    );
+    // A newer version than the row holds is already cached (a writer that committed and
+    // cached after the refresh read the row).
+    let mut newer = item.clone();
+    newer.version = 7;
+    env.cache
+        .set(&key, &newer.to_cache_bytes(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    checker.refresh(item.id).await.unwrap();
+    let cached: serde_json::Value =
+        serde_json::from_slice(&env.cache.get(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(cached["version"], 7);
+}
