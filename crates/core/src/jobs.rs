@@ -3,7 +3,7 @@
 //!
 //! Jobs carry batches of keys, never one key each: apalis-redis tops out at a few thousand
 //! jobs per second and wedges when more than about 8,000 fall due at once
-//! (shared/notes/apalis-redis-1.0.md), so fewer, bigger jobs keep it in its comfort zone.
+//! (docs/apalis-redis.md), so fewer, bigger jobs keep it in its comfort zone.
 
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
