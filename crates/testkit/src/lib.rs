@@ -6,8 +6,15 @@
 //!
 //! `TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432`) and `TEST_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`) say where the servers are.
+//!
+//! Deadlines: every timeout a test waits on (`eventually`, `wait_port`, `Proc::terminate`,
+//! `PgServer`) is multiplied by `STALEWATCH_TEST_SCALE` (default 1; see [`scale`]). The
+//! timeouts written in the tests are already generous for a busy 2-core machine; a slower
+//! one (a sanitizer build, an emulated CPU, a loaded laptop) sets e.g.
+//! `STALEWATCH_TEST_SCALE=3` rather than every test growing its own margins. A deadline only
+//! bounds how long a failing test takes, so a larger one never hides a bug.
 
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 
 use anyhow::{Context, Result};
 use diesel::{sql_types::BigInt, QueryableByName};
@@ -19,6 +26,9 @@ use stalewatch_core::{
     keys::Keys,
 };
 use uuid::Uuid;
+
+mod pg_server;
+pub use pg_server::PgServer;
 
 const TEMPLATE_LOCK_ID: i64 = 0x5357_5445_5354_4b54; // "SWTESTKT"
 
@@ -221,19 +231,55 @@ async fn delete_prefix(redis_url: &str, prefix: &str) -> Result<()> {
     Ok(())
 }
 
+const SCALE_VAR: &str = "STALEWATCH_TEST_SCALE";
+
+/// The factor every test deadline is multiplied by: `STALEWATCH_TEST_SCALE`, default 1.0.
+///
+/// Panics on a value that is not a finite number above zero: a typo silently meaning 1.0
+/// would bring back exactly the flaky timeouts the variable was set to avoid.
+pub fn scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| parse_scale(std::env::var(SCALE_VAR)))
+}
+
+fn parse_scale(var: Result<String, std::env::VarError>) -> f64 {
+    match var {
+        Err(std::env::VarError::NotPresent) => 1.0,
+        Ok(v) if v.trim().is_empty() => 1.0,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => f,
+            _ => panic!("{SCALE_VAR}={v:?}: expected a number above 0, such as 1.5 or 3"),
+        },
+        Err(e) => panic!("{SCALE_VAR}: {e}"),
+    }
+}
+
+/// `d` multiplied by [`scale`]: use it for any deadline a test waits on by other means than
+/// [`eventually`] (which scales its own).
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(scale())
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout`.
+///
+/// `timeout` is scaled here (`scaled(timeout)`, see [`scale`]), so callers pass the
+/// unscaled deadline and must not scale it again.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    let timeout = scaled(timeout);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
             return v;
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} ({SCALE_VAR}={}) waiting for {what}",
+                scale()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -253,7 +299,7 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// Waits until something listens on `port` (30 s at most).
+/// Waits until something listens on `port` (30 s at most, scaled by `eventually`).
 pub async fn wait_port(port: u16) {
     eventually(
         Duration::from_secs(30),
@@ -334,12 +380,13 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then the exit status (None if it had to be killed after `timeout`).
+    /// SIGTERM, then the exit status (None if it had to be killed after `timeout`, which is
+    /// scaled like every test deadline: a slow machine is not a shutdown that hung).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + scaled(timeout);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
@@ -359,6 +406,32 @@ impl Drop for Proc {
             let _ = std::fs::remove_file(&self.log);
         } else {
             eprintln!("--- log of the child process: {}", self.log.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_defaults_to_one_and_parses_factors() {
+        assert_eq!(parse_scale(Err(std::env::VarError::NotPresent)), 1.0);
+        assert_eq!(parse_scale(Ok(" ".into())), 1.0);
+        assert_eq!(parse_scale(Ok("2.5".into())), 2.5);
+        assert_eq!(parse_scale(Ok(" 3 ".into())), 3.0);
+    }
+
+    #[test]
+    fn scale_refuses_what_is_not_a_positive_number() {
+        for bad in ["0", "-1", "abc", "NaN", "inf", "1,5"] {
+            let result = std::panic::catch_unwind(|| parse_scale(Ok(bad.into())));
+            let message = result
+                .expect_err(bad)
+                .downcast::<String>()
+                .map(|m| *m)
+                .unwrap_or_default();
+            assert!(message.contains(SCALE_VAR), "{bad}: {message}");
         }
     }
 }

@@ -135,16 +135,68 @@ pub async fn push_checks(env: &TestEnv, jobs: Vec<CheckJob>) {
     }
 }
 
-/// Waits until `J`'s queue has nothing pending or scheduled.
+/// Waits until `J`'s queue has nothing pending, scheduled or in flight.
+///
+/// In-flight jobs count: a job a worker has fetched but not finished has left the pending
+/// list, and a test that stopped waiting then would race its result (or miss the job coming
+/// back when its worker dies). apalis-redis keeps them in one set per worker,
+/// `{inflight_jobs_set}:{worker name}` (`Config::inflight_set_for`), and names the workers
+/// only at run time, so the sets are found by SCAN.
 pub async fn drained<J: Job>(env: &TestEnv, timeout: Duration) {
     let conn = queue::connect(&env.redis_url).await.unwrap();
     let config = queue::config::<J>(env.keys(), 1);
+    let inflight_pattern = format!("{}:*", glob_escape(&config.inflight_jobs_set()));
     eventually(timeout, &format!("the {} queue to drain", J::NAME), || {
         let (mut conn, config) = (conn.clone(), config.clone());
+        let inflight_pattern = inflight_pattern.clone();
         async move {
+            let d = queue::depth(&mut conn, &config).await.ok()?;
+            if d.pending > 0 || d.scheduled > 0 {
+                return None;
+            }
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&inflight_pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                for set in sets {
+                    let n: u64 = redis::cmd("SCARD")
+                        .arg(&set)
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    if n > 0 {
+                        return None;
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            // Once more: a job retried or handed back from a dead worker leaves its in-flight
+            // set for the pending list or the scheduled set, possibly after the first look.
             let d = queue::depth(&mut conn, &config).await.ok()?;
             (d.pending == 0 && d.scheduled == 0).then_some(())
         }
     })
     .await;
+}
+
+/// `s` matched literally by a Redis glob pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
