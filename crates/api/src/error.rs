@@ -1,13 +1,22 @@
-//! Every error leaves the API as JSON `{"error": {"code", "message"}}` with a 4xx or 503;
-//! client input never causes a 500.
+//! Every error leaves the API as JSON `{"error": {"code", "message"}}`.
+//!
+//! Client input gets a 4xx; a store that is down or busy a 503. A 500 is never the client's
+//! fault: either a stored row this service cannot read (`undecodable_row`, which names the
+//! row), or a fault of ours (`internal`), logged at ERROR with an `error_id` that the
+//! response carries too, so a report can be matched to its log line without the response
+//! showing SQL or server internals.
 
 use actix_web::{
     error::{JsonPayloadError, PathError, QueryPayloadError},
-    http::StatusCode,
+    http::{header, StatusCode},
     HttpRequest, HttpResponse, ResponseError,
 };
 use serde_json::json;
 use stalewatch_core::{cache::CacheError, check::CheckError, db::DbError};
+use uuid::Uuid;
+
+/// How long a client should wait before retrying a 503, in seconds.
+const RETRY_AFTER_SECS: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,22 +28,53 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     Invalid(String),
+    /// The write collides with an existing row.
+    #[error("{0}")]
+    Conflict(String),
+    /// PostgreSQL or Redis cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// Concurrent writers kept changing the same record; retrying is expected to succeed.
     #[error("{0}")]
-    Internal(String),
+    Contended(String),
+    /// A stored row this service cannot decode: data written straight into PostgreSQL.
+    #[error("{0}; it was stored by something other than this service and must be fixed in PostgreSQL (the request itself is fine)")]
+    UndecodableRow(String),
+    /// A fault of ours. `detail` goes to the log only, never to the client.
+    #[error("internal error {error_id}: the server log has the details under this error_id")]
+    Internal { error_id: Uuid, detail: String },
 }
 
 impl ApiError {
-    fn code(&self) -> &'static str {
+    /// A fresh internal error, with its own id.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        ApiError::Internal {
+            error_id: Uuid::new_v4(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Invalid(_) => "invalid",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::Internal(_) => "internal",
+            ApiError::Contended(_) => "contended",
+            ApiError::UndecodableRow(_) => "undecodable_row",
+            ApiError::Internal { .. } => "internal",
         }
+    }
+
+    /// The body of the response.
+    pub fn body(&self) -> serde_json::Value {
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let ApiError::Internal { error_id, .. } = self {
+            error["error_id"] = json!(error_id);
+        }
+        json!({ "error": error })
     }
 }
 
@@ -45,17 +85,29 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) | ApiError::Contended(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UndecodableRow(_) | ApiError::Internal { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        if matches!(self, ApiError::Internal(_)) {
-            tracing::error!(error = %self, "internal error");
+        match self {
+            ApiError::Internal { error_id, detail } => {
+                tracing::error!(%error_id, error = %detail, "internal error");
+            }
+            ApiError::UndecodableRow(message) => {
+                tracing::error!(error = %message, "stored row cannot be decoded");
+            }
+            _ => {}
         }
-        HttpResponse::build(self.status_code())
-            .json(json!({ "error": { "code": self.code(), "message": self.to_string() } }))
+        let mut response = HttpResponse::build(self.status_code());
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
+        }
+        response.json(self.body())
     }
 }
 
@@ -63,12 +115,12 @@ impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
-            DbError::Contended(_) => ApiError::Unavailable(e.to_string()),
-            DbError::Query(diesel::result::Error::DatabaseError(_, _)) => {
-                // Connection-level failures surface as database errors too; don't blame the client.
-                ApiError::Unavailable(format!("PostgreSQL: {e}"))
-            }
-            DbError::Query(_) | DbError::Migration(_) => ApiError::Internal(e.to_string()),
+            DbError::Contended(_) => ApiError::Contended(e.to_string()),
+            DbError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            DbError::Rejected(_) => ApiError::Invalid(e.to_string()),
+            DbError::Undecodable { .. } => ApiError::UndecodableRow(e.to_string()),
+            // The text may quote SQL: it goes to the log only.
+            DbError::Query(_) | DbError::Migration(_) => ApiError::internal(e.to_string()),
         }
     }
 }
@@ -114,4 +166,308 @@ pub fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Err
 /// Unknown routes answer in the same JSON shape.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())).error_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use actix_web::body::MessageBody;
+    use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error as DieselError};
+    use serde_json::Value;
+    use tracing::{
+        field::{Field, Visit},
+        span, Event, Level, Metadata, Subscriber,
+    };
+
+    use super::*;
+
+    /// A database error as diesel reports a server's ERROR message.
+    #[derive(Debug)]
+    struct Info(&'static str);
+
+    impl DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn database_error(kind: DatabaseErrorKind, message: &'static str) -> DbError {
+        DbError::from(DieselError::DatabaseError(kind, Box::new(Info(message))))
+    }
+
+    /// Status, body and Retry-After of the response an error becomes.
+    fn respond(e: ApiError) -> (StatusCode, Value, Option<String>) {
+        let response = e.error_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = response
+            .into_body()
+            .try_into_bytes()
+            .expect("a complete body");
+        (status, serde_json::from_slice(&bytes).unwrap(), retry)
+    }
+
+    #[test]
+    fn each_database_error_class_has_its_own_status_and_code() {
+        let undecodable = DbError::Undecodable {
+            what: "item 0197c5a4-0000-7000-8000-000000000000".into(),
+            reason: "its value is not JSON this service can read (recursion limit exceeded)".into(),
+        };
+        let cases: Vec<(&str, DbError, StatusCode, &str)> = vec![
+            (
+                "pool timeout",
+                DbError::Unavailable("timed out waiting for a connection".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                "lost connection",
+                database_error(
+                    DatabaseErrorKind::ClosedConnection,
+                    "server closed the connection",
+                ),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                "admin shutdown",
+                database_error(
+                    DatabaseErrorKind::Unknown,
+                    "terminating connection due to administrator command",
+                ),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                "contended",
+                DbError::Contended("item:1".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contended",
+            ),
+            (
+                "serialization failure",
+                database_error(
+                    DatabaseErrorKind::SerializationFailure,
+                    "could not serialize access due to concurrent update",
+                ),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contended",
+            ),
+            (
+                "unique violation",
+                database_error(
+                    DatabaseErrorKind::UniqueViolation,
+                    "duplicate key value violates unique constraint \"items_pkey\"",
+                ),
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                "check violation",
+                database_error(
+                    DatabaseErrorKind::CheckViolation,
+                    "new row for relation \"items\" violates check constraint",
+                ),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+            ),
+            (
+                "NUL in jsonb",
+                database_error(
+                    DatabaseErrorKind::Unknown,
+                    "unsupported Unicode escape sequence",
+                ),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+            ),
+            (
+                "NUL in text",
+                database_error(
+                    DatabaseErrorKind::Unknown,
+                    "invalid byte sequence for encoding \"UTF8\": 0x00",
+                ),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+            ),
+            (
+                "undecodable row",
+                undecodable,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "undecodable_row",
+            ),
+            (
+                "unclassified server error",
+                database_error(
+                    DatabaseErrorKind::Unknown,
+                    "syntax error at or near \"SELEC\"",
+                ),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                "diesel fault",
+                DbError::from(DieselError::QueryBuilderError("bad query".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                "migration",
+                DbError::Migration("relation \"items\" already exists".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+        ];
+        for (what, db, status, code) in cases {
+            let connection_level = matches!(db, DbError::Unavailable(_));
+            let (got, body, retry) = respond(db.into());
+            assert_eq!(
+                (got, body["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{what}: {body}"
+            );
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{what}: {body}"
+            );
+            assert_eq!(
+                code == "unavailable",
+                connection_level,
+                "{what}: only a connection-level error is `unavailable`"
+            );
+            assert_eq!(
+                retry.is_some(),
+                status == StatusCode::SERVICE_UNAVAILABLE,
+                "{what}"
+            );
+            assert_eq!(
+                body["error"].get("error_id").is_some(),
+                code == "internal",
+                "{what}: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_undecodable_row_is_named_and_not_blamed_on_the_request() {
+        let (_, body, _) = respond(
+            DbError::Undecodable {
+                what: "item 0197c5a4-0000-7000-8000-000000000000".into(),
+                reason: "its value is not JSON this service can read (recursion limit exceeded)"
+                    .into(),
+            }
+            .into(),
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        for part in [
+            "item 0197c5a4-0000-7000-8000-000000000000",
+            "recursion limit exceeded",
+            "PostgreSQL",
+            "request itself is fine",
+        ] {
+            assert!(message.contains(part), "{part:?} missing from {message:?}");
+        }
+    }
+
+    #[test]
+    fn cache_errors_are_unavailable() {
+        let e = CacheError::from(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connection refused",
+        )));
+        let (status, body, _) = respond(e.into());
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"]["code"], "unavailable");
+    }
+
+    /// Collects the fields of ERROR events.
+    #[derive(Default, Clone)]
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    struct Fields(String);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push_str(&format!(" {}={:?}", field.name(), value));
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, event: &Event<'_>) {
+            if *event.metadata().level() == Level::ERROR {
+                let mut fields = Fields(String::new());
+                event.record(&mut fields);
+                self.0.lock().unwrap().push(fields.0);
+            }
+        }
+        fn enter(&self, _: &span::Id) {}
+        fn exit(&self, _: &span::Id) {}
+    }
+
+    #[test]
+    fn an_internal_error_shows_an_id_that_is_in_the_log_and_no_sql() {
+        let db = database_error(
+            DatabaseErrorKind::Unknown,
+            "column \"secret_column\" does not exist",
+        );
+        let capture = Capture::default();
+        let (status, body, _) =
+            tracing::subscriber::with_default(capture.clone(), || respond(db.into()));
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error"]["code"], "internal");
+        let id: Uuid = body["error"]["error_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no UUID error_id: {body}"));
+        assert_eq!(id.get_version_num(), 4);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&id.to_string()), "{message}");
+        assert!(
+            !message.contains("secret_column"),
+            "leaks the server's text: {message}"
+        );
+
+        let logged = capture.0.lock().unwrap().clone();
+        assert_eq!(logged.len(), 1, "one ERROR line: {logged:?}");
+        assert!(logged[0].contains(&id.to_string()), "{logged:?}");
+        assert!(
+            logged[0].contains("secret_column"),
+            "the log has the detail: {logged:?}"
+        );
+
+        // Every internal error gets an id of its own.
+        let again = ApiError::from(DbError::Migration("x".into())).body();
+        assert_ne!(again["error"]["error_id"], body["error"]["error_id"]);
+    }
 }

@@ -7,6 +7,7 @@
 
 use std::{collections::BTreeSet, rc::Rc, time::Duration};
 
+use actix_web::ResponseError;
 use actix_web::{
     http::{header, StatusCode},
     test::{self, TestRequest},
@@ -14,11 +15,13 @@ use actix_web::{
     App,
 };
 use chrono::{DateTime, Utc};
+use diesel_async::RunQueryDsl;
 use futures::future::{join_all, LocalBoxFuture};
 use serde_json::{json, Value};
-use stalewatch_api::{state::AppState, BODY_LIMIT};
+use stalewatch_api::{error::ApiError, state::AppState, BODY_LIMIT};
 use stalewatch_core::{
     config::{Config, FailureMode},
+    db::DbError,
     incident::{Source, State},
 };
 use stalewatch_testkit::{eventually, TestEnv};
@@ -377,6 +380,20 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
         ("/inconsistencies?state=bogus", S::BAD_REQUEST, bad),
         ("/inconsistencies?colour=red", S::BAD_REQUEST, bad),
         ("/inconsistencies/abc", S::BAD_REQUEST, bad),
+        ("/items/inconsistencies/all?limit=0", S::BAD_REQUEST, bad),
+        ("/items/inconsistencies/all?limit=501", S::BAD_REQUEST, bad),
+        ("/items/inconsistencies/all?after=abc", S::BAD_REQUEST, bad),
+        (
+            "/items/inconsistencies/all?state=resolved",
+            S::BAD_REQUEST,
+            bad,
+        ),
+        (
+            "/items/inconsistencies/active?limit=-1",
+            S::BAD_REQUEST,
+            bad,
+        ),
+        ("/items/inconsistencies/active?key=x", S::BAD_REQUEST, bad),
         ("/inconsistencies/999999", S::NOT_FOUND, "not_found"),
         ("/no/such/route", S::NOT_FOUND, "not_found"),
     ] {
@@ -868,4 +885,425 @@ async fn a_key_that_reappears_after_delete_is_an_orphan() {
     );
     assert_eq!(row.cache_version, Some(1));
     assert_eq!(row.db_version, None);
+}
+
+// ---- refusals: validation first, then PostgreSQL's own --------------------------------------
+
+/// Runs SQL straight on the test's database.
+async fn sql(env: &TestEnv, query: &str) -> Result<usize, DbError> {
+    let mut conn = env.pool.get().await.expect("a connection");
+    Ok(diesel::sql_query(query).execute(&mut conn).await?)
+}
+
+#[derive(diesel::QueryableByName)]
+struct Id {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+}
+
+/// The ids a query returns, in its order.
+async fn sql_ids(env: &TestEnv, query: &str) -> Vec<i64> {
+    let mut conn = env.pool.get().await.expect("a connection");
+    let rows: Vec<Id> = diesel::sql_query(query)
+        .load(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{query}: {e}"));
+    rows.into_iter().map(|r| r.id).collect()
+}
+
+/// Bodies, valid for both POST and PUT, holding a NUL where PostgreSQL cannot store one.
+fn nul_bodies() -> [(&'static str, Value, &'static str); 4] {
+    [
+        (
+            "NUL in name",
+            json!({ "name": "a\u{0}b", "value": 1 }),
+            "name",
+        ),
+        (
+            "NUL in a nested value string",
+            json!({ "name": "x", "value": { "a": [1, { "b": "c\u{0}d" }] } }),
+            "/a/1/b",
+        ),
+        (
+            "NUL in a nested object key",
+            json!({ "name": "x", "value": { "a": [{ "k\u{0}": 1 }] } }),
+            "an object key",
+        ),
+        (
+            "NUL as the whole value",
+            json!({ "name": "x", "value": "\u{0}" }),
+            "the top level",
+        ),
+    ]
+}
+
+#[actix_web::test]
+async fn nul_characters_are_refused_with_422_before_postgresql() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let item = api.create("kept", json!({ "a": 1 })).await;
+    let uri = format!("/items/{}", id_of(&item));
+    // The same requests with PostgreSQL unreachable: still 422, so it was never asked.
+    let closed = stalewatch_testkit::free_port();
+    let offline = Api::start(Config {
+        database_url: format!("postgres://postgres@127.0.0.1:{closed}/nowhere"),
+        ..env.config()
+    })
+    .await;
+
+    for (what, body, mentions) in nul_bodies() {
+        let value_only = body.get("value").filter(|_| mentions != "name").cloned();
+        for (api, online) in [(&api, "online"), (&offline, "offline")] {
+            let mut requests = vec![
+                ("POST", TestRequest::post().uri("/items").set_json(&body)),
+                ("PUT", TestRequest::put().uri(&uri).set_json(&body)),
+            ];
+            if let Some(value) = &value_only {
+                let only = json!({ "value": value });
+                requests.push((
+                    "PUT value only",
+                    TestRequest::put().uri(&uri).set_json(only),
+                ));
+            }
+            for (method, req) in requests {
+                let what = format!("{method}, PostgreSQL {online}: {what}");
+                let reply = api.send(req).await;
+                let body = reply.expect(StatusCode::UNPROCESSABLE_ENTITY, &what);
+                assert_eq!(body["error"]["code"], "invalid", "{what}: {body}");
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("NUL") && message.contains(mentions),
+                    "{what}: the message says what and where: {message:?}"
+                );
+            }
+        }
+    }
+
+    // Nothing was written.
+    let rows = sql_ids(&env, "SELECT count(*) AS id FROM items").await;
+    assert_eq!(rows, [1]);
+    let body = api.get(&uri).await.expect(StatusCode::OK, "GET");
+    assert_eq!(body["data"], item);
+}
+
+/// Status and body of the response an error of the store becomes.
+fn respond(e: DbError) -> (StatusCode, Value) {
+    let e = ApiError::from(e);
+    (e.status_code(), e.body())
+}
+
+#[actix_web::test]
+async fn postgresql_refusals_are_4xx_or_a_500_with_an_id_never_503() {
+    use stalewatch_core::db::items::{self, ItemChanges};
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let id = id_of(&api.create("kept", json!(1)).await);
+    let pool = &env.pool;
+    let deep = Uuid::now_v7();
+    sql(
+        &env,
+        &format!(
+            "INSERT INTO items (id, name, value) \
+             VALUES ('{deep}', 'deep', (repeat('[', 300) || repeat(']', 300))::jsonb)"
+        ),
+    )
+    .await
+    .expect("PostgreSQL stores jsonb deeper than serde_json reads");
+
+    use StatusCode as S;
+    // What validation stops, sent past it; and what no request can cause.
+    let cases: Vec<(&str, DbError, S, &str)> = vec![
+        (
+            "NUL in text",
+            items::create(pool, "a\u{0}b", &json!(1)).await.unwrap_err(),
+            S::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            "NUL in a jsonb string",
+            items::create(pool, "x", &json!({ "a": ["\u{0}"] }))
+                .await
+                .unwrap_err(),
+            S::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            "NUL in a jsonb key",
+            items::update(
+                pool,
+                id,
+                ItemChanges {
+                    value: Some(json!({ "\u{0}": 1 })),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+            S::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            "duplicate primary key",
+            sql(
+                &env,
+                &format!("INSERT INTO items (id, name, value) VALUES ('{id}', 'dup', '1')"),
+            )
+            .await
+            .unwrap_err(),
+            S::CONFLICT,
+            "conflict",
+        ),
+        (
+            "CHECK constraint",
+            sql(
+                &env,
+                &format!("UPDATE items SET version = 0 WHERE id = '{id}'"),
+            )
+            .await
+            .unwrap_err(),
+            S::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            "NOT NULL constraint",
+            sql(
+                &env,
+                &format!(
+                    "INSERT INTO items (id, name, value) VALUES ('{}', NULL, '1')",
+                    Uuid::now_v7()
+                ),
+            )
+            .await
+            .unwrap_err(),
+            S::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            "a row this service cannot decode",
+            items::get(pool, deep).await.unwrap_err(),
+            S::INTERNAL_SERVER_ERROR,
+            "undecodable_row",
+        ),
+        (
+            "a query of ours that is wrong",
+            sql(&env, "SELECT no_such_column FROM items")
+                .await
+                .unwrap_err(),
+            S::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+    ];
+    for (what, db, status, code) in cases {
+        let detail = db.to_string();
+        let (got, body) = respond(db);
+        assert_ne!(got, S::SERVICE_UNAVAILABLE, "{what} ({detail}): {body}");
+        assert_eq!(got, status, "{what} ({detail}): {body}");
+        assert_eq!(body["error"]["code"], code, "{what} ({detail}): {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        match code {
+            "internal" => {
+                let error_id = body["error"]["error_id"].as_str().expect("an error_id");
+                assert!(error_id.parse::<Uuid>().is_ok(), "{body}");
+                assert!(
+                    !message.contains("no_such_column"),
+                    "no SQL shown: {message}"
+                );
+            }
+            "undecodable_row" => {
+                assert!(message.contains(&format!("item {deep}")), "{message}");
+                assert!(message.contains("recursion limit"), "says why: {message}");
+            }
+            _ => assert!(body["error"].get("error_id").is_none(), "{body}"),
+        }
+    }
+    // The refusals left the item as it was.
+    let row = items::get(pool, id).await.unwrap().unwrap();
+    assert_eq!((row.version, row.value), (1, json!(1)));
+}
+
+// ---- incidents: readable snapshots, true totals, pages --------------------------------------
+
+#[actix_web::test]
+async fn incident_snapshots_are_json_documents_or_their_text() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(no_grace(&env)).await;
+    let (id, key, incident) = confirmed_incident(&env, &api).await;
+    let row = stalewatch_core::db::items::get(&env.pool, id)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let one = api
+        .get(&format!("/inconsistencies/{incident}"))
+        .await
+        .expect(StatusCode::OK, "GET incident");
+    let listed_all = api
+        .get("/items/inconsistencies/all")
+        .await
+        .expect(StatusCode::OK, "all");
+    // The same view everywhere, but for the duration of an open incident, which grows.
+    let without_duration = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("duration_ms");
+        v
+    };
+    assert_eq!(
+        without_duration(listed_all["data"][0].clone()),
+        without_duration(one.clone())
+    );
+    assert_eq!(one["key"], key);
+    assert!(one.get("cache_key").is_none(), "{one}");
+    assert_eq!(one.as_object().unwrap().len(), 19, "{one}");
+    assert_eq!(one["db_value"], serde_json::to_value(&row).unwrap());
+    assert_eq!(one["cache_value"]["name"], "stale");
+    assert_eq!(one["cache_value"]["version"], 0);
+    assert!(one["diff"].is_string(), "{one}");
+
+    // Snapshots that are not JSON: undecodable cache bytes, a document cut at the cap.
+    let cut = format!("{{\"value\": \"{}", "x".repeat(3000));
+    let cut = &cut[..stalewatch_core::db::incidents::SNAPSHOT_CAP];
+    let raw = sql_ids(
+        &env,
+        &format!(
+            "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, db_value, \
+             cache_value, diff, first_seen_at, confirm_due_at, last_seen_at) \
+             VALUES ('raw', 'item', 'raw', 'detected', 'undecodable', '{cut}', 'not json', \
+             'cached bytes are not JSON', now(), now(), now()) RETURNING id"
+        ),
+    )
+    .await[0];
+    let one = api
+        .get(&format!("/inconsistencies/{raw}"))
+        .await
+        .expect(StatusCode::OK, "GET raw incident");
+    assert_eq!(one["db_value"], cut);
+    assert_eq!(one["cache_value"], "not json");
+}
+
+/// Inserts `n` incidents straight into PostgreSQL, the i-th in state
+/// `[confirmed, persistent, resolved, detected, transient][i % 5]`, each on a key of its own
+/// and with the columns each state requires.
+async fn insert_incidents(env: &TestEnv, n: i64) {
+    sql(
+        env,
+        &format!(
+            "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, db_version, \
+             cache_version, db_value, cache_value, diff, first_seen_at, confirm_due_at, \
+             confirmed_at, last_seen_at, resolved_at, resolution) \
+             SELECT 'bulk:' || i, 'item', i::text, s, 'stale', 2, 1, \
+                    '{{\"n\": ' || i || '}}', 'garbage', 'version: 1 -> 2', \
+                    now(), now(), \
+                    CASE WHEN s IN ('confirmed', 'persistent', 'resolved') THEN now() END, \
+                    now(), \
+                    CASE WHEN s IN ('resolved', 'transient') THEN now() END, \
+                    CASE WHEN s = 'resolved' THEN 'repair' END \
+             FROM generate_series(0, {n} - 1) AS i, \
+                  LATERAL (SELECT (ARRAY['confirmed', 'persistent', 'resolved', 'detected', \
+                                         'transient'])[1 + i % 5] AS s) AS states"
+        ),
+    )
+    .await
+    .expect("insert incidents");
+}
+
+/// Follows `next` from the first page of `uri` to the last. Returns every page's body.
+async fn pages(api: &Api, uri: &str) -> Vec<Value> {
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let mut pages: Vec<Value> = Vec::new();
+    let mut next = Value::Null;
+    loop {
+        let page_uri = match next.as_i64() {
+            Some(after) => format!("{uri}{sep}after={after}"),
+            None => uri.to_string(),
+        };
+        let page = api.get(&page_uri).await.expect(StatusCode::OK, &page_uri);
+        next = page["next"].clone();
+        pages.push(page);
+        if next.is_null() {
+            return pages;
+        }
+        assert!(pages.len() < 100, "{uri}: no end to the pages");
+    }
+}
+
+/// The ids of `pages`, in order, checking each page's `next` is its last id.
+fn ids_of(pages: &[Value]) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for page in pages {
+        let data = page["data"].as_array().expect("data is a list");
+        if !page["next"].is_null() {
+            assert_eq!(
+                page["next"],
+                data.last().unwrap()["id"],
+                "next is the last id"
+            );
+        }
+        ids.extend(data.iter().map(|i| i["id"].as_i64().unwrap()));
+    }
+    ids
+}
+
+#[actix_web::test]
+async fn the_prototype_listings_count_everything_and_paginate() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    // 200 of each state: 600 confirmed ever, more than the largest page.
+    insert_incidents(&env, 1000).await;
+    let expect = |states: &str| {
+        format!("SELECT id FROM inconsistencies WHERE state IN ({states}) ORDER BY id DESC")
+    };
+    let confirmed = sql_ids(&env, &expect("'confirmed', 'persistent', 'resolved'")).await;
+    let active = sql_ids(&env, &expect("'confirmed', 'persistent'")).await;
+    assert_eq!((confirmed.len(), active.len()), (600, 400));
+
+    // All confirmed, in the largest pages: 500, then the other 100 and no next.
+    let all = pages(&api, "/items/inconsistencies/all?limit=500").await;
+    let sizes: Vec<usize> = all
+        .iter()
+        .map(|p| p["data"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [500, 100]);
+    assert!(
+        all.iter().all(|p| p["count"] == 600),
+        "count is the total on every page"
+    );
+    assert_eq!(
+        ids_of(&all),
+        confirmed,
+        "every confirmed incident once, newest first"
+    );
+    for incident in all.iter().flat_map(|p| p["data"].as_array().unwrap()) {
+        assert!(incident["confirmed_at"].is_string(), "{incident}");
+        assert!(incident["db_value"].is_object(), "{incident}");
+        assert_eq!(incident["cache_value"], "garbage");
+    }
+
+    // Active, in default pages of 50: 400 is exactly 8 pages, so the 8th has no next.
+    let pages_active = pages(&api, "/items/inconsistencies/active").await;
+    let sizes: Vec<usize> = pages_active
+        .iter()
+        .map(|p| p["data"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [50; 8]);
+    assert!(pages_active.iter().all(|p| p["count"] == 400));
+    assert_eq!(ids_of(&pages_active), active);
+
+    // A page past the end is empty and still counts everything.
+    let last = *active.last().unwrap();
+    let past = api
+        .get(&format!("/items/inconsistencies/active?after={last}"))
+        .await
+        .expect(StatusCode::OK, "past the end");
+    assert_eq!(past, json!({ "count": 400, "data": [], "next": null }));
+
+    // /inconsistencies pages the same way, here by a state it alone lists.
+    let detected = pages(&api, "/inconsistencies?state=detected&limit=200").await;
+    assert_eq!(
+        detected.len(),
+        1,
+        "exactly one full page, no empty one after it"
+    );
+    assert_eq!(
+        ids_of(&detected),
+        sql_ids(&env, &expect("'detected'")).await
+    );
 }

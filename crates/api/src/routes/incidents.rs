@@ -1,11 +1,14 @@
-//! Incidents, as the prototype listed them and with filters and keyset pagination.
+//! Incidents, as the prototype listed them and with filters, all with keyset pagination.
 
 use actix_web::{get, web, HttpResponse};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use stalewatch_core::{
-    db::incidents::{self, IncidentRow, ListQuery},
+    db::{
+        self,
+        incidents::{self, IncidentRow, ListQuery},
+    },
     incident::State,
 };
 
@@ -14,99 +17,130 @@ use crate::{error::ApiError, state::AppState};
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
 
-/// One incident as the API shows it.
-#[derive(Debug, Serialize)]
+/// One incident as the API shows it: the row (its serde attributes name `cache_key` `key` and
+/// show the snapshots as JSON documents) and how long it has been open.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IncidentView {
-    pub id: i64,
-    pub state: String,
-    pub key: String,
-    pub entity: String,
-    pub entity_id: String,
-    pub kind: String,
-    pub db_version: Option<i64>,
-    pub cache_version: Option<i64>,
-    pub db_value: Option<String>,
-    pub cache_value: Option<String>,
-    pub diff: String,
-    pub observations: i64,
-    pub first_seen_at: DateTime<Utc>,
-    pub confirm_due_at: DateTime<Utc>,
-    pub confirmed_at: Option<DateTime<Utc>>,
-    pub last_seen_at: DateTime<Utc>,
-    pub resolved_at: Option<DateTime<Utc>>,
-    pub resolution: Option<String>,
+    #[serde(flatten)]
+    row: IncidentRow,
     /// From detection to closure, or to now while open.
-    pub duration_ms: i64,
+    duration_ms: i64,
 }
 
-impl From<IncidentRow> for IncidentView {
-    fn from(r: IncidentRow) -> Self {
-        let end = r.resolved_at.unwrap_or_else(Utc::now);
-        Self {
-            duration_ms: (end - r.first_seen_at).num_milliseconds().max(0),
-            id: r.id,
-            state: r.state,
-            key: r.cache_key,
-            entity: r.entity,
-            entity_id: r.entity_id,
-            kind: r.kind,
-            db_version: r.db_version,
-            cache_version: r.cache_version,
-            db_value: r.db_value,
-            cache_value: r.cache_value,
-            diff: r.diff,
-            observations: r.observations,
-            first_seen_at: r.first_seen_at,
-            confirm_due_at: r.confirm_due_at,
-            confirmed_at: r.confirmed_at,
-            last_seen_at: r.last_seen_at,
-            resolved_at: r.resolved_at,
-            resolution: r.resolution,
-        }
+impl IncidentView {
+    pub fn id(&self) -> i64 {
+        self.row.id
     }
 }
 
-async fn fetch(state: &AppState, query: ListQuery) -> Result<Vec<IncidentView>, ApiError> {
-    let mut conn = state
-        .pool
-        .get()
-        .await
-        .map_err(stalewatch_core::db::DbError::from)?;
-    let rows = incidents::list(&mut conn, &query).await?;
-    Ok(rows.into_iter().map(IncidentView::from).collect())
+impl From<IncidentRow> for IncidentView {
+    fn from(row: IncidentRow) -> Self {
+        let end = row.resolved_at.unwrap_or_else(Utc::now);
+        let duration_ms = (end - row.first_seen_at).num_milliseconds().max(0);
+        Self { row, duration_ms }
+    }
+}
+
+/// Pagination, shared by every listing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    limit: Option<i64>,
+    /// The `next` value of the previous page.
+    after: Option<i64>,
+}
+
+fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    Ok(limit)
+}
+
+/// One page, newest first, and the `after` of the next page: `None` on the last one.
+/// Asks for one row more than the page to know whether another page follows.
+struct Page {
+    data: Vec<IncidentView>,
+    next: Option<i64>,
+    /// All incidents matching the filters, when asked for.
+    total: Option<i64>,
+}
+
+async fn page(state: &AppState, query: ListQuery, with_total: bool) -> Result<Page, ApiError> {
+    let size = query.limit;
+    let probe = ListQuery {
+        limit: size + 1,
+        ..query
+    };
+    let (mut rows, total) = db::idempotent(&state.pool, async |conn| {
+        let rows = incidents::list(conn, &probe).await?;
+        let total = if with_total {
+            Some(incidents::count(conn, &probe).await?)
+        } else {
+            None
+        };
+        Ok((rows, total))
+    })
+    .await?;
+    let next = if rows.len() as i64 > size {
+        rows.truncate(size as usize);
+        rows.last().map(|r| r.id)
+    } else {
+        None
+    };
+    Ok(Page {
+        data: rows.into_iter().map(IncidentView::from).collect(),
+        next,
+        total,
+    })
+}
+
+/// A listing of the prototype's shape, `{count, data}`, plus `next`: `count` is every
+/// incident in `states`, not the page.
+async fn counted(
+    state: &AppState,
+    states: Vec<State>,
+    params: PageParams,
+) -> Result<HttpResponse, ApiError> {
+    let query = ListQuery {
+        states,
+        before_id: params.after,
+        limit: page_size(params.limit)?,
+        ..Default::default()
+    };
+    let page = page(state, query, true).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "count": page.total,
+        "data": page.data,
+        "next": page.next,
+    })))
 }
 
 /// Confirmed incidents, open or closed: what the prototype called inconsistencies.
+///
+/// By state alone: an incident is confirmed (`confirmed_at` set) exactly when it is
+/// Confirmed, Persistent or Resolved, because only a Confirmed or Persistent incident closes
+/// as Resolved; a Detected one closes as Transient (`stalewatch_core::incident::step`).
 #[get("/items/inconsistencies/all")]
-pub async fn all(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let mut rows = fetch(
-        &state,
-        ListQuery {
-            states: vec![State::Confirmed, State::Persistent, State::Resolved],
-            limit: MAX_LIMIT,
-            ..Default::default()
-        },
-    )
-    .await?;
-    // Resolved incidents that were never confirmed don't exist (Detected closes as
-    // Transient), so this keeps exactly the confirmed ones.
-    rows.retain(|r| r.confirmed_at.is_some());
-    Ok(HttpResponse::Ok().json(json!({ "count": rows.len(), "data": rows })))
+pub async fn all(
+    state: web::Data<AppState>,
+    params: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
+    let states = vec![State::Confirmed, State::Persistent, State::Resolved];
+    counted(&state, states, params.into_inner()).await
 }
 
 /// Confirmed incidents not yet resolved.
 #[get("/items/inconsistencies/active")]
-pub async fn active(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let rows = fetch(
-        &state,
-        ListQuery {
-            states: vec![State::Confirmed, State::Persistent],
-            limit: MAX_LIMIT,
-            ..Default::default()
-        },
-    )
-    .await?;
-    Ok(HttpResponse::Ok().json(json!({ "count": rows.len(), "data": rows })))
+pub async fn active(
+    state: web::Data<AppState>,
+    params: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
+    let states = vec![State::Confirmed, State::Persistent];
+    counted(&state, states, params.into_inner()).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,38 +174,113 @@ pub async fn list(
             })
             .collect::<Result<_, _>>()?,
     };
-    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let rows = fetch(
-        &state,
-        ListQuery {
-            states,
-            key: p.key,
-            before_id: p.after,
-            limit,
-        },
-    )
-    .await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id))
-        .flatten();
-    Ok(HttpResponse::Ok().json(json!({ "data": rows, "next": next })))
+    let query = ListQuery {
+        states,
+        key: p.key,
+        before_id: p.after,
+        limit: page_size(p.limit)?,
+    };
+    let page = page(&state, query, false).await?;
+    Ok(HttpResponse::Ok().json(json!({ "data": page.data, "next": page.next })))
 }
 
 #[get("/inconsistencies/{id}")]
 pub async fn one(state: web::Data<AppState>, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let mut conn = state
-        .pool
-        .get()
-        .await
-        .map_err(stalewatch_core::db::DbError::from)?;
-    let row = incidents::by_id(&mut conn, id)
+    let row = db::idempotent(&state.pool, async |conn| incidents::by_id(conn, id).await)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))?;
     Ok(HttpResponse::Ok().json(IncidentView::from(row)))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use serde_json::Value;
+
+    use super::*;
+
+    fn row() -> IncidentRow {
+        let at = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap();
+        IncidentRow {
+            id: 7,
+            cache_key: "app:item:1".into(),
+            entity: "item".into(),
+            entity_id: "1".into(),
+            state: "resolved".into(),
+            kind: "stale".into(),
+            db_version: Some(2),
+            cache_version: Some(1),
+            db_value: Some(r#"{"name":"new","version":2}"#.into()),
+            cache_value: Some(r#"{"name":"old","version":1}"#.into()),
+            diff: "version: 1 -> 2".into(),
+            first_seen_at: at(0),
+            confirm_due_at: at(5),
+            confirmed_at: Some(at(5)),
+            last_seen_at: at(6),
+            resolved_at: Some(at(10)),
+            resolution: Some("refresh".into()),
+            observations: 2,
+        }
+    }
+
+    #[test]
+    fn the_view_keeps_the_names_and_shows_snapshots_as_json() {
+        let view = serde_json::to_value(IncidentView::from(row())).unwrap();
+        let mut names: Vec<&str> = view
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "cache_value",
+                "cache_version",
+                "confirm_due_at",
+                "confirmed_at",
+                "db_value",
+                "db_version",
+                "diff",
+                "duration_ms",
+                "entity",
+                "entity_id",
+                "first_seen_at",
+                "id",
+                "key",
+                "kind",
+                "last_seen_at",
+                "observations",
+                "resolution",
+                "resolved_at",
+                "state",
+            ],
+            "the same 19 fields as before: {view}"
+        );
+        assert_eq!(view["key"], "app:item:1");
+        assert_eq!(view["db_value"], json!({ "name": "new", "version": 2 }));
+        assert_eq!(view["cache_value"], json!({ "name": "old", "version": 1 }));
+        assert_eq!(view["diff"], "version: 1 -> 2");
+        assert_eq!(view["duration_ms"], 10_000);
+        assert_eq!(view["confirmed_at"], "2023-11-14T22:13:25Z");
+    }
+
+    #[test]
+    fn snapshots_that_are_not_json_stay_text_and_absent_ones_null() {
+        let mut r = row();
+        let cut = format!("{{\"value\":\"{}", "x".repeat(incidents::SNAPSHOT_CAP));
+        r.db_value = Some(incidents::cap(cut.clone(), incidents::SNAPSHOT_CAP));
+        r.cache_value = Some("not json \u{fffd}".into());
+        let view = serde_json::to_value(IncidentView::from(r)).unwrap();
+        assert_eq!(view["db_value"], json!(&cut[..incidents::SNAPSHOT_CAP]));
+        assert_eq!(view["cache_value"], "not json \u{fffd}");
+
+        let mut r = row();
+        (r.db_value, r.cache_value) = (None, Some("42".into()));
+        let view = serde_json::to_value(IncidentView::from(r)).unwrap();
+        assert_eq!(view["db_value"], Value::Null);
+        assert_eq!(view["cache_value"], 42);
+    }
 }

@@ -43,7 +43,53 @@ fn check_name(name: &str) -> Result<(), ApiError> {
             "name must be at most {MAX_NAME_LEN} characters"
         )));
     }
+    if name.contains('\0') {
+        return Err(ApiError::Invalid(
+            "name must not contain the NUL character (U+0000): PostgreSQL text cannot store it"
+                .into(),
+        ));
+    }
     Ok(())
+}
+
+/// PostgreSQL's jsonb refuses `\u0000` in any string or object key, so a value holding one
+/// is refused here, saying where it is (a JSON pointer), before PostgreSQL sees it.
+fn check_value(value: &Value) -> Result<(), ApiError> {
+    match find_nul(value) {
+        None => Ok(()),
+        Some((what, path)) => {
+            let at = if path.is_empty() {
+                "the top level".to_string()
+            } else {
+                format!("{path:?}")
+            };
+            Err(ApiError::Invalid(format!(
+                "value must not contain the NUL character (U+0000): found in {what} at {at} \
+                 (PostgreSQL jsonb cannot store it)"
+            )))
+        }
+    }
+}
+
+/// The first NUL in `value`: whether in a string or a key, and its JSON pointer. Recursive:
+/// a request's JSON is at most 128 levels deep (serde_json's limit), and the path is only
+/// built on the way back from a find.
+fn find_nul(value: &Value) -> Option<(&'static str, String)> {
+    let token = |t: &str| format!("/{}", t.replace('~', "~0").replace('/', "~1"));
+    match value {
+        Value::String(s) if s.contains('\0') => Some(("a string", String::new())),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_nul(item).map(|(what, rest)| (what, format!("/{i}{rest}")))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                return Some(("an object key", token(key)));
+            }
+            find_nul(item).map(|(what, rest)| (what, format!("{}{rest}", token(key))))
+        }),
+        _ => None,
+    }
 }
 
 /// Writes the item to the cache unless a newer version is already there (writers finishing
@@ -77,6 +123,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_name(&body.name)?;
+    check_value(&body.value)?;
     let item = items::create(&state.pool, &body.name, &body.value).await?;
     write_cache(&state, &item).await;
     state.checks.request(item.id);
@@ -150,6 +197,9 @@ pub async fn update(
     if let Some(name) = &body.name {
         check_name(name)?;
     }
+    if let Some(value) = &body.value {
+        check_value(value)?;
+    }
     let changes = ItemChanges {
         name: body.name,
         value: body.value,
@@ -201,10 +251,7 @@ pub async fn delete(
 /// never puts back the older value) and resolves the key's open incident (cause: refresh).
 async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
     // A pending injected overwrite would undo the refresh.
-    state
-        .injector
-        .cancel(&state.cache.keys().item(&id))
-        .await;
+    state.injector.cancel(&state.cache.keys().item(&id)).await;
     let (item, outcome) = state.checker.refresh(id).await?;
     let incident = outcome
         .recorded

@@ -29,10 +29,13 @@ fn is_open() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
     diesel::dsl::sql("state IN ('detected', 'confirmed', 'persistent')")
 }
 
+/// One incident as stored. Its JSON form is the API's: the key is `key`, and the snapshots
+/// are shown as the JSON documents they hold (as text when they hold none).
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Serialize)]
 #[diesel(table_name = t, check_for_backend(diesel::pg::Pg))]
 pub struct IncidentRow {
     pub id: i64,
+    #[serde(rename = "key")]
     pub cache_key: String,
     pub entity: String,
     pub entity_id: String,
@@ -40,7 +43,9 @@ pub struct IncidentRow {
     pub kind: String,
     pub db_version: Option<i64>,
     pub cache_version: Option<i64>,
+    #[serde(serialize_with = "snapshot")]
     pub db_value: Option<String>,
+    #[serde(serialize_with = "snapshot")]
     pub cache_value: Option<String>,
     pub diff: String,
     pub first_seen_at: DateTime<Utc>,
@@ -50,6 +55,19 @@ pub struct IncidentRow {
     pub resolved_at: Option<DateTime<Utc>>,
     pub resolution: Option<String>,
     pub observations: i64,
+}
+
+/// A stored snapshot as the JSON document it holds, or as a string when it holds none (an
+/// undecodable cached value, or a document cut at [`SNAPSHOT_CAP`] bytes).
+fn snapshot<S: serde::Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match text
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
+        None => s.serialize_none(),
+        Some(Ok(doc)) => doc.serialize(s),
+        Some(Err(_)) => s.serialize_some(text),
+    }
 }
 
 impl IncidentRow {
@@ -435,4 +453,18 @@ pub async fn count_open(conn: &mut AsyncPgConnection) -> Result<HashMap<String, 
         .load(conn)
         .await?;
     Ok(rows.into_iter().collect())
+}
+
+/// How many incidents match `q`'s filters (`states`, `key`) in all, whatever page
+/// (`before_id`, `limit`) it asks for: the total a paginated listing reports.
+pub async fn count(conn: &mut AsyncPgConnection, q: &ListQuery) -> Result<i64, DbError> {
+    let mut query = t::table.select(diesel::dsl::count_star()).into_boxed();
+    if !q.states.is_empty() {
+        query =
+            query.filter(t::state.eq_any(q.states.iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    }
+    if let Some(key) = &q.key {
+        query = query.filter(t::cache_key.eq(key.clone()));
+    }
+    Ok(query.get_result(conn).await?)
 }
