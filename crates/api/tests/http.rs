@@ -87,13 +87,6 @@ impl Api {
                 let status = resp.status();
                 let headers = resp.headers().clone();
                 let body = test::read_body(resp).await;
-                // Client input must never reach a 500, whatever the test expects otherwise.
-                assert_ne!(
-                    status,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "500: {:?}",
-                    String::from_utf8_lossy(&body)
-                );
                 Reply {
                     status,
                     headers,
@@ -104,8 +97,24 @@ impl Api {
         Api { state, call }
     }
 
+    /// Sends a request; client input must never reach a 500, whatever the test expects.
     fn send(&self, req: TestRequest) -> LocalBoxFuture<'static, Reply> {
-        (self.call)(req)
+        let reply = (self.call)(req);
+        Box::pin(async move {
+            let reply = reply.await;
+            assert_ne!(
+                reply.status,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500: {:?}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            reply
+        })
+    }
+
+    /// Sends a request that may answer 500: data in PostgreSQL that no request can fix.
+    async fn send_allowing_500(&self, req: TestRequest) -> Reply {
+        (self.call)(req).await
     }
 
     async fn get(&self, uri: &str) -> Reply {
@@ -1305,5 +1314,135 @@ async fn the_prototype_listings_count_everything_and_paginate() {
     assert_eq!(
         ids_of(&detected),
         sql_ids(&env, &expect("'detected'")).await
+    );
+}
+
+/// jsonb nested deeper than serde_json's recursion limit, written straight in SQL (PostgreSQL
+/// accepts it): GET answers a JSON error that names the item and says why, and the worker's
+/// check of the same key reports it as undecodable instead of failing.
+#[actix_web::test]
+async fn an_unreadable_row_answers_a_json_error_that_names_it() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let id = Uuid::now_v7();
+    let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    sql(
+        &env,
+        &format!("INSERT INTO items (id, name, value) VALUES ('{id}', 'deep', '{deep}'::jsonb)"),
+    )
+    .await
+    .unwrap();
+    let reply = api
+        .send_allowing_500(TestRequest::get().uri(&format!("/items/{id}")))
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "undecodable_row", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&id.to_string()), "{message}");
+    assert!(message.contains("recursion limit"), "{message}");
+
+    let outcome = api
+        .state
+        .checker
+        .check_ids(&[id], stalewatch_core::incident::Source::Sweep, None)
+        .await
+        .expect("the check succeeds");
+    assert_eq!(
+        outcome
+            .verdicts
+            .get(&stalewatch_core::compare::Kind::Undecodable),
+        Some(&1)
+    );
+}
+
+/// A refresh racing a write, in a forced order: the refresh reads the row at version 1;
+/// before its cache write lands, a writer commits version 2 and caches it; then the refresh's
+/// write arrives. It must not put version 1 back.
+///
+/// The order is forced with Redis itself: a BLPOP parks the API's shared connection, so the
+/// refresh's write waits in line behind it (visible as that client's query buffer in CLIENT
+/// LIST) while the test, on its own connection, plays the writer; a push releases it.
+#[actix_web::test]
+async fn a_refresh_racing_a_write_never_puts_back_the_older_version() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let item = api.create("raced", json!({ "v": 1 })).await;
+    let id = id_of(&item);
+    let key = env.keys().item(&id);
+    let gate = format!("{}gate", env.prefix);
+
+    let mut parked = api.state.cache.connection();
+    let name = format!("parked-{}", Uuid::new_v4().simple());
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(&name)
+        .query_async::<()>(&mut parked)
+        .await
+        .unwrap();
+    let blpop = {
+        let (mut conn, gate) = (parked.clone(), gate.clone());
+        actix_web::rt::spawn(async move {
+            redis::cmd("BLPOP")
+                .arg(&gate)
+                .arg(0)
+                .query_async::<Option<(String, String)>>(&mut conn)
+                .await
+        })
+    };
+    let refresh =
+        actix_web::rt::spawn(api.send(TestRequest::post().uri(&format!("/items/{id}/refresh"))));
+    // The refresh has read version 1 and its write waits behind the BLPOP.
+    let mut admin = env.cache.connection();
+    eventually(
+        Duration::from_secs(10),
+        "the refresh's write to queue up",
+        || {
+            let (mut admin, name) = (admin.clone(), name.clone());
+            async move {
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut admin)
+                    .await
+                    .ok()?;
+                clients
+                    .lines()
+                    .find(|l| l.contains(&format!("name={name} ")))
+                    .filter(|l| l.contains("cmd=blpop") && !l.contains(" qbuf=0 "))
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    // The writer: version 2 committed and cached, on connections of its own.
+    let newer = stalewatch_core::db::items::update(
+        &env.pool,
+        id,
+        stalewatch_core::db::items::ItemChanges {
+            value: Some(json!({ "v": 2 })),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(newer.version, 2);
+    env.cache
+        .set(&key, &newer.to_cache_bytes(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    redis::cmd("LPUSH")
+        .arg(&gate)
+        .arg("go")
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    blpop.await.unwrap().unwrap();
+    let reply = refresh.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        cached_version(&env, &key).await,
+        Some(2),
+        "the newer copy stays"
     );
 }

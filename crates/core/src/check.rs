@@ -136,8 +136,9 @@ impl Checker {
         rows: Vec<(Uuid, Option<ItemRow>)>,
         source: Source,
     ) -> Result<Outcome, CheckError> {
-        self.check(conn, at, rows, source, None, None, Repairs::Allowed)
-            .await
+        let outcome = self.check(conn, at, rows, source, None, None).await?;
+        self.repair_confirmed(&outcome).await;
+        Ok(outcome)
     }
 
     async fn check_ids_with(
@@ -157,11 +158,18 @@ impl Checker {
         let (at, rows) = items::get_many_at(&mut conn, &ids).await?;
         let mut by_id: HashMap<Uuid, ItemRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         let pairs = ids.iter().map(|id| (*id, by_id.remove(id))).collect();
-        self.check(&mut conn, at, pairs, source, cause, confirming, repairs)
-            .await
+        let outcome = self
+            .check(&mut conn, at, pairs, source, cause, confirming)
+            .await?;
+        // A repair takes connections of its own: give this one back first, so a job never
+        // holds more than one.
+        drop(conn);
+        if repairs == Repairs::Allowed {
+            self.repair_confirmed(&outcome).await;
+        }
+        Ok(outcome)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn check(
         &self,
         conn: &mut AsyncPgConnection,
@@ -170,7 +178,6 @@ impl Checker {
         source: Source,
         cause: Option<Cause>,
         confirming: Option<&HashMap<String, i64>>,
-        repairs: Repairs,
     ) -> Result<Outcome, CheckError> {
         let keys: Vec<String> = rows
             .iter()
@@ -202,14 +209,10 @@ impl Checker {
         if let Some(e) = batch.error {
             return Err(e.into());
         }
-        let outcome = Outcome {
+        Ok(Outcome {
             recorded: batch.recorded,
             verdicts,
-        };
-        if repairs == Repairs::Allowed && self.repair == RepairPolicy::Confirmed {
-            Box::pin(self.repair_confirmed(&outcome)).await;
-        }
-        Ok(outcome)
+        })
     }
 
     /// Compares one row (or its absence) with the cached bytes.
@@ -320,6 +323,9 @@ impl Checker {
     /// PostgreSQL and checked again; a match resolves it with cause `repair`. Failures are
     /// logged and counted, never the batch's: the incident stays open for people to see.
     async fn repair_confirmed(&self, outcome: &Outcome) {
+        if self.repair != RepairPolicy::Confirmed {
+            return;
+        }
         let ids: Vec<Uuid> = outcome
             .recorded
             .iter()
@@ -332,7 +338,7 @@ impl Checker {
         if ids.is_empty() {
             return;
         }
-        if let Err(e) = self.repair_ids(&ids).await {
+        if let Err(e) = Box::pin(self.repair_ids(&ids)).await {
             self.metrics.repairs.with_label_values(&["error"]).inc();
             tracing::warn!(error = %e, keys = ids.len(), "repair failed; the incidents stay open");
         }

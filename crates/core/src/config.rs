@@ -165,12 +165,13 @@ impl Config {
         })
     }
 
-    /// How many jobs of one queue a worker process runs at once. Tied to the pool: each
-    /// running job holds one connection, the sweep and the upkeep may hold one each, and the
-    /// two queues share the rest. More jobs than connections would only wait for the pool,
-    /// and a job that waits past the pool's time-out fails and burns a retry.
-    pub fn job_concurrency(&self) -> usize {
-        (self.database_pool_size.saturating_sub(2) / 2).max(1)
+    /// How many jobs of a worker process may use PostgreSQL at once, both queues together.
+    /// Tied to the pool: a job holds one connection at a time; the sweep may hold two (its
+    /// page and a repair), the upkeep and the confirmation backstop one each, and the jobs
+    /// share the rest. Jobs beyond it wait in the worker, not on the pool, where a wait past
+    /// the pool's time-out would fail the job and burn a retry.
+    pub fn job_db_slots(&self) -> usize {
+        self.database_pool_size.saturating_sub(4).max(1)
     }
 }
 
@@ -260,7 +261,7 @@ mod tests {
         assert_eq!(c.confirm_backstop, Duration::from_secs(5));
         assert_eq!(c.incident_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.dead_job_retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(c.job_concurrency(), 7);
+        assert_eq!(c.job_db_slots(), 12);
     }
 
     #[test]
@@ -273,7 +274,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.incident_retention, Duration::from_secs(12 * 3600));
         assert_eq!(c.repair_policy, RepairPolicy::Confirmed);
-        assert_eq!(c.job_concurrency(), 1);
+        assert_eq!(c.job_db_slots(), 1);
     }
 
     #[test]

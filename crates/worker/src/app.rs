@@ -30,6 +30,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     Ok(Ctx {
         checker,
         queue_conn,
+        db_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(config.job_db_slots())),
     })
 }
 
@@ -77,16 +78,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(metrics = ?addrs, "stalewatch-worker started");
 
     let mut tasks = tokio::task::JoinSet::new();
-    let concurrency = config.job_concurrency();
     tasks.spawn(supervise::run::<CheckJob, _, _>(
         ctx.clone(),
-        concurrency,
         shutdown.clone(),
         handlers::check,
     ));
     tasks.spawn(supervise::run::<ConfirmJob, _, _>(
         ctx.clone(),
-        concurrency,
         shutdown.clone(),
         handlers::confirm,
     ));

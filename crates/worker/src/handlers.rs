@@ -1,6 +1,6 @@
 //! The job handlers: thin, all logic lives in stalewatch-core.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
@@ -10,12 +10,16 @@ use stalewatch_core::{
     keys::Keys,
     metrics::Metrics,
 };
+use tokio::sync::Semaphore;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct Ctx {
     pub checker: Checker,
     pub queue_conn: redis::aio::ConnectionManager,
+    /// Jobs using PostgreSQL at once (`Config::job_db_slots`). A job waits here, in flight
+    /// and heartbeating, rather than on the pool, whose time-out would fail it.
+    pub db_slots: Arc<Semaphore>,
 }
 
 impl Ctx {
@@ -36,6 +40,7 @@ impl Ctx {
 }
 
 pub async fn check(job: CheckJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
+    let _slot = ctx.db_slots.acquire().await?;
     match ctx.checker.check_ids(&job.ids, job.source, None).await {
         Ok(_) => {
             ctx.count::<CheckJob>("ok");
@@ -60,6 +65,8 @@ pub async fn confirm(job: ConfirmJob, ctx: Data<Ctx>) -> Result<(), BoxDynError>
         .map(|t| (ctx.keys().item(&t.item_id), t.incident_id))
         .collect();
     let ids: Vec<_> = job.targets.iter().map(|t| t.item_id).collect();
+    // Only now: a job waiting for its due time holds no slot.
+    let _slot = ctx.db_slots.acquire().await?;
     match ctx.checker.confirm(&ids, &expected).await {
         Ok(_) => {
             ctx.count::<ConfirmJob>("ok");

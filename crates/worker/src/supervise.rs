@@ -69,8 +69,9 @@ fn fresh_name(queue: &str) -> String {
 }
 
 /// Runs workers for `J` until `shutdown`, restarting them with backoff when they die. At most
-/// `concurrency` jobs run at once (see `Config::job_concurrency`).
-pub async fn run<J, F, Fut>(ctx: Ctx, concurrency: usize, shutdown: CancellationToken, handler: F)
+/// one fetch's worth of jobs is in flight at once; how many of those use PostgreSQL at once
+/// is `Ctx::db_slots`.
+pub async fn run<J, F, Fut>(ctx: Ctx, shutdown: CancellationToken, handler: F)
 where
     J: Job,
     F: Fn(J, Data<Ctx>) -> Fut + Clone + Send + Sync + 'static,
@@ -96,7 +97,7 @@ where
             WorkerBuilder::new(name)
                 .backend(storage)
                 .data(ctx)
-                .concurrency(concurrency)
+                .concurrency(FETCH_BATCH)
                 .build(handler)
                 .run_until(signal)
                 .await?;

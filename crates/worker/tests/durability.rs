@@ -215,7 +215,7 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     let redis_url = format!("redis://127.0.0.1:{port}");
     let mut redis = stalewatch_testkit::redis_server(port).await;
     let private = TestEnv::with_redis(&redis_url).await.unwrap();
-    let (_w, _) = worker(
+    let (_w, metrics_port) = worker(
         &private,
         &[("SWEEP_INTERVAL_MS", "0"), ("GRACE_PERIOD_MS", "600000")],
     );
@@ -227,6 +227,12 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     })
     .await;
 
+    let restarts_before = metric(
+        metrics_port,
+        "stalewatch_worker_restarts_total",
+        &["queue=\"check\""],
+    )
+    .await;
     redis.kill9();
     redis = stalewatch_testkit::redis_server(port).await;
     // The test's own connection notices the restart on its first command, then reconnects.
@@ -245,6 +251,18 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
         || async { (all_incidents(&private).await.len() == 2).then_some(()) },
     )
     .await;
+    // The process lived, and it is the supervisor that brought the dead apalis worker back:
+    // the second check could only run on a restarted one, and the restart is counted first.
+    let restarts_after = metric(
+        metrics_port,
+        "stalewatch_worker_restarts_total",
+        &["queue=\"check\""],
+    )
+    .await;
+    assert!(
+        restarts_after > restarts_before,
+        "the supervisor restarted the check worker: {restarts_before} -> {restarts_after}"
+    );
     drop(redis);
 }
 
