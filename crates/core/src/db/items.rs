@@ -91,6 +91,17 @@ impl ItemRow {
     }
 }
 
+/// The item of a row read by id, or [`DbError::Undecodable`] naming it.
+fn decoded(id: Uuid, row: Option<ItemRow>) -> Result<Option<Item>, DbError> {
+    row.map(|r| {
+        r.decode().map_err(|reason| DbError::Undecodable {
+            what: format!("item {id}"),
+            reason,
+        })
+    })
+    .transpose()
+}
+
 /// A partial update; `None` leaves the field as it is.
 #[derive(Debug, Clone, Default, AsChangeset)]
 #[diesel(table_name = items)]
@@ -129,13 +140,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Item>, DbError> {
             .optional()?)
     })
     .await?;
-    row.map(|r| {
-        r.decode().map_err(|reason| DbError::Undecodable {
-            what: format!("item {id}"),
-            reason,
-        })
-    })
-    .transpose()
+    decoded(id, row)
 }
 
 /// Many rows in one query, with PostgreSQL's clock read in the same round trip (before the
@@ -166,16 +171,18 @@ pub async fn update(
     changes: ItemChanges,
 ) -> Result<Option<Item>, DbError> {
     let mut conn = pool.get().await?;
-    Ok(diesel::update(items::table.find(id))
+    let row: Option<ItemRow> = diesel::update(items::table.find(id))
         .set((
             &changes,
             items::version.eq(items::version + 1),
             items::updated_at.eq(diesel::dsl::now),
         ))
-        .returning(Item::as_returning())
+        .returning(ItemRow::as_returning())
         .get_result(&mut conn)
         .await
-        .optional()?)
+        .optional()?;
+    // A name-only update of a row whose value this service cannot read commits, then says so.
+    decoded(id, row)
 }
 
 /// Like [`update`], also returning the row as it was before (FAILURE_MODE=delay writes that
