@@ -19,7 +19,7 @@ use futures::future::LocalBoxFuture;
 use serde_json::{json, Value};
 use stalewatch_api::state::AppState;
 use stalewatch_core::config::Config;
-use stalewatch_testkit::{free_port, redis_server, scaled, PgServer, TestEnv};
+use stalewatch_testkit::{free_port, redis_server, scaled, PgServer, TcpProxy, TestEnv};
 use uuid::Uuid;
 
 /// How long one request may take before the test calls it hung (scaled).
@@ -194,5 +194,105 @@ async fn reads_succeed_on_the_first_try_after_a_postgres_restart() {
     for i in 0..=10 {
         api.get_from_db(id, &format!("read {i} after the PostgreSQL restart"))
             .await;
+    }
+}
+
+/// `url` with its host and port replaced by 127.0.0.1:`port`, and the address they named.
+async fn through_proxy(url: &str, port: u16) -> (std::net::SocketAddr, String) {
+    let start = url.find("://").map(|i| i + 3).expect("a URL with a scheme");
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let authority = &url[start..end];
+    let host_start = authority.rfind('@').map_or(0, |i| i + 1);
+    let host_port = &authority[host_start..];
+    let host_port = if host_port.ends_with(']') || !host_port.contains(':') {
+        format!("{host_port}:5432")
+    } else {
+        host_port.to_string()
+    };
+    let upstream = tokio::net::lookup_host(host_port.as_str())
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("{host_port} (from {url}) does not resolve"));
+    let rewritten = format!(
+        "{}{}127.0.0.1:{port}{}",
+        &url[..start],
+        &authority[..host_start],
+        &url[end..]
+    );
+    (upstream, rewritten)
+}
+
+/// A connection can also die without its client hearing of it: a failover behind an address
+/// that moved, a NAT or load balancer forgetting an idle flow. Nothing tells the client, so
+/// the connection waits in the pool looking healthy, and the next query on it fails with a
+/// reset. The pool tests connections that sat idle (`SELECT 1` past `VERIFY_AFTER_IDLE`), and
+/// `db::idempotent` retries a read that met a dead busy one; between them no read fails.
+#[actix_web::test]
+async fn a_connection_that_died_silently_costs_no_failed_read() {
+    const POOL_SIZE: usize = 4;
+    let env = TestEnv::new().await.unwrap();
+    let (upstream, _) = through_proxy(&env.database_url, 0).await;
+    let proxy = TcpProxy::start(upstream).await;
+    let (_, database_url) = through_proxy(&env.database_url, proxy.port()).await;
+    let api = Api::start(Config {
+        database_url,
+        database_pool_size: POOL_SIZE,
+        ..env.config()
+    })
+    .await;
+
+    // Warm the pool: concurrent reads of PostgreSQL, one item each (a read fills the cache,
+    // so reads of a shared item would race each other's cache deletes).
+    let mut ids = Vec::with_capacity(POOL_SIZE);
+    for i in 0..POOL_SIZE {
+        ids.push(api.create(&format!("survives a silent death {i}")).await);
+    }
+    futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        let api = &api;
+        async move {
+            api.get_from_db(*id, &format!("concurrent read {i} before the reset"))
+                .await
+        }
+    }))
+    .await;
+    // Concurrency on one thread need not have opened every connection; make sure each one
+    // the reset kills is in the pool waiting to be handed out.
+    {
+        let mut held = Vec::with_capacity(POOL_SIZE);
+        for _ in 0..POOL_SIZE {
+            let mut conn = api.state.pool.get().await.expect("a pooled connection");
+            diesel::sql_query("SELECT 1")
+                .execute(&mut conn)
+                .await
+                .expect("SELECT 1");
+            held.push(conn);
+        }
+    }
+    assert_eq!(api.state.pool.status().size, POOL_SIZE);
+    assert_eq!(
+        proxy.forwarding(),
+        POOL_SIZE,
+        "every pooled connection goes through the proxy"
+    );
+
+    // (a) Busy connections, just used: no idle test runs, so the read meets a dead one and
+    // `idempotent` has to retry it.
+    proxy.reset_all();
+    api.get_from_db(ids[0], "the first read after the connections died silently")
+        .await;
+
+    // (b) Idle connections: past VERIFY_AFTER_IDLE (1 s), every connection is tested before
+    // it is handed out. A bare sleep, unscaled: it only has to outlast a fixed threshold, and
+    // a slow machine can only make it longer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.reset_all();
+    // More reads than pooled connections: every dead one gets its turn.
+    for i in 0..=2 * POOL_SIZE {
+        api.get_from_db(
+            ids[i % POOL_SIZE],
+            &format!("read {i} after idle connections died silently"),
+        )
+        .await;
     }
 }

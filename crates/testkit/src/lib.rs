@@ -28,7 +28,9 @@ use stalewatch_core::{
 use uuid::Uuid;
 
 mod pg_server;
+mod tcp_proxy;
 pub use pg_server::PgServer;
+pub use tcp_proxy::TcpProxy;
 
 const TEMPLATE_LOCK_ID: i64 = 0x5357_5445_5354_4b54; // "SWTESTKT"
 

@@ -139,14 +139,26 @@ impl From<diesel::ConnectionError> for DbError {
 /// Connections idle longer than this are tested (`SELECT 1`) before they are handed out.
 const VERIFY_AFTER_IDLE: Duration = Duration::from_secs(1);
 
-/// diesel-async's pool manager, testing only connections that sat idle.
+/// diesel-async's pool manager, testing only connections that may be dead: those that sat
+/// idle, and, once one connection was found dead, every connection last handed out before.
 ///
 /// Testing every checkout doubled the round trips of a PUT; testing none handed out
-/// connections that a PostgreSQL restart had killed, each failing one request. A busy
-/// connection was just used successfully, so only idle ones are worth a test; a connection
-/// that dies while busy fails one operation, which [`idempotent`] retries.
+/// connections that had died without the client noticing (a failover, a dropped NAT entry),
+/// each failing one request. A busy connection was just used successfully, so only idle ones
+/// are worth a test. When a connection turns out dead, its siblings most likely died with
+/// it (a failover kills them all): [`idempotent`] marks them suspect before it retries, so
+/// the retry gets a tested or a new connection, not another dead one.
 pub struct Manager {
     inner: AsyncDieselConnectionManager<AsyncPgConnection>,
+    /// Connections last handed out before this instant are tested before reuse.
+    suspect_before: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Manager {
+    /// Marks every connection handed out until now as possibly dead.
+    pub fn suspect_all(&self) {
+        *self.suspect_before.lock().expect("not poisoned") = Some(std::time::Instant::now());
+    }
 }
 
 impl managed::Manager for Manager {
@@ -164,7 +176,13 @@ impl managed::Manager for Manager {
     ) -> RecycleResult<ConnError> {
         // Fast: drops connections whose socket is known closed or whose transaction broke.
         self.inner.recycle(conn, metrics).await?;
-        if metrics.last_used() > VERIFY_AFTER_IDLE {
+        let handed_out = metrics.recycled.unwrap_or(metrics.created);
+        let suspect = self
+            .suspect_before
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|before| handed_out < before);
+        if suspect || metrics.last_used() > VERIFY_AFTER_IDLE {
             diesel::sql_query("SELECT 1")
                 .execute(conn)
                 .await
@@ -180,7 +198,10 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
     config.recycling_method = RecyclingMethod::Fast;
     let inner =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
-    managed::Pool::builder(Manager { inner })
+    managed::Pool::builder(Manager {
+        inner,
+        suspect_before: std::sync::Mutex::new(None),
+    })
         .max_size(size)
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))
@@ -229,6 +250,7 @@ pub async fn idempotent<T>(
         Err(DbError::Unavailable(reason)) => {
             tracing::debug!(%reason, "PostgreSQL connection lost; retrying once on a fresh one");
             drop(Object::take(conn));
+            pool.manager().suspect_all();
             let mut conn = pool.get().await?;
             op(&mut conn).await
         }
