@@ -202,12 +202,12 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
         inner,
         suspect_before: std::sync::Mutex::new(None),
     })
-        .max_size(size)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .map_err(|e| DbError::Unavailable(e.to_string()))
+    .max_size(size)
+    .wait_timeout(Some(Duration::from_secs(5)))
+    .create_timeout(Some(Duration::from_secs(5)))
+    .runtime(deadpool::Runtime::Tokio1)
+    .build()
+    .map_err(|e| DbError::Unavailable(e.to_string()))
 }
 
 /// Applies pending migrations. Holds a PostgreSQL advisory lock meanwhile, so an API and a
