@@ -7,9 +7,11 @@
 
 pub mod cache;
 pub mod check;
+pub mod column;
 pub mod compare;
 pub mod config;
 pub mod db;
+pub mod entity;
 pub mod incident;
 pub mod jobs;
 pub mod keys;

@@ -4,11 +4,26 @@
 //! application caches; the cache side is the raw bytes read from Redis.
 //! Equality is canonical: object key order, whitespace and number spelling
 //! (`1`, `1.0`, `1e0`) do not matter.
+//!
+//! [`compare`] compares a whole document canonically. For an existing application's tables,
+//! [`typed`] compares values by their column's type ([`value_eq`], [`text_eq`]) and
+//! [`representation`] compares a row with each way it may be cached in Redis: a JSON
+//! document ([`compare_json`]), one column as a string ([`compare_string`]), a hash of
+//! columns ([`compare_hash`]), a set of values ([`compare_set`]).
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
 use serde_json::{Number, Value};
+
+pub mod representation;
+pub mod typed;
+
+pub use representation::{
+    compare_hash, compare_json, compare_set, compare_string, EntityOptions, TypedRow,
+};
+pub use typed::{text_eq, value_eq};
 
 /// How many differing paths a verdict's diff names before saying "+N more".
 const DIFF_PATH_LIMIT: usize = 8;
@@ -278,7 +293,12 @@ fn compare_docs(
             diff.push_str("; ");
         }
         diff.push_str("fields differ: ");
-        diff.push_str(&walk.paths.join(", "));
+        for (i, p) in walk.paths.iter().enumerate() {
+            if i > 0 {
+                diff.push_str(", ");
+            }
+            diff.push_str(&escape(p));
+        }
         if walk.total > walk.paths.len() {
             let _ = write!(diff, ", +{} more", walk.total - walk.paths.len());
         }
@@ -302,6 +322,46 @@ fn cap(mut s: String, max: usize) -> String {
         s.push_str(ELLIPSIS);
     }
     s
+}
+
+/// `s` with control characters, invisible format characters (bidirectional overrides,
+/// zero-width spaces, line separators) and backslashes escaped as Rust does (`\n`, `\u{1b}`,
+/// `\\`): text from cached data must not put raw control characters into a diff, which is
+/// logged and stored. Other characters, non-ASCII letters included, are kept.
+fn escape(s: &str) -> Cow<'_, str> {
+    fn needs(c: char) -> bool {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    }
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs(c) {
+            if c.is_control() || c == '\\' {
+                out.extend(c.escape_debug());
+            } else {
+                out.extend(c.escape_unicode());
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Bytes from the cache for a diff: UTF-8 runs as [`escape`], other bytes as `\xNN`.
+fn escape_bytes(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(&escape(chunk.valid()));
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
 }
 
 /// Depth-first walk of two documents in path order, recording differing paths.
