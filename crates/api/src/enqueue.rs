@@ -68,14 +68,11 @@ async fn run(
         }
         let ids: Vec<Uuid> = ids.into_iter().collect();
         let later = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        let job = |ids: Vec<Uuid>| CheckJob {
-            ids,
-            source: Source::WriteCheck,
-        };
+        let job = CheckJob::for_items(&keys, &ids, Source::WriteCheck);
         // The later check is rounded up to a whole second: apalis schedules in seconds and a
         // post-write check that runs early would only see the write still in flight.
         let later = later + chrono::Duration::seconds(1);
-        let jobs = vec![(job(ids.clone()), None), (job(ids), Some(later))];
+        let jobs = vec![(job.clone(), None), (job, Some(later))];
         match queue::push(&mut conn, &keys, jobs).await {
             Ok(()) => metrics
                 .jobs

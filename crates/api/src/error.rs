@@ -136,6 +136,7 @@ impl From<CheckError> for ApiError {
         match e {
             CheckError::Db(e) => e.into(),
             CheckError::Cache(e) => e.into(),
+            CheckError::UnknownEntity(_) => ApiError::NotFound(e.to_string()),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! What every handler shares.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use redis::aio::ConnectionManager;
 use stalewatch_core::{
@@ -9,9 +11,10 @@ use stalewatch_core::{
     db::{self, PgPool},
     keys::Keys,
     metrics::Metrics,
+    watch::{WatchError, Watched},
 };
 
-use crate::{enqueue::CheckQueue, failure::Injector};
+use crate::{enqueue::CheckQueue, error::ApiError, failure::Injector};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -19,7 +22,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub cache: Cache,
     pub metrics: Metrics,
-    pub checker: Checker,
+    /// Built once the entity model is loaded: see [`AppState::checker`].
+    checker: Arc<tokio::sync::OnceCell<Checker>>,
     pub checks: CheckQueue,
     pub injector: Injector,
     pub queue_conn: ConnectionManager,
@@ -37,13 +41,7 @@ impl AppState {
         );
         let queue_conn = stalewatch_core::queue::connect(&config.redis_url).await?;
         let metrics = Metrics::new();
-        let checker = Checker::new(
-            &config,
-            pool.clone(),
-            cache.clone(),
-            metrics.clone(),
-            queue_conn.clone(),
-        );
+
         let checks = CheckQueue::start(
             queue_conn.clone(),
             keys,
@@ -56,15 +54,47 @@ impl AppState {
             cache.clone(),
             config.cache_ttl,
         );
-        Ok(Self {
+        let state = Self {
             config,
             pool,
             cache,
             metrics,
-            checker,
+            checker: Arc::default(),
             checks,
             injector,
             queue_conn,
-        })
+        };
+        // A mistake in the ENTITIES file stops the API at start-up. PostgreSQL being down
+        // does not: the API answers 503 meanwhile, and loads the model on first need.
+        match state.checker().await {
+            Err(ApiError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "entity model not loaded yet: PostgreSQL is unavailable")
+            }
+            Err(e) => return Err(e).context("reading the watched entities (ENTITIES)"),
+            Ok(_) => {}
+        }
+        Ok(state)
+    }
+
+    /// The checker, once the watched entities are loaded and checked against the live tables.
+    pub async fn checker(&self) -> Result<&Checker, ApiError> {
+        self.checker
+            .get_or_try_init(|| async {
+                let watched = Watched::configured(&self.config, &self.pool)
+                    .await
+                    .map_err(|e| match e {
+                        WatchError::Db(e) => ApiError::from(e),
+                        other => ApiError::internal(other.to_string()),
+                    })?;
+                Ok(Checker::new(
+                    &self.config,
+                    self.pool.clone(),
+                    self.cache.clone(),
+                    self.metrics.clone(),
+                    self.queue_conn.clone(),
+                    Arc::new(watched),
+                ))
+            })
+            .await
     }
 }

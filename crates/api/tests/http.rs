@@ -235,8 +235,10 @@ async fn confirmed_incident(env: &TestEnv, api: &Api) -> (Uuid, String, i64) {
     for _ in 0..2 {
         let outcome = api
             .state
-            .checker
-            .check_ids(&[id], Source::Sweep, None)
+            .checker()
+            .await
+            .unwrap()
+            .check_items(&[id], Source::Sweep, None)
             .await
             .expect("check");
         let row = outcome.recorded[0]
@@ -752,8 +754,10 @@ async fn an_expired_key_resolves_its_incident_under_cache_aside() {
     env.cache.delete(&key).await.unwrap();
     let outcome = api
         .state
-        .checker
-        .check_ids(&[id], Source::Sweep, None)
+        .checker()
+        .await
+        .unwrap()
+        .check_items(&[id], Source::Sweep, None)
         .await
         .unwrap();
     let recorded = &outcome.recorded[0];
@@ -880,8 +884,10 @@ async fn a_key_that_reappears_after_delete_is_an_orphan() {
         .unwrap();
     let outcome = api
         .state
-        .checker
-        .check_ids(&[id], Source::WriteCheck, None)
+        .checker()
+        .await
+        .unwrap()
+        .check_items(&[id], Source::WriteCheck, None)
         .await
         .unwrap();
     let row = outcome.recorded[0]
@@ -1162,7 +1168,13 @@ async fn incident_snapshots_are_json_documents_or_their_text() {
     assert_eq!(one["key"], key);
     assert!(one.get("cache_key").is_none(), "{one}");
     assert_eq!(one.as_object().unwrap().len(), 19, "{one}");
-    assert_eq!(one["db_value"], serde_json::to_value(&row).unwrap());
+    // The row as PostgreSQL renders it: the same values, timestamps spelled `+00:00`.
+    let expected = serde_json::to_value(&row).unwrap();
+    for field in ["id", "name", "value", "version"] {
+        assert_eq!(one["db_value"][field], expected[field], "{field}");
+    }
+    let instant = |v: &Value| DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert_eq!(instant(&one["db_value"]["updated_at"]), row.updated_at);
     assert_eq!(one["cache_value"]["name"], "stale");
     assert_eq!(one["cache_value"]["version"], 0);
     assert!(one["diff"].is_string(), "{one}");
@@ -1344,8 +1356,10 @@ async fn an_unreadable_row_answers_a_json_error_that_names_it() {
 
     let outcome = api
         .state
-        .checker
-        .check_ids(&[id], stalewatch_core::incident::Source::Sweep, None)
+        .checker()
+        .await
+        .unwrap()
+        .check_items(&[id], stalewatch_core::incident::Source::Sweep, None)
         .await
         .expect("the check succeeds");
     assert_eq!(

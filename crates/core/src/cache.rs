@@ -6,7 +6,10 @@
 //! only worth having for work that needs a connection to itself (blocking stream reads, MULTI);
 //! nothing here does yet.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -30,10 +33,54 @@ pub async fn connect(redis_url: &str) -> Result<ConnectionManager, CacheError> {
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
+/// Whole seconds, at least one (Redis refuses `EX 0`).
+fn secs(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+fn expire(pipe: &mut redis::Pipeline, key: &str, millis: Option<u64>) {
+    if let Some(ms) = millis {
+        pipe.cmd("PEXPIRE").arg(key).arg(ms.max(1)).ignore();
+    }
+}
+
 /// A connection that died under a command (a Redis restart: the first command on the old
 /// socket fails with "broken pipe" while the manager reconnects).
 fn connection_lost(e: &redis::RedisError) -> bool {
     e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal()
+}
+
+/// How a representation is read from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A string value (JSON documents and single values).
+    String,
+    Hash,
+    Set,
+}
+
+/// What a key holds. Redis deletes empty hashes and sets, so empty reads as `Missing`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    Missing,
+    Bytes(Vec<u8>),
+    Hash(HashMap<String, Vec<u8>>),
+    Set(BTreeSet<Vec<u8>>),
+    /// The key exists but cannot be read as its representation (another type): why.
+    Unreadable(String),
+}
+
+fn read_collection(shape: Shape, value: redis::Value) -> Cached {
+    let read = match shape {
+        Shape::Hash => redis::from_redis_value::<HashMap<String, Vec<u8>>>(value)
+            .map(|h| (!h.is_empty()).then_some(Cached::Hash(h))),
+        _ => redis::from_redis_value::<BTreeSet<Vec<u8>>>(value)
+            .map(|s| (!s.is_empty()).then_some(Cached::Set(s))),
+    };
+    match read {
+        Ok(found) => found.unwrap_or(Cached::Missing),
+        Err(e) => Cached::Unreadable(e.to_string()),
+    }
 }
 
 /// Cached values by full key. Cheap to clone: clones share the connection.
@@ -96,28 +143,120 @@ impl Cache {
         version: i64,
         ttl: Duration,
     ) -> Result<bool, CacheError> {
+        self.set_unless_newer_field(key, value, "version", version, Some(ttl))
+            .await
+    }
+
+    /// [`Cache::set_unless_newer`] for a document whose version is in `field`. Without a
+    /// `ttl` the key keeps the expiry it has (none for a new key): stalewatch does not know
+    /// the application's.
+    pub async fn set_unless_newer_field(
+        &self,
+        key: &str,
+        value: &[u8],
+        field: &str,
+        version: i64,
+        ttl: Option<Duration>,
+    ) -> Result<bool, CacheError> {
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"local cur = redis.call('GET', KEYS[1])
                   if cur then
                       local ok, doc = pcall(cjson.decode, cur)
-                      if ok and type(doc) == 'table' and tonumber(doc.version)
-                          and tonumber(doc.version) > tonumber(ARGV[2]) then
+                      if ok and type(doc) == 'table' and tonumber(doc[ARGV[4]])
+                          and tonumber(doc[ARGV[4]]) > tonumber(ARGV[2]) then
                           return 0
                       end
                   end
-                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+                  if ARGV[3] == '' then
+                      redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+                  else
+                      redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+                  end
                   return 1",
             )
         });
         let mut invocation = SCRIPT.key(key);
-        invocation.arg(value).arg(version).arg(ttl.as_secs().max(1));
+        invocation
+            .arg(value)
+            .arg(version)
+            .arg(ttl.map(secs).unwrap_or_default())
+            .arg(field);
         let mut conn = self.conn.clone();
         let written: i64 = match invocation.invoke_async(&mut conn).await {
             Err(e) if connection_lost(&e) => invocation.invoke_async(&mut conn).await?,
             other => other?,
         };
         Ok(written == 1)
+    }
+
+    /// A plain write, with `ttl` or keeping the key's expiry.
+    pub async fn set_keeping_ttl(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        match ttl {
+            Some(ttl) => cmd.arg("EX").arg(secs(ttl)),
+            None => cmd.arg("KEEPTTL"),
+        };
+        self.query(&cmd).await
+    }
+
+    /// Replaces a hash whole, atomically, keeping its expiry unless `ttl` is given.
+    pub async fn replace_hash(
+        &self,
+        key: &str,
+        fields: &[(String, String)],
+        ttl: Option<Duration>,
+    ) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let kept = self.ttl_of(key, ttl).await?;
+        pipe.cmd("DEL").arg(key).ignore();
+        if !fields.is_empty() {
+            pipe.cmd("HSET").arg(key).arg(fields).ignore();
+        }
+        expire(&mut pipe, key, kept);
+        self.run(&pipe).await
+    }
+
+    /// Replaces a set whole, atomically, keeping its expiry unless `ttl` is given.
+    pub async fn replace_set(
+        &self,
+        key: &str,
+        members: &[&String],
+        ttl: Option<Duration>,
+    ) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let kept = self.ttl_of(key, ttl).await?;
+        pipe.cmd("DEL").arg(key).ignore();
+        if !members.is_empty() {
+            pipe.cmd("SADD").arg(key).arg(members).ignore();
+        }
+        expire(&mut pipe, key, kept);
+        self.run(&pipe).await
+    }
+
+    /// `ttl`, or the key's remaining time to live in milliseconds when none is given.
+    async fn ttl_of(&self, key: &str, ttl: Option<Duration>) -> Result<Option<u64>, CacheError> {
+        if let Some(ttl) = ttl {
+            return Ok(Some(ttl.as_millis() as u64));
+        }
+        let left: i64 = self.query(redis::cmd("PTTL").arg(key)).await?;
+        Ok((left > 0).then_some(left as u64))
+    }
+
+    async fn run(&self, pipe: &redis::Pipeline) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<()>(&mut conn).await {
+            Err(e) if connection_lost(&e) => Ok(pipe.query_async::<()>(&mut conn).await?),
+            other => Ok(other?),
+        }
     }
 
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
@@ -131,6 +270,52 @@ impl Cache {
             return Ok(Vec::new());
         }
         self.query(redis::cmd("MGET").arg(keys)).await
+    }
+
+    /// What each of `keys` holds, read as `shape` says: one MGET for strings, one pipeline of
+    /// HGETALL or SMEMBERS for hashes and sets. A key of another type is `Unreadable` for
+    /// hashes and sets (WRONGTYPE); MGET answers nothing for it, so it reads as `Missing`.
+    pub async fn read_many(
+        &self,
+        shape: Shape,
+        keys: &[String],
+    ) -> Result<Vec<Cached>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        match shape {
+            Shape::String => Ok(self
+                .get_many(keys)
+                .await?
+                .into_iter()
+                .map(|v| v.map_or(Cached::Missing, Cached::Bytes))
+                .collect()),
+            Shape::Hash | Shape::Set => {
+                let command = if shape == Shape::Hash {
+                    "HGETALL"
+                } else {
+                    "SMEMBERS"
+                };
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for key in keys {
+                    pipe.cmd(command).arg(key);
+                }
+                let mut conn = self.conn.clone();
+                let replies: Vec<redis::RedisResult<redis::Value>> =
+                    match pipe.query_async(&mut conn).await {
+                        Err(e) if connection_lost(&e) => pipe.query_async(&mut conn).await?,
+                        other => other?,
+                    };
+                Ok(replies
+                    .into_iter()
+                    .map(|reply| match reply {
+                        Err(e) => Cached::Unreadable(e.to_string()),
+                        Ok(value) => read_collection(shape, value),
+                    })
+                    .collect())
+            }
+        }
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {

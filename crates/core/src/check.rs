@@ -1,32 +1,36 @@
-//! One check of a batch of items: one SQL query for the rows (with PostgreSQL's clock), one
-//! MGET for the cached values, the comparator on each pair, the verdicts recorded through the
-//! state machine, and a confirmation scheduled for every incident that opened.
+//! One check of a batch of one entity's cache keys: one SQL query for the rows behind them
+//! (with PostgreSQL's clock), one Redis round trip for the cached values, the comparator on
+//! each pair, the verdicts recorded through the state machine, and a confirmation scheduled
+//! for every incident that opened.
 //!
-//! Also the one place that writes the cache from PostgreSQL for stalewatch's own sake:
-//! a refresh asked for through the API, and repairs under `REPAIR_POLICY=confirmed`. Both use
-//! the versioned write, so they never put an older version over a newer one.
+//! Also the one place that writes the cache from PostgreSQL for stalewatch's own sake: a
+//! refresh asked for through the API, and repairs under `REPAIR_POLICY=confirmed`
+//! (`repair.rs` does the writing).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
 use redis::aio::ConnectionManager;
-use uuid::Uuid;
 
 use crate::cache::{Cache, CacheError};
-use crate::compare::{self, CompareOptions, DbRow, Kind, Verdict};
+use crate::compare::Kind;
 use crate::config::{Config, RepairPolicy};
 use crate::db::incidents::Evidence;
-use crate::db::items::{self, Item, ItemRow};
 use crate::db::{DbError, PgPool};
 use crate::incident::{Cause, Source, State};
 use crate::jobs::{ConfirmJob, ConfirmTarget, Job};
+use crate::keys::ITEM_ENTITY;
 use crate::metrics::Metrics;
 use crate::queue;
+use crate::repair;
+use crate::rows::{Found, PageRow, Rows};
 use crate::track::{self, Recorded};
-
-/// The entity name stored with incidents about items.
-pub const ITEM_ENTITY: &str = "item";
+use crate::watch::{self, Watched};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -34,6 +38,8 @@ pub enum CheckError {
     Db(#[from] DbError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("no entity {0:?} in the ENTITIES file")]
+    UnknownEntity(String),
 }
 
 impl From<crate::db::PoolError> for CheckError {
@@ -48,11 +54,9 @@ pub struct Checker {
     pub pool: PgPool,
     pub cache: Cache,
     pub metrics: Metrics,
-    pub options: Arc<CompareOptions>,
+    pub watched: Arc<Watched>,
     pub grace: Duration,
     pub repair: RepairPolicy,
-    /// TTL of the cache writes of refreshes and repairs.
-    pub ttl: Duration,
     /// Where confirmation jobs are pushed.
     pub queue: ConnectionManager,
 }
@@ -88,109 +92,176 @@ impl Checker {
         cache: Cache,
         metrics: Metrics,
         queue: ConnectionManager,
+        watched: Arc<Watched>,
     ) -> Self {
-        let options = CompareOptions {
-            policy: config.cache_policy,
-            ignore_fields: config.ignore_fields.clone(),
-            ..CompareOptions::default()
-        };
         Self {
             pool,
             cache,
             metrics,
-            options: Arc::new(options),
+            watched,
             grace: config.grace_period,
             repair: config.repair_policy,
-            ttl: config.cache_ttl,
             queue,
         }
     }
 
-    /// Checks items by id, reading their rows.
-    pub async fn check_ids(
+    fn rows(&self, entity: &str) -> Result<&Rows, CheckError> {
+        self.watched
+            .source(entity)
+            .ok_or_else(|| CheckError::UnknownEntity(entity.to_string()))
+    }
+
+    /// Checks `keys` of `entity`, reading their rows.
+    pub async fn check_keys(
         &self,
-        ids: &[Uuid],
+        entity: &str,
+        keys: &[String],
         source: Source,
         cause: Option<Cause>,
     ) -> Result<Outcome, CheckError> {
-        self.check_ids_with(ids, source, cause, None, Repairs::Allowed)
+        self.check_keys_with(entity, keys, source, cause, None, Repairs::Allowed)
             .await
+    }
+
+    /// Checks items of the built-in entity, the demo API's table, by id.
+    pub async fn check_items(
+        &self,
+        ids: &[uuid::Uuid],
+        source: Source,
+        cause: Option<Cause>,
+    ) -> Result<Outcome, CheckError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.cache.keys().item(id)).collect();
+        self.check_keys(ITEM_ENTITY, &keys, source, cause).await
     }
 
     /// Confirms incidents: `expected` maps each key to the Detected incident the confirmation
     /// was scheduled for (see `track::Context::confirming`).
     pub async fn confirm(
         &self,
-        ids: &[Uuid],
+        entity: &str,
+        keys: &[String],
         expected: &HashMap<String, i64>,
     ) -> Result<Outcome, CheckError> {
-        self.check_ids_with(ids, Source::Confirm, None, Some(expected), Repairs::Allowed)
-            .await
+        self.check_keys_with(
+            entity,
+            keys,
+            Source::Confirm,
+            None,
+            Some(expected),
+            Repairs::Allowed,
+        )
+        .await
     }
 
-    /// Checks rows the caller already read at `at` (the sweep reads them in pages).
-    pub async fn check_rows(
+    async fn check_keys_with(
         &self,
-        conn: &mut AsyncPgConnection,
-        at: DateTime<Utc>,
-        rows: Vec<(Uuid, Option<ItemRow>)>,
-        source: Source,
-    ) -> Result<Outcome, CheckError> {
-        let outcome = self.check(conn, at, rows, source, None, None).await?;
-        self.repair_confirmed(&outcome).await;
-        Ok(outcome)
-    }
-
-    async fn check_ids_with(
-        &self,
-        ids: &[Uuid],
+        entity: &str,
+        keys: &[String],
         source: Source,
         cause: Option<Cause>,
         confirming: Option<&HashMap<String, i64>>,
         repairs: Repairs,
     ) -> Result<Outcome, CheckError> {
-        // A key listed twice must be observed once: the second copy would find no row left
-        // and report an orphan that does not exist.
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
+        let rows = self.rows(entity)?;
+        // A key listed twice is observed once: the second copy would count twice. A key that
+        // is not this entity's is not checked at all.
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let (keys, values): (Vec<String>, Vec<Vec<String>>) = keys
+            .into_iter()
+            .filter_map(|k| rows.key_values(&k).map(|v| (k, v)))
+            .unzip();
+        if keys.is_empty() {
+            return Ok(Outcome::default());
+        }
         let mut conn = self.pool.get().await?;
-        let (at, rows) = items::get_many_at(&mut conn, &ids).await?;
-        let mut by_id: HashMap<Uuid, ItemRow> = rows.into_iter().map(|r| (r.id, r)).collect();
-        let pairs = ids.iter().map(|id| (*id, by_id.remove(id))).collect();
+        let (at, found) = rows.by_keys(&mut conn, &values).await?;
+        let pairs = keys.into_iter().zip(found).collect();
         let outcome = self
-            .check(&mut conn, at, pairs, source, cause, confirming)
+            .check(&mut conn, rows, at, pairs, source, cause, confirming)
             .await?;
         // A repair takes connections of its own: give this one back first, so a job never
         // holds more than one.
         drop(conn);
         if repairs == Repairs::Allowed {
-            self.repair_confirmed(&outcome).await;
+            self.repair_confirmed(rows, &outcome).await;
         }
         Ok(outcome)
     }
 
+    /// Checks a sweep page the caller already read at `at`.
+    pub async fn check_page(
+        &self,
+        conn: &mut AsyncPgConnection,
+        rows: &Rows,
+        at: DateTime<Utc>,
+        page: Vec<PageRow>,
+    ) -> Result<Outcome, CheckError> {
+        let pairs = page
+            .into_iter()
+            .filter_map(|r| r.key.map(|k| (k, r.row)))
+            .collect();
+        let outcome = self
+            .check(conn, rows, at, pairs, Source::Sweep, None, None)
+            .await?;
+        self.repair_confirmed(rows, &outcome).await;
+        Ok(outcome)
+    }
+
+    /// The key-side sweep: of these scanned keys of `rows`' entity, checks those with no row
+    /// behind them (the others were compared by the row pass), which reports orphans.
+    pub async fn check_orphans(
+        &self,
+        rows: &Rows,
+        keys: Vec<String>,
+    ) -> Result<Outcome, CheckError> {
+        let (keys, values): (Vec<String>, Vec<Vec<String>>) = keys
+            .into_iter()
+            .filter(|k| {
+                self.watched
+                    .owner(k)
+                    .is_some_and(|(owner, _)| owner.entity.name == rows.entity.name)
+            })
+            .filter_map(|k| rows.key_values(&k).map(|v| (k, v)))
+            .unzip();
+        if keys.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let mut conn = self.pool.get().await?;
+        let (at, found) = rows.by_keys(&mut conn, &values).await?;
+        let orphans: Vec<(String, Found)> = keys
+            .into_iter()
+            .zip(found)
+            .filter(|(_, f)| matches!(f, Ok(None)))
+            .collect();
+        if orphans.is_empty() {
+            return Ok(Outcome::default());
+        }
+        self.check(&mut conn, rows, at, orphans, Source::Sweep, None, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn check(
         &self,
         conn: &mut AsyncPgConnection,
+        rows: &Rows,
         at: DateTime<Utc>,
-        rows: Vec<(Uuid, Option<ItemRow>)>,
+        pairs: Vec<(String, Found)>,
         source: Source,
         cause: Option<Cause>,
         confirming: Option<&HashMap<String, i64>>,
     ) -> Result<Outcome, CheckError> {
-        let keys: Vec<String> = rows
-            .iter()
-            .map(|(id, _)| self.cache.keys().item(id))
-            .collect();
-        let cached = self.cache.get_many(&keys).await?;
+        let keys: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).collect();
+        let shape = watch::shape(&rows.entity.representation);
+        let cached = self.cache.read_many(shape, &keys).await?;
         let mut verdicts = HashMap::new();
-        let evidence: Vec<Evidence> = rows
+        let evidence: Vec<Evidence> = pairs
             .into_iter()
-            .zip(keys)
             .zip(cached)
-            .map(|(((id, row), key), cached)| {
-                let ev = self.evidence(key, id, row, cached.as_deref());
+            .map(|((key, found), cached)| {
+                let ev = self.watched.evidence(rows, key, found, cached);
                 *verdicts.entry(ev.kind).or_insert(0) += 1;
                 ev
             })
@@ -215,179 +286,121 @@ impl Checker {
         })
     }
 
-    /// Compares one row (or its absence) with the cached bytes.
-    fn evidence(
-        &self,
-        key: String,
-        id: Uuid,
-        row: Option<ItemRow>,
-        cached: Option<&[u8]>,
-    ) -> Evidence {
-        let db_version = row.as_ref().map(|r| r.version);
-        let (verdict, doc) = match row.map(ItemRow::decode) {
-            // The row itself is unreadable: this key's verdict, not the batch's failure.
-            Some(Err(reason)) => (
-                Verdict {
-                    kind: Kind::Undecodable,
-                    db_version,
-                    cache_version: None,
-                    diff: format!("the database row cannot be decoded: {reason}"),
-                },
-                None,
-            ),
-            Some(Ok(item)) => {
-                let doc = serde_json::to_value(&item).expect("items serialise");
-                let verdict = compare::compare(Some(DbRow { doc: &doc }), cached, &self.options);
-                (verdict, Some(doc))
-            }
-            None => (compare::compare(None, cached, &self.options), None),
-        };
-        // Values are only worth storing when they differ; a match stores nothing anyway.
-        let (db_value, cache_value) = if verdict.kind.is_match() {
-            (None, None)
-        } else {
-            (
-                doc.map(|d| d.to_string()),
-                cached.map(|c| String::from_utf8_lossy(c).into_owned()),
-            )
-        };
-        Evidence {
-            cache_key: key,
-            entity: ITEM_ENTITY.to_string(),
-            entity_id: id.to_string(),
-            kind: verdict.kind,
-            db_version: verdict.db_version.or(db_version),
-            cache_version: verdict.cache_version,
-            db_value,
-            cache_value,
-            diff: verdict.diff,
-        }
-    }
-
-    /// One confirmation job for every incident these observations opened, due when the last
-    /// of them is. A push that fails is not fatal: the backstop confirms overdue incidents.
+    /// One confirmation job per entity for every incident these observations opened, due
+    /// when the last of them is. A push that fails is not fatal: the backstop confirms
+    /// overdue incidents.
     async fn schedule_confirmations(&self, recorded: &[Recorded]) {
-        let targets: Vec<(ConfirmTarget, DateTime<Utc>)> = recorded
-            .iter()
-            .filter_map(|r| {
-                let at = r.confirm_at?;
-                let incident = r.incident.as_ref()?;
-                let item_id = self.cache.keys().parse_item(&r.cache_key)?;
-                Some((
-                    ConfirmTarget {
-                        incident_id: incident.id,
-                        item_id,
-                    },
-                    at,
-                ))
-            })
-            .collect();
-        let Some(due_at) = targets.iter().map(|(_, at)| *at).max() else {
-            return;
-        };
-        let job = ConfirmJob {
-            targets: targets.into_iter().map(|(t, _)| t).collect(),
-            due_at,
-        };
-        let mut conn = self.queue.clone();
-        let jobs = &self.metrics.jobs;
-        match queue::push(&mut conn, self.cache.keys(), vec![(job, Some(due_at))]).await {
-            Ok(()) => jobs.with_label_values(&[ConfirmJob::NAME, "pushed"]).inc(),
-            Err(e) => {
-                jobs.with_label_values(&[ConfirmJob::NAME, "push_error"])
-                    .inc();
-                tracing::warn!(error = %e, "could not schedule confirmations; the backstop will confirm");
+        let mut by_entity: BTreeMap<&str, Vec<(ConfirmTarget, DateTime<Utc>)>> = BTreeMap::new();
+        for r in recorded {
+            let (Some(at), Some(incident)) = (r.confirm_at, r.incident.as_ref()) else {
+                continue;
+            };
+            by_entity.entry(&incident.entity).or_default().push((
+                ConfirmTarget {
+                    incident_id: incident.id,
+                    key: r.cache_key.clone(),
+                },
+                at,
+            ));
+        }
+        for (entity, targets) in by_entity {
+            let due_at = targets.iter().map(|(_, at)| *at).max().expect("not empty");
+            let job = ConfirmJob {
+                entity: entity.to_string(),
+                targets: targets.into_iter().map(|(t, _)| t).collect(),
+                due_at,
+            };
+            let mut conn = self.queue.clone();
+            let jobs = &self.metrics.jobs;
+            match queue::push(&mut conn, self.cache.keys(), vec![(job, Some(due_at))]).await {
+                Ok(()) => jobs.with_label_values(&[ConfirmJob::NAME, "pushed"]).inc(),
+                Err(e) => {
+                    jobs.with_label_values(&[ConfirmJob::NAME, "push_error"])
+                        .inc();
+                    tracing::warn!(error = %e, "could not schedule confirmations; the backstop will confirm");
+                }
             }
         }
     }
 
-    /// Rewrites the key of `id` from PostgreSQL (or deletes it when the row is gone) and
-    /// checks it, so that its open incident resolves with cause `refresh`. Returns the row.
-    pub async fn refresh(&self, id: Uuid) -> Result<(Option<Item>, Outcome), CheckError> {
-        let item = items::get(&self.pool, id).await?;
-        self.write_back(id, item.as_ref()).await?;
-        let outcome = self
-            .check_ids_with(
-                &[id],
-                Source::Manual,
-                Some(Cause::Refresh),
-                None,
-                Repairs::No,
-            )
-            .await?;
-        Ok((item, outcome))
+    /// Rewrites `key` of `entity` from PostgreSQL (or deletes it when no row is behind it)
+    /// and checks it, so that its open incident resolves with cause `refresh`.
+    pub async fn refresh(&self, entity: &str, key: &str) -> Result<Outcome, CheckError> {
+        let rows = self.rows(entity)?;
+        self.write_back(rows, &[key.to_string()]).await?;
+        self.check_keys_with(
+            entity,
+            &[key.to_string()],
+            Source::Manual,
+            Some(Cause::Refresh),
+            None,
+            Repairs::No,
+        )
+        .await
     }
 
     /// REPAIR_POLICY=confirmed: every key whose incident this batch confirmed (or, if the
     /// repair at confirmation could not fix it, turned Persistent) is rewritten from
     /// PostgreSQL and checked again; a match resolves it with cause `repair`. Failures are
     /// logged and counted, never the batch's: the incident stays open for people to see.
-    async fn repair_confirmed(&self, outcome: &Outcome) {
+    async fn repair_confirmed(&self, rows: &Rows, outcome: &Outcome) {
         if self.repair != RepairPolicy::Confirmed {
             return;
         }
-        let ids: Vec<Uuid> = outcome
+        let keys: Vec<String> = outcome
             .recorded
             .iter()
             .filter(|r| {
                 r.transition
                     .is_some_and(|t| matches!(t.to, State::Confirmed | State::Persistent))
             })
-            .filter_map(|r| self.cache.keys().parse_item(&r.cache_key))
+            .map(|r| r.cache_key.clone())
             .collect();
-        if ids.is_empty() {
+        if keys.is_empty() {
             return;
         }
-        if let Err(e) = Box::pin(self.repair_ids(&ids)).await {
-            self.metrics.repairs.with_label_values(&["error"]).inc();
-            tracing::warn!(error = %e, keys = ids.len(), "repair failed; the incidents stay open");
-        }
-    }
-
-    async fn repair_ids(&self, ids: &[Uuid]) -> Result<(), CheckError> {
-        let mut conn = self.pool.get().await?;
-        let (_, rows) = items::get_many_at(&mut conn, ids).await?;
-        drop(conn);
-        let mut by_id: HashMap<Uuid, ItemRow> = rows.into_iter().map(|r| (r.id, r)).collect();
-        for id in ids {
-            match by_id.remove(id).map(ItemRow::decode) {
-                Some(Err(_)) => {
-                    // Nothing sound to write; the incident says why.
-                    self.metrics
-                        .repairs
-                        .with_label_values(&["undecodable"])
-                        .inc();
-                }
-                Some(Ok(item)) => self.write_back(*id, Some(&item)).await?,
-                None => self.write_back(*id, None).await?,
-            }
-        }
-        self.check_ids_with(ids, Source::Repair, Some(Cause::Repair), None, Repairs::No)
-            .await?;
-        Ok(())
-    }
-
-    /// The versioned write (or a delete for a row that is gone), counted by outcome.
-    async fn write_back(&self, id: Uuid, item: Option<&Item>) -> Result<(), CacheError> {
-        let key = self.cache.keys().item(&id);
-        let outcome = match item {
-            Some(item) => {
-                let written = self
-                    .cache
-                    .set_unless_newer(&key, &item.to_cache_bytes(), item.version, self.ttl)
-                    .await?;
-                if written {
-                    "written"
-                } else {
-                    "skipped_newer"
-                }
-            }
-            None => {
-                self.cache.delete(&key).await?;
-                "deleted"
-            }
+        let repaired = async {
+            self.write_back(rows, &keys).await?;
+            Box::pin(self.check_keys_with(
+                &rows.entity.name,
+                &keys,
+                Source::Repair,
+                Some(Cause::Repair),
+                None,
+                Repairs::No,
+            ))
+            .await
         };
-        self.metrics.repairs.with_label_values(&[outcome]).inc();
+        if let Err(e) = repaired.await {
+            self.metrics.repairs.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, keys = keys.len(), "repair failed; the incidents stay open");
+        }
+    }
+
+    /// Writes what PostgreSQL holds behind `keys` to the cache, counted by outcome.
+    async fn write_back(&self, rows: &Rows, keys: &[String]) -> Result<(), CheckError> {
+        let values: Vec<Vec<String>> = keys.iter().filter_map(|k| rows.key_values(k)).collect();
+        if values.len() != keys.len() {
+            return Err(CheckError::UnknownEntity(format!(
+                "{} (a key that is not this entity's)",
+                rows.entity.name
+            )));
+        }
+        let found = {
+            let mut conn = self.pool.get().await?;
+            rows.by_keys(&mut conn, &values).await?.1
+        };
+        for (key, found) in keys.iter().zip(found) {
+            let outcome = match found {
+                // Nothing sound to write; the incident says why.
+                Err(_) => repair::Outcome::Undecodable,
+                Ok(row) => repair::write(&self.cache, rows, key, row.as_ref()).await?,
+            };
+            self.metrics
+                .repairs
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+        }
         Ok(())
     }
 }

@@ -41,6 +41,26 @@ impl ColumnType {
     /// `data_type`, or a common alias such as `int8`, `timestamptz`, `varchar`).
     /// Type modifiers (`numeric(10,2)`, `timestamp(3) with time zone`) do not matter;
     /// arrays (`integer[]`) and unknown names are [`ColumnType::Other`].
+    /// Whether `text` (a value parsed out of a cache key) reads as this type, so it can be
+    /// cast in SQL without failing the whole statement.
+    pub fn accepts_text(self, text: &str) -> bool {
+        match self {
+            ColumnType::Integer => text.parse::<i64>().is_ok(),
+            ColumnType::Numeric | ColumnType::Float => text.parse::<f64>().is_ok(),
+            ColumnType::Boolean => {
+                matches!(
+                    text.to_ascii_lowercase().as_str(),
+                    "true" | "false" | "t" | "f" | "1" | "0"
+                )
+            }
+            ColumnType::Uuid => uuid::Uuid::parse_str(text).is_ok(),
+            ColumnType::Timestamptz | ColumnType::Timestamp | ColumnType::Date => {
+                version_of(self, &serde_json::Value::String(text.to_string())).is_some()
+            }
+            ColumnType::Text | ColumnType::Json | ColumnType::Other => true,
+        }
+    }
+
     pub fn from_pg(type_name: &str) -> ColumnType {
         let lower = type_name.trim().to_ascii_lowercase();
         if lower.ends_with(']') {

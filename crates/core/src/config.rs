@@ -112,6 +112,8 @@ pub struct Config {
     pub incident_retention: Duration,
     /// Dead jobs (every attempt failed) are kept this long for people to look at.
     pub dead_job_retention: Duration,
+    /// The file describing the watched entities; `None`: the built-in `items` entity.
+    pub entities: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -162,7 +164,30 @@ impl Config {
             ),
             incident_retention: env.duration("INCIDENT_RETENTION", "30d")?,
             dead_job_retention: env.duration("DEAD_JOB_RETENTION", "7d")?,
+            entities: env.raw("ENTITIES").map(std::path::PathBuf::from),
         })
+    }
+
+    /// The text of the entities file: `ENTITIES`, or the built-in one.
+    pub fn entities_text(&self) -> Result<String, ConfigError> {
+        match &self.entities {
+            None => Ok(crate::entity::BUILTIN.to_string()),
+            Some(path) => std::fs::read_to_string(path).map_err(|e| ConfigError {
+                var: "ENTITIES",
+                value: path.display().to_string(),
+                expected: format!("a readable TOML file ({e})"),
+            }),
+        }
+    }
+
+    /// The `${VAR}`s an entities file may use.
+    pub fn entity_vars(&self) -> impl Fn(&str) -> Option<String> + '_ {
+        move |var| match var {
+            "KEY_PREFIX" => Some(self.key_prefix.clone()),
+            "CACHE_POLICY" => Some(self.cache_policy.to_string()),
+            "CACHE_TTL_SECS" => Some(self.cache_ttl.as_secs().to_string()),
+            _ => None,
+        }
     }
 
     /// How many jobs of a worker process may use PostgreSQL at once, both queues together.

@@ -7,9 +7,11 @@
 
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
 use uuid::Uuid;
 
 use crate::incident::Source;
+use crate::keys::{Keys, ITEM_ENTITY};
 
 /// How a job avoids doing the same work twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,11 +34,24 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static {
     const DEDUP: Dedup;
 }
 
-/// Compare these items' rows with their cached values.
+/// Compare these cache keys of one entity with the rows behind them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckJob {
-    pub ids: Vec<Uuid>,
+    /// The entity's name in the ENTITIES file.
+    pub entity: String,
+    pub keys: Vec<String>,
     pub source: Source,
+}
+
+impl CheckJob {
+    /// A check of items of the built-in entity, the demo API's table, by id.
+    pub fn for_items(keys: &Keys, ids: &[Uuid], source: Source) -> CheckJob {
+        CheckJob {
+            entity: ITEM_ENTITY.to_string(),
+            keys: ids.iter().map(|id| keys.item(id)).collect(),
+            source,
+        }
+    }
 }
 
 impl Job for CheckJob {
@@ -49,6 +64,7 @@ impl Job for CheckJob {
 /// consistent again means Transient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfirmJob {
+    pub entity: String,
     pub targets: Vec<ConfirmTarget>,
     /// The latest confirm_due_at of the targets: the handler never checks before it.
     pub due_at: DateTime<Utc>,
@@ -57,7 +73,7 @@ pub struct ConfirmJob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfirmTarget {
     pub incident_id: i64,
-    pub item_id: Uuid,
+    pub key: String,
 }
 
 impl Job for ConfirmJob {

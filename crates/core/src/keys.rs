@@ -41,6 +41,10 @@ impl KeyTemplate {
     }
 }
 
+/// The name of the built-in entity that describes the demo `items` table (its keys are
+/// [`Keys::item`]).
+pub const ITEM_ENTITY: &str = "item";
+
 /// The names stalewatch uses under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -72,7 +76,8 @@ impl Keys {
         self.item.pattern(&self.prefix)
     }
 
-    /// Where the backup sweep keeps the last id it finished, so a restart goes on from there.
+    /// Where the backup sweep keeps its position (entity, walk, cursor), so a restart goes on
+    /// from there.
     pub fn sweep_cursor(&self) -> String {
         format!("{}sweep:cursor", self.prefix)
     }
@@ -92,11 +97,6 @@ impl Keys {
     /// When the last sweep pass completed (Unix milliseconds).
     pub fn sweep_done_at(&self) -> String {
         format!("{}sweep:done_at", self.prefix)
-    }
-
-    /// The key-side pass's SCAN cursor, so a restart goes on from there.
-    pub fn orphan_cursor(&self) -> String {
-        format!("{}sweep:orphan_cursor", self.prefix)
     }
 
     /// When each dead job of `queue` was first seen dead (a sorted set by Unix seconds), so

@@ -19,4 +19,7 @@ pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod queue;
+pub mod repair;
+pub mod rows;
 pub mod track;
+pub mod watch;

@@ -83,8 +83,11 @@ impl Metrics {
             0.1, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
         ];
         let open_incidents = IntGaugeVec::new(
-            Opts::new("stalewatch_open_incidents", "Open incidents by state"),
-            &["state"],
+            Opts::new(
+                "stalewatch_open_incidents",
+                "Open incidents by entity and state",
+            ),
+            &["entity", "state"],
         )
         .expect("valid metric");
         registry
@@ -141,12 +144,12 @@ impl Metrics {
             transitions: counter(
                 "stalewatch_incident_transitions_total",
                 "Incident state changes",
-                &["from", "to"],
+                &["entity", "from", "to"],
             ),
             checks: counter(
                 "stalewatch_checks_total",
                 "Comparisons of a DB row with its cached value",
-                &["source", "verdict"],
+                &["entity", "source", "verdict"],
             ),
             time_to_confirm: plain_histogram(
                 "stalewatch_time_to_confirm_seconds",
@@ -161,8 +164,8 @@ impl Metrics {
             ),
             sweep_items: counter(
                 "stalewatch_sweep_items_total",
-                "Items compared by the backup sweep",
-                &["verdict"],
+                "Keys compared by the backup sweep",
+                &["entity", "verdict"],
             ),
             sweep_duration: plain_histogram(
                 "stalewatch_sweep_duration_seconds",
@@ -220,7 +223,9 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::new();
         m.cache_requests.with_label_values(&["hit"]).inc();
-        m.transitions.with_label_values(&["none", "detected"]).inc();
+        m.transitions
+            .with_label_values(&["item", "none", "detected"])
+            .inc();
         let text = m.render();
         assert!(
             text.contains("stalewatch_cache_requests_total{result=\"hit\"} 1"),

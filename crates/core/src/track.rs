@@ -118,7 +118,7 @@ async fn record_into(
     for ev in &evidence {
         metrics
             .checks
-            .with_label_values(&[ctx.source.as_str(), ev.kind.as_str()])
+            .with_label_values(&[&ev.entity, ctx.source.as_str(), ev.kind.as_str()])
             .inc();
         let current = open.remove(&ev.cache_key);
         match current {
@@ -229,7 +229,7 @@ fn report(metrics: &Metrics, row: &IncidentRow, t: Transition, ev: &Evidence) {
     let from = t.from.map_or("none", State::as_str);
     metrics
         .transitions
-        .with_label_values(&[from, t.to.as_str()])
+        .with_label_values(&[&row.entity, from, t.to.as_str()])
         .inc();
     let incident = row.incident();
     match t.to {
@@ -264,15 +264,32 @@ fn seconds(d: chrono::Duration) -> f64 {
 }
 
 /// Sets the open-incidents gauge from the table, so it is right whichever process changed
-/// what, and after any restart.
-pub async fn refresh_open_gauge(pool: &PgPool, metrics: &Metrics) -> Result<(), DbError> {
+/// what, and after any restart. Every open state of every entity is set, zero included, so
+/// a series that drops to zero says so instead of keeping its last value.
+pub async fn refresh_open_gauge(
+    pool: &PgPool,
+    metrics: &Metrics,
+    entities: &[&str],
+) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     let counts = incidents::count_open(&mut conn).await?;
-    for state in State::ALL.into_iter().filter(|s| s.is_open()) {
+    for ((entity, state), n) in &counts {
         metrics
             .open_incidents
-            .with_label_values(&[state.as_str()])
-            .set(counts.get(state.as_str()).copied().unwrap_or(0));
+            .with_label_values(&[entity, state])
+            .set(*n);
+    }
+    for entity in entities {
+        for state in State::ALL.into_iter().filter(|s| s.is_open()) {
+            let n = counts
+                .get(&(entity.to_string(), state.as_str().to_string()))
+                .copied()
+                .unwrap_or(0);
+            metrics
+                .open_incidents
+                .with_label_values(&[entity, state.as_str()])
+                .set(n);
+        }
     }
     Ok(())
 }

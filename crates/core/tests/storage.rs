@@ -208,20 +208,20 @@ async fn a_resolved_key_opens_a_new_incident_on_the_next_mismatch() {
     assert_eq!((row.state.as_str(), row.observations), ("detected", 1));
     assert_ne!(row.id, resolved[0].incident.as_ref().unwrap().id);
 
-    track::refresh_open_gauge(&env.pool, &metrics)
+    track::refresh_open_gauge(&env.pool, &metrics, &["item"])
         .await
         .unwrap();
     assert_eq!(
         metrics
             .open_incidents
-            .with_label_values(&["detected"])
+            .with_label_values(&["item", "detected"])
             .get(),
         1
     );
     assert_eq!(
         metrics
             .open_incidents
-            .with_label_values(&["confirmed"])
+            .with_label_values(&["item", "confirmed"])
             .get(),
         0
     );
@@ -489,7 +489,7 @@ async fn a_mismatch_older_than_the_last_resolution_opens_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_that_fails_part_way_still_schedules_its_confirmations() {
     use diesel_async::RunQueryDsl;
-    use stalewatch_core::{check::Checker, jobs::ConfirmJob, queue};
+    use stalewatch_core::{jobs::ConfirmJob, queue};
     let env = TestEnv::new().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..2 {
@@ -527,14 +527,8 @@ async fn a_batch_that_fails_part_way_still_schedules_its_confirmations() {
     .unwrap();
     drop(conn);
     let queue_conn = queue::connect(&env.redis_url).await.unwrap();
-    let checker = Checker::new(
-        &env.config(),
-        env.pool.clone(),
-        env.cache.clone(),
-        Metrics::new(),
-        queue_conn.clone(),
-    );
-    let err = checker.check_ids(&ids, Source::WriteCheck, None).await;
+    let checker = env.checker(&env.config()).await.unwrap();
+    let err = checker.check_items(&ids, Source::WriteCheck, None).await;
     assert!(err.is_err(), "the second key fails");
     let first = latest(&env, &env.keys().item(&ids[0])).await;
     assert_eq!(first.state, "detected");
@@ -565,19 +559,12 @@ async fn a_batch_that_fails_part_way_still_schedules_its_confirmations() {
 /// concurrent writer already cached leaves the newer copy in place.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_never_puts_back_an_older_version() {
-    use stalewatch_core::{check::Checker, queue};
     let env = TestEnv::new().await.unwrap();
     let item = items::create(&env.pool, "x", &serde_json::json!({ "a": 1 }))
         .await
         .unwrap();
     let key = env.keys().item(&item.id);
-    let checker = Checker::new(
-        &env.config(),
-        env.pool.clone(),
-        env.cache.clone(),
-        Metrics::new(),
-        queue::connect(&env.redis_url).await.unwrap(),
-    );
+    let checker = env.checker(&env.config()).await.unwrap();
     // A newer version than the row holds is already cached (a writer that committed and
     // cached after the refresh read the row).
     let mut newer = item.clone();
@@ -586,7 +573,10 @@ async fn a_refresh_never_puts_back_an_older_version() {
         .set(&key, &newer.to_cache_bytes(), Duration::from_secs(600))
         .await
         .unwrap();
-    checker.refresh(item.id).await.unwrap();
+    checker
+        .refresh(stalewatch_core::keys::ITEM_ENTITY, &key)
+        .await
+        .unwrap();
     let cached: serde_json::Value =
         serde_json::from_slice(&env.cache.get(&key).await.unwrap().unwrap()).unwrap();
     assert_eq!(cached["version"], 7);

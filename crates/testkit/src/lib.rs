@@ -174,6 +174,21 @@ impl TestEnv {
     pub fn keys(&self) -> &Keys {
         self.cache.keys()
     }
+
+    /// A checker on this test's data, watching what `config` says (the built-in entity
+    /// unless it names an ENTITIES file), pushing confirmations to this test's queues.
+    pub async fn checker(&self, config: &Config) -> Result<stalewatch_core::check::Checker> {
+        let watched = stalewatch_core::watch::Watched::configured(config, &self.pool).await?;
+        let queue = stalewatch_core::queue::connect(&self.redis_url).await?;
+        Ok(stalewatch_core::check::Checker::new(
+            config,
+            self.pool.clone(),
+            self.cache.clone(),
+            stalewatch_core::metrics::Metrics::new(),
+            queue,
+            std::sync::Arc::new(watched),
+        ))
+    }
 }
 
 impl Drop for TestEnv {

@@ -200,10 +200,7 @@ async fn push_checks(config: &Config, per_job: usize) -> anyhow::Result<()> {
     let mut conn = queue::connect(&config.redis_url).await?;
     let jobs: Vec<CheckJob> = ids
         .chunks(per_job.max(1))
-        .map(|c| CheckJob {
-            ids: c.to_vec(),
-            source: Source::WriteCheck,
-        })
+        .map(|c| CheckJob::for_items(&keys, c, Source::WriteCheck))
         .collect();
     for chunk in jobs.chunks(1000) {
         let batch = chunk.iter().cloned().map(|j| (j, None)).collect();

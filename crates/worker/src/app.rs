@@ -1,6 +1,6 @@
 //! Wiring: connections, the apalis workers, the sweep, the upkeep and the metrics endpoint.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use actix_web::{get, web, App, HttpResponse, HttpServer};
 use anyhow::Context;
@@ -13,6 +13,7 @@ use stalewatch_core::{
     keys::Keys,
     metrics::Metrics,
     queue,
+    watch::Watched,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,11 +27,21 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
         .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
     let cache = Cache::new(cache_conn, keys.clone());
     let queue_conn = queue::connect(&config.redis_url).await?;
-    let checker = Checker::new(config, pool, cache, Metrics::new(), queue_conn.clone());
+    let watched = Watched::configured(config, &pool)
+        .await
+        .context("reading the watched entities (ENTITIES)")?;
+    let checker = Checker::new(
+        config,
+        pool,
+        cache,
+        Metrics::new(),
+        queue_conn.clone(),
+        Arc::new(watched),
+    );
     Ok(Ctx {
         checker,
         queue_conn,
-        db_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(config.job_db_slots())),
+        db_slots: Arc::new(tokio::sync::Semaphore::new(config.job_db_slots())),
     })
 }
 
@@ -105,6 +116,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ctx.keys().clone(),
             ctx.checker.pool.clone(),
             metrics.clone(),
+            ctx.checker
+                .watched
+                .names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
         )
         .run(shutdown.clone()),
     );

@@ -6,11 +6,13 @@
 //! Safe with any number of workers: a confirmation acts only while its incident is still the
 //! key's Detected one, so two workers confirming the same incident count it once.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
-use stalewatch_core::{db::incidents, metrics::Metrics};
+use stalewatch_core::{check::CheckError, db::incidents, metrics::Metrics};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::handlers::Ctx;
 
@@ -49,16 +51,29 @@ pub async fn once(ctx: &Ctx) -> anyhow::Result<usize> {
     if overdue.is_empty() {
         return Ok(0);
     }
-    let expected: HashMap<String, i64> = overdue
-        .iter()
-        .map(|o| (o.cache_key.clone(), o.id))
-        .collect();
-    let ids: Vec<Uuid> = overdue
-        .iter()
-        .filter_map(|o| o.entity_id.parse().ok())
-        .collect();
     count(ctx.metrics(), overdue.len());
-    ctx.checker.confirm(&ids, &expected).await?;
+    let mut by_entity: BTreeMap<&str, HashMap<String, i64>> = BTreeMap::new();
+    for o in &overdue {
+        by_entity
+            .entry(&o.entity)
+            .or_default()
+            .insert(o.cache_key.clone(), o.id);
+    }
+    for (entity, expected) in by_entity {
+        let keys: Vec<String> = expected.keys().cloned().collect();
+        match ctx.checker.confirm(entity, &keys, &expected).await {
+            // An entity no longer in the ENTITIES file: nothing can confirm its incidents.
+            Err(CheckError::UnknownEntity(e)) => {
+                tracing::debug!(
+                    entity = e,
+                    "overdue incidents of an entity no longer watched"
+                )
+            }
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(overdue.len())
 }
 

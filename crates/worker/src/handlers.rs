@@ -41,7 +41,11 @@ impl Ctx {
 
 pub async fn check(job: CheckJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
     let _slot = ctx.db_slots.acquire().await?;
-    match ctx.checker.check_ids(&job.ids, job.source, None).await {
+    match ctx
+        .checker
+        .check_keys(&job.entity, &job.keys, job.source, None)
+        .await
+    {
         Ok(_) => {
             ctx.count::<CheckJob>("ok");
             Ok(())
@@ -62,12 +66,12 @@ pub async fn confirm(job: ConfirmJob, ctx: Data<Ctx>) -> Result<(), BoxDynError>
     let expected: HashMap<String, i64> = job
         .targets
         .iter()
-        .map(|t| (ctx.keys().item(&t.item_id), t.incident_id))
+        .map(|t| (t.key.clone(), t.incident_id))
         .collect();
-    let ids: Vec<_> = job.targets.iter().map(|t| t.item_id).collect();
+    let keys: Vec<String> = job.targets.iter().map(|t| t.key.clone()).collect();
     // Only now: a job waiting for its due time holds no slot.
     let _slot = ctx.db_slots.acquire().await?;
-    match ctx.checker.confirm(&ids, &expected).await {
+    match ctx.checker.confirm(&job.entity, &keys, &expected).await {
         Ok(_) => {
             ctx.count::<ConfirmJob>("ok");
             Ok(())

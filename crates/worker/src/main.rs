@@ -7,7 +7,7 @@
 //! ```
 
 use anyhow::{bail, Context};
-use stalewatch_core::{config::Config, db, logging};
+use stalewatch_core::{config::Config, db, logging, watch::Watched};
 use stalewatch_worker::{app, sweep};
 
 #[tokio::main]
@@ -43,6 +43,28 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
-        _ => bail!("usage: stalewatch-worker [run | migrate | sweep --once]"),
+        ["entities", "check", rest @ ..] => {
+            // The file given, else ENTITIES, else the built-in one; checked against the live
+            // tables. For a team's CI: exits non-zero on any mistake.
+            let config = match rest {
+                [] => config,
+                [file] => Config {
+                    entities: Some(file.into()),
+                    ..config
+                },
+                _ => bail!("usage: stalewatch-worker entities check [FILE]"),
+            };
+            let pool = db::pool(&config.database_url, 1)?;
+            match Watched::configured(&config, &pool).await {
+                Ok(watched) => {
+                    print!("{}", watched.describe());
+                    Ok(())
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
+        _ => {
+            bail!("usage: stalewatch-worker [run | migrate | sweep --once | entities check [FILE]]")
+        }
     }
 }

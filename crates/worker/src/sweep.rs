@@ -1,5 +1,6 @@
-//! The backup sweep: walks every item in id order, compares each with its cached value in
-//! batches (one SQL page, one MGET), and feeds the verdicts to the state machine. It catches
+//! The backup sweep: walks every entity's rows in primary-key order (a set entity's keys in
+//! their columns' order), compares them with their cached values in batches (one SQL page,
+//! one Redis round trip), and feeds the verdicts to the state machine. It catches
 //! what the write checks cannot see: a flushed Redis, a change made straight in SQL, a check
 //! job lost with its queue.
 //!
@@ -18,12 +19,15 @@ use std::{
 };
 
 use redis::aio::ConnectionManager;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stalewatch_core::{
-    check::Checker, compare::Kind, db::items, incident::Source, keys::Keys, lease::Lease,
+    check::{Checker, Outcome},
+    compare::Kind,
+    keys::Keys,
+    lease::Lease,
+    rows::Rows,
 };
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::handlers::Ctx;
 
@@ -137,7 +141,8 @@ impl Sweeper {
         }
     }
 
-    /// One pass over the table. With `resume`, starts from and saves the stored position.
+    /// One pass over every entity: its rows, then its keys. With `resume`, starts from and
+    /// saves the stored position.
     async fn pass(
         &self,
         lease: &Lease,
@@ -146,96 +151,122 @@ impl Sweeper {
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let metrics = &self.checker().metrics;
-        let cursor_key = self.keys().sweep_cursor();
+        let position_key = self.keys().sweep_cursor();
         let mut conn = self.conn.clone();
-        let mut cursor: Option<Uuid> = if resume {
+        let saved: Option<Position> = if resume {
             let stored: Option<String> = redis::cmd("GET")
-                .arg(&cursor_key)
+                .arg(&position_key)
                 .query_async(&mut conn)
                 .await?;
-            stored.and_then(|s| s.parse().ok())
+            // A position this version cannot read (written by an older one) starts over.
+            stored.and_then(|s| serde_json::from_str(&s).ok())
         } else {
             None
         };
-        if cursor.is_none() {
+        if saved.is_none() {
             metrics.sweep_position.set(0);
         }
         let mut summary = Summary::default();
-        let mut db = self.checker().pool.get().await?;
-        loop {
-            if shutdown.is_cancelled() || !lease.renew().await? {
+        let watched = self.checker().watched.clone();
+        let sources = watched.sources();
+        // Entities before the saved one are done for this pass.
+        let first = saved
+            .as_ref()
+            .and_then(|p| sources.iter().position(|s| s.entity.name == p.entity))
+            .unwrap_or(0);
+        let mut saved = saved.filter(|p| {
+            sources
+                .get(first)
+                .is_some_and(|s| s.entity.name == p.entity)
+        });
+        for rows in &sources[first..] {
+            let mut at = saved
+                .take()
+                .unwrap_or_else(|| Position::start(&rows.entity.name));
+            let done = if at.phase == Phase::Rows {
+                self.row_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
+                    .await?
+                    && {
+                        at = Position::keys(&rows.entity.name);
+                        self.save(resume, &at).await?;
+                        true
+                    }
+            } else {
+                true
+            };
+            if !done
+                || !self
+                    .orphan_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
+                    .await?
+            {
                 return Ok(self.finish(summary, started, false));
             }
-            let (at, page) = items::page_after(&mut db, cursor, self.batch as i64).await?;
-            let last = page.last().map(|i| i.id);
-            let n = page.len();
-            let rows = page.into_iter().map(|i| (i.id, Some(i))).collect();
-            let outcome = self
-                .checker()
-                .check_rows(&mut db, at, rows, Source::Sweep)
-                .await?;
-            summary.items += n as u64;
-            self.count(&mut summary, &outcome);
-            metrics.sweep_position.add(n as i64);
-            if n < self.batch {
-                // End of the table: the next pass starts from the beginning.
-                if resume {
-                    redis::cmd("DEL")
-                        .arg(&cursor_key)
-                        .query_async::<()>(&mut conn)
-                        .await?;
-                }
-                drop(db);
-                if !self
-                    .orphan_pass(lease, resume, shutdown, &mut summary)
-                    .await?
-                {
-                    return Ok(self.finish(summary, started, false));
-                }
-                metrics
-                    .sweep_duration
-                    .observe(started.elapsed().as_secs_f64());
-                let now_ms = chrono::Utc::now().timestamp_millis();
-                redis::cmd("SET")
-                    .arg(self.keys().sweep_done_at())
-                    .arg(now_ms)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-                return Ok(self.finish(summary, started, true));
-            }
-            cursor = last;
-            if resume {
-                redis::cmd("SET")
-                    .arg(&cursor_key)
-                    .arg(cursor.map(|c| c.to_string()))
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
         }
+        if resume {
+            redis::cmd("DEL")
+                .arg(&position_key)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        metrics
+            .sweep_duration
+            .observe(started.elapsed().as_secs_f64());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        redis::cmd("SET")
+            .arg(self.keys().sweep_done_at())
+            .arg(now_ms)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(self.finish(summary, started, true))
     }
 
-    /// The key-side pass: SCANs the item keys and checks them, so a key whose row is gone is
-    /// reported as an orphan. Resumes from the saved SCAN cursor with `resume`. False when it
-    /// stopped early (shutdown, lost lease).
-    async fn orphan_pass(
+    /// Walks the entity's rows from `at`. False when it stopped early (shutdown, lost lease).
+    async fn row_pass(
         &self,
+        rows: &Rows,
         lease: &Lease,
         resume: bool,
         shutdown: &CancellationToken,
+        at: &mut Position,
         summary: &mut Summary,
     ) -> anyhow::Result<bool> {
-        let cursor_key = self.keys().orphan_cursor();
-        let pattern = self.keys().item_pattern();
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = if resume {
-            let stored: Option<u64> = redis::cmd("GET")
-                .arg(&cursor_key)
-                .query_async(&mut conn)
+        let mut db = self.checker().pool.get().await?;
+        loop {
+            if shutdown.is_cancelled() || !lease.renew().await? {
+                return Ok(false);
+            }
+            let cursor = (!at.cursor.is_empty()).then_some(at.cursor.as_slice());
+            let (read_at, page, last) = rows.page(&mut db, cursor, self.batch as i64).await?;
+            let n = page.len();
+            let outcome = self
+                .checker()
+                .check_page(&mut db, rows, read_at, page)
                 .await?;
-            stored.unwrap_or(0)
-        } else {
-            0
-        };
+            summary.items += n as u64;
+            self.count(&rows.entity.name, summary, &outcome);
+            self.checker().metrics.sweep_position.add(n as i64);
+            if n < self.batch {
+                return Ok(true);
+            }
+            at.cursor = last.unwrap_or_default();
+            self.save(resume, at).await?;
+        }
+    }
+
+    /// The key-side pass over the entity's keys: SCANs them and checks those with no row, so
+    /// a key whose row is gone is reported as an orphan. False when it stopped early.
+    async fn orphan_pass(
+        &self,
+        rows: &Rows,
+        lease: &Lease,
+        resume: bool,
+        shutdown: &CancellationToken,
+        at: &mut Position,
+        summary: &mut Summary,
+    ) -> anyhow::Result<bool> {
+        let pattern = rows.entity.key.pattern();
+        let mut conn = self.checker().cache.connection();
+        let mut cursor: u64 = at.scan;
         loop {
             if shutdown.is_cancelled() || !lease.renew().await? {
                 return Ok(false);
@@ -248,55 +279,37 @@ impl Sweeper {
                 .arg(self.batch)
                 .query_async(&mut conn)
                 .await?;
-            let ids: Vec<Uuid> = keys
-                .iter()
-                .filter_map(|k| self.keys().parse_item(k))
-                .collect();
             summary.keys_scanned += keys.len() as u64;
-            // Keys with a row were compared by the row pass; only the others need a check.
-            let existing = {
-                let mut db = self.checker().pool.get().await?;
-                items::existing(&mut db, &ids).await?
-            };
-            let orphans: Vec<Uuid> = ids
-                .into_iter()
-                .filter(|id| !existing.contains(id))
-                .collect();
-            if !orphans.is_empty() {
-                let outcome = self
-                    .checker()
-                    .check_ids(&orphans, Source::Sweep, None)
-                    .await?;
-                self.count(summary, &outcome);
-            }
+            let outcome = self.checker().check_orphans(rows, keys).await?;
+            self.count(&rows.entity.name, summary, &outcome);
             if next == 0 {
-                if resume {
-                    redis::cmd("DEL")
-                        .arg(&cursor_key)
-                        .query_async::<()>(&mut conn)
-                        .await?;
-                }
                 return Ok(true);
             }
             cursor = next;
-            if resume {
-                redis::cmd("SET")
-                    .arg(&cursor_key)
-                    .arg(cursor)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
+            at.scan = cursor;
+            self.save(resume, at).await?;
         }
     }
 
-    fn count(&self, summary: &mut Summary, outcome: &stalewatch_core::check::Outcome) {
+    async fn save(&self, resume: bool, at: &Position) -> anyhow::Result<()> {
+        if resume {
+            redis::cmd("SET")
+                .arg(self.keys().sweep_cursor())
+                .arg(serde_json::to_string(at)?)
+                .query_async::<()>(&mut self.conn.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn count(&self, entity: &str, summary: &mut Summary, outcome: &Outcome) {
         summary.transitions += outcome.transitions();
         for (kind, count) in &outcome.verdicts {
             *summary.verdicts.entry(kind.as_str()).or_default() += count;
             self.checker()
                 .metrics
                 .sweep_items
-                .with_label_values(&[kind.as_str()])
+                .with_label_values(&[entity, kind.as_str()])
                 .inc_by(*count);
         }
     }
@@ -310,6 +323,44 @@ impl Sweeper {
         };
         s.complete = complete;
         s
+    }
+}
+
+/// Where a pass is: which entity, which of its two walks, and how far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub entity: String,
+    pub phase: Phase,
+    /// Rows: the walk columns' values of the last row done, as text (empty: from the start).
+    #[serde(default)]
+    pub cursor: Vec<String>,
+    /// Keys: the SCAN cursor (0: from the start).
+    #[serde(default)]
+    pub scan: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Rows,
+    Keys,
+}
+
+impl Position {
+    fn start(entity: &str) -> Position {
+        Position {
+            entity: entity.to_string(),
+            phase: Phase::Rows,
+            cursor: Vec::new(),
+            scan: 0,
+        }
+    }
+
+    fn keys(entity: &str) -> Position {
+        Position {
+            phase: Phase::Keys,
+            ..Position::start(entity)
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Upkeep {
     pub metrics: Metrics,
     pub incident_retention: Duration,
     pub dead_job_retention: Duration,
+    /// The watched entities, for the open-incident gauge.
+    pub entities: Vec<String>,
 }
 
 impl Upkeep {
@@ -39,6 +41,7 @@ impl Upkeep {
         keys: Keys,
         pool: PgPool,
         metrics: Metrics,
+        entities: Vec<String>,
     ) -> Self {
         Self {
             conn,
@@ -47,6 +50,7 @@ impl Upkeep {
             metrics,
             incident_retention: config.incident_retention,
             dead_job_retention: config.dead_job_retention,
+            entities,
         }
     }
 
@@ -72,7 +76,10 @@ impl Upkeep {
                 }
             }
             if n.is_multiple_of(4) {
-                if let Err(e) = track::refresh_open_gauge(&self.pool, &self.metrics).await {
+                let entities: Vec<&str> = self.entities.iter().map(String::as_str).collect();
+                if let Err(e) =
+                    track::refresh_open_gauge(&self.pool, &self.metrics, &entities).await
+                {
                     tracing::debug!(error = %e, "open-incident gauge not refreshed");
                 }
                 if let Err(e) = self.sweep_age(started).await {

@@ -8,16 +8,14 @@ use common::*;
 use stalewatch_core::{
     incident::Source,
     jobs::{CheckJob, ConfirmJob},
+    keys::Keys,
     queue,
 };
 use stalewatch_testkit::{eventually, free_port, TestEnv};
 use uuid::Uuid;
 
-fn check(ids: Vec<Uuid>) -> CheckJob {
-    CheckJob {
-        ids,
-        source: Source::WriteCheck,
-    }
+fn check(keys: &Keys, ids: Vec<Uuid>) -> CheckJob {
+    CheckJob::for_items(keys, &ids, Source::WriteCheck)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -29,7 +27,11 @@ async fn pending_confirmations_survive_a_sigkilled_worker_and_run_once() {
     let (mut first, _) = worker(&env, &settings);
     let items = stale_items(&env, 50).await;
     let keys: Vec<String> = items.iter().map(|i| env.keys().item(&i.id)).collect();
-    push_checks(&env, vec![check(items.iter().map(|i| i.id).collect())]).await;
+    push_checks(
+        &env,
+        vec![check(env.keys(), items.iter().map(|i| i.id).collect())],
+    )
+    .await;
 
     eventually(Duration::from_secs(20), "50 detected incidents", || {
         let env = &env;
@@ -101,9 +103,12 @@ async fn two_workers_share_a_queue_without_duplicates_or_double_counting() {
         r.rotate_left(round * 97);
         ids.extend(r);
     }
-    let mut jobs: Vec<CheckJob> = ids.chunks(10).map(|c| check(c.to_vec())).collect();
+    let mut jobs: Vec<CheckJob> = ids
+        .chunks(10)
+        .map(|c| check(env.keys(), c.to_vec()))
+        .collect();
     // Plus a few thousand checks of keys that exist nowhere (a match, nothing to record).
-    jobs.extend((0..2000).map(|_| check(vec![Uuid::now_v7()])));
+    jobs.extend((0..2000).map(|_| check(env.keys(), vec![Uuid::now_v7()])));
     let total = jobs.len() as f64;
     push_checks(&env, jobs).await;
 
@@ -168,7 +173,9 @@ async fn a_backlog_of_20000_due_checks_drains_and_finished_jobs_are_deleted() {
     let env = TestEnv::new().await.unwrap();
     // Pushed while no worker runs: 20,000 jobs due at once, more than apalis-redis's own
     // fetch can promote in one go.
-    let jobs: Vec<CheckJob> = (0..20_000).map(|_| check(vec![Uuid::now_v7()])).collect();
+    let jobs: Vec<CheckJob> = (0..20_000)
+        .map(|_| check(env.keys(), vec![Uuid::now_v7()]))
+        .collect();
     push_checks(&env, jobs).await;
     let (_w, port) = worker(&env, &[("SWEEP_INTERVAL_MS", "0")]);
     drained::<CheckJob>(&env, Duration::from_secs(180)).await;
@@ -221,7 +228,7 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     );
 
     let first = stale_items(&private, 1).await;
-    push_checks(&private, vec![check(vec![first[0].id])]).await;
+    push_checks(&private, vec![check(private.keys(), vec![first[0].id])]).await;
     eventually(Duration::from_secs(20), "the first check", || async {
         (all_incidents(&private).await.len() == 1).then_some(())
     })
@@ -244,7 +251,7 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     .await;
 
     let second = stale_items(&private, 1).await;
-    push_checks(&private, vec![check(vec![second[0].id])]).await;
+    push_checks(&private, vec![check(private.keys(), vec![second[0].id])]).await;
     eventually(
         Duration::from_secs(60),
         "a check after the restart",
@@ -268,7 +275,7 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
-    use stalewatch_core::{check::Checker, jobs::ConfirmTarget, metrics::Metrics};
+    use stalewatch_core::jobs::ConfirmTarget;
     let env = TestEnv::new().await.unwrap();
     // Neither the sweep nor the confirmation backstop: only the job under test may confirm.
     let settings = [
@@ -282,15 +289,9 @@ async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
         ..env.config()
     };
     let mut conn = queue::connect(&env.redis_url).await.unwrap();
-    let checker = Checker::new(
-        &config,
-        env.pool.clone(),
-        env.cache.clone(),
-        Metrics::new(),
-        conn.clone(),
-    );
+    let checker = env.checker(&config).await.unwrap();
     let detected = checker
-        .check_ids(&[item.id], Source::Sweep, None)
+        .check_items(&[item.id], Source::Sweep, None)
         .await
         .unwrap();
     let incident = detected.recorded[0].incident.clone().expect("detected");
@@ -303,9 +304,10 @@ async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
         .unwrap();
     // Due in 4 s but runnable now: the handler holds it in flight, waiting for the due time.
     let job = ConfirmJob {
+        entity: stalewatch_core::keys::ITEM_ENTITY.into(),
         targets: vec![ConfirmTarget {
             incident_id: incident.id,
-            item_id: item.id,
+            key: env.keys().item(&item.id),
         }],
         due_at: chrono::Utc::now() + chrono::Duration::seconds(4),
     };

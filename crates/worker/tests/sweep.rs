@@ -60,9 +60,14 @@ async fn a_sweep_resumes_from_its_saved_position() {
     items.sort_by_key(|i| i.id);
     // As if a worker had finished the first 25 items and then died.
     let mut conn = env.cache.connection();
+    let position = serde_json::json!({
+        "entity": "item",
+        "phase": "rows",
+        "cursor": [items[24].id.to_string()],
+    });
     redis::cmd("SET")
         .arg(env.keys().sweep_cursor())
-        .arg(items[24].id.to_string())
+        .arg(position.to_string())
         .query_async::<()>(&mut conn)
         .await
         .unwrap();

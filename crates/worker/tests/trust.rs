@@ -14,6 +14,7 @@ use stalewatch_core::{
     db::items::{self, Item},
     incident::Source,
     jobs::{CheckJob, ConfirmJob},
+    keys::Keys,
     queue,
 };
 use stalewatch_testkit::{eventually, TestEnv};
@@ -27,11 +28,8 @@ use uuid::Uuid;
 const BACKLOG_JOBS: usize = 2_000;
 const BACKLOG_IDS: usize = 1_000;
 
-fn check(ids: Vec<Uuid>) -> CheckJob {
-    CheckJob {
-        ids,
-        source: Source::WriteCheck,
-    }
+fn check(keys: &Keys, ids: Vec<Uuid>) -> CheckJob {
+    CheckJob::for_items(keys, &ids, Source::WriteCheck)
 }
 
 /// A worker context and sweeper of this test's data, sweeping `batch` rows at a time.
@@ -188,7 +186,7 @@ async fn a_row_the_parser_refuses_is_an_undecodable_incident_and_the_sweep_moves
     job_ids.extend(fresh[1..].iter().map(|i| i.id));
     let outcome = ctx
         .checker
-        .check_ids(&job_ids, Source::WriteCheck, None)
+        .check_items(&job_ids, Source::WriteCheck, None)
         .await
         .expect("a check of a batch with a bad row succeeds");
     assert_eq!(outcome.verdicts.get(&Kind::Undecodable), Some(&1));
@@ -219,7 +217,7 @@ async fn duplicate_ids_in_one_check_invent_no_orphan() {
     let (ctx, _) = sweeper(&env, 10).await;
     let outcome = ctx
         .checker
-        .check_ids(&[item.id, item.id], Source::WriteCheck, None)
+        .check_items(&[item.id, item.id], Source::WriteCheck, None)
         .await
         .unwrap();
     assert_eq!(
@@ -252,7 +250,7 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
     );
     let item = stale_items(&env, 1).await.remove(0);
     let key = env.keys().item(&item.id);
-    push_checks(&env, vec![check(vec![item.id])]).await;
+    push_checks(&env, vec![check(env.keys(), vec![item.id])]).await;
     let detected = eventually(Duration::from_secs(20), "the incident detected", || {
         let (env, key) = (&env, &key);
         async move {
@@ -483,7 +481,7 @@ async fn dead_jobs_are_counted_and_removed_after_their_retention() {
     let mut conn = env.cache.connection();
     let dead: Vec<String> = (0..3).map(|_| Uuid::now_v7().to_string()).collect();
     for id in &dead {
-        let payload = serde_json::to_vec(&check(vec![Uuid::now_v7()])).unwrap();
+        let payload = serde_json::to_vec(&check(env.keys(), vec![Uuid::now_v7()])).unwrap();
         redis::pipe()
             .cmd("SADD")
             .arg(config.dead_jobs_set())
@@ -564,7 +562,12 @@ async fn dead_jobs_are_counted_and_removed_after_their_retention() {
 async fn a_backlog_drains_with_no_failed_attempt_on_a_small_pool() {
     let env = TestEnv::new().await.unwrap();
     let jobs: Vec<CheckJob> = (0..BACKLOG_JOBS)
-        .map(|_| check((0..BACKLOG_IDS).map(|_| Uuid::new_v4()).collect()))
+        .map(|_| {
+            check(
+                env.keys(),
+                (0..BACKLOG_IDS).map(|_| Uuid::new_v4()).collect(),
+            )
+        })
         .collect();
     let pushed = std::time::Instant::now();
     push_checks(&env, jobs).await;
@@ -613,7 +616,7 @@ async fn repair_policy_confirmed_rewrites_a_confirmed_key() {
     let item = stale_items(&env, 1).await.remove(0);
     let key = env.keys().item(&item.id);
     assert_eq!(cached_version(&env, &key).await, Some(0));
-    push_checks(&env, vec![check(vec![item.id])]).await;
+    push_checks(&env, vec![check(env.keys(), vec![item.id])]).await;
     let row = eventually(Duration::from_secs(30), "the incident repaired", || {
         let (env, key) = (&env, &key);
         async move {
@@ -650,7 +653,7 @@ async fn without_a_repair_policy_a_confirmed_key_stays_stale() {
     );
     let item = stale_items(&env, 1).await.remove(0);
     let key = env.keys().item(&item.id);
-    push_checks(&env, vec![check(vec![item.id])]).await;
+    push_checks(&env, vec![check(env.keys(), vec![item.id])]).await;
     let row = eventually(Duration::from_secs(30), "the incident confirmed", || {
         let (env, key) = (&env, &key);
         async move {

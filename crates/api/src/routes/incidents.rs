@@ -1,6 +1,6 @@
 //! Incidents, as the prototype listed them and with filters, all with keyset pagination.
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{get, post, web, HttpResponse};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -149,6 +149,8 @@ pub struct ListParams {
     /// Comma-separated states.
     state: Option<String>,
     key: Option<String>,
+    /// An entity's name in the ENTITIES file.
+    entity: Option<String>,
     limit: Option<i64>,
     /// The `next` value of the previous page.
     after: Option<i64>,
@@ -177,11 +179,34 @@ pub async fn list(
     let query = ListQuery {
         states,
         key: p.key,
+        entity: p.entity,
         before_id: p.after,
         limit: page_size(p.limit)?,
     };
     let page = page(&state, query, false).await?;
     Ok(HttpResponse::Ok().json(json!({ "data": page.data, "next": page.next })))
+}
+
+/// Rewrites the incident's key from PostgreSQL, in its entity's representation, and checks
+/// it: a match resolves the incident with cause `refresh`. Returns the incident as it then is.
+#[post("/inconsistencies/{id}/refresh")]
+pub async fn refresh(
+    state: web::Data<AppState>,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let find = async || {
+        db::idempotent(&state.pool, async |conn| incidents::by_id(conn, id).await)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no incident {id}")))
+    };
+    let row = find().await?;
+    state
+        .checker()
+        .await?
+        .refresh(&row.entity, &row.cache_key)
+        .await?;
+    Ok(HttpResponse::Ok().json(IncidentView::from(find().await?)))
 }
 
 #[get("/inconsistencies/{id}")]

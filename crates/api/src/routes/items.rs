@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use stalewatch_core::{
     config::FailureMode,
     db::items::{self, Item, ItemChanges},
+    keys::ITEM_ENTITY,
 };
 use uuid::Uuid;
 
@@ -252,7 +253,9 @@ pub async fn delete(
 async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
     // A pending injected overwrite would undo the refresh.
     state.injector.cancel(&state.cache.keys().item(&id)).await;
-    let (item, outcome) = state.checker.refresh(id).await?;
+    let item = items::get(&state.pool, id).await?;
+    let key = state.cache.keys().item(&id);
+    let outcome = state.checker().await?.refresh(ITEM_ENTITY, &key).await?;
     let incident = outcome
         .recorded
         .into_iter()

@@ -19,6 +19,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(items::delete)
         .service(items::refresh)
         .service(incidents::list)
+        .service(incidents::refresh)
         .service(incidents::one)
         .service(ops::healthz)
         .service(ops::readyz)

@@ -34,7 +34,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 /// Refreshes the gauges that are read from the stores rather than counted in-process.
 async fn refresh_gauges(state: &AppState) {
-    if let Err(e) = track::refresh_open_gauge(&state.pool, &state.metrics).await {
+    let entities = match state.checker().await {
+        Ok(checker) => checker.watched.names(),
+        Err(_) => Vec::new(),
+    };
+    if let Err(e) = track::refresh_open_gauge(&state.pool, &state.metrics, &entities).await {
         tracing::debug!(error = %e, "open-incident gauge not refreshed");
     }
     let mut conn = state.queue_conn.clone();

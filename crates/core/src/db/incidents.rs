@@ -366,7 +366,7 @@ pub async fn fold_persistent(
 pub struct Overdue {
     pub id: i64,
     pub cache_key: String,
-    pub entity_id: String,
+    pub entity: String,
 }
 
 /// Detected incidents whose `confirm_due_at` passed more than `slack` ago (PostgreSQL's
@@ -384,7 +384,7 @@ pub async fn overdue(
         .filter(t::confirm_due_at.lt(now - slack))
         .order(t::confirm_due_at.asc())
         .limit(limit)
-        .select((t::id, t::cache_key, t::entity_id))
+        .select((t::id, t::cache_key, t::entity))
         .load(conn)
         .await?)
 }
@@ -417,6 +417,7 @@ pub async fn delete_closed_before(
 pub struct ListQuery {
     pub states: Vec<State>,
     pub key: Option<String>,
+    pub entity: Option<String>,
     /// Keyset pagination: only ids below this one.
     pub before_id: Option<i64>,
     pub limit: i64,
@@ -438,24 +439,30 @@ pub async fn list(
     if let Some(key) = &q.key {
         query = query.filter(t::cache_key.eq(key.clone()));
     }
+    if let Some(entity) = &q.entity {
+        query = query.filter(t::entity.eq(entity.clone()));
+    }
     if let Some(before) = q.before_id {
         query = query.filter(t::id.lt(before));
     }
     Ok(query.load(conn).await?)
 }
 
-/// Open incidents by state, read from the table so the gauge is right after a restart.
-pub async fn count_open(conn: &mut AsyncPgConnection) -> Result<HashMap<String, i64>, DbError> {
-    let rows: Vec<(String, i64)> = t::table
+/// Open incidents by (entity, state), read from the table so the gauge is right after a
+/// restart.
+pub async fn count_open(
+    conn: &mut AsyncPgConnection,
+) -> Result<HashMap<(String, String), i64>, DbError> {
+    let rows: Vec<(String, String, i64)> = t::table
         .filter(is_open())
-        .group_by(t::state)
-        .select((t::state, diesel::dsl::count_star()))
+        .group_by((t::entity, t::state))
+        .select((t::entity, t::state, diesel::dsl::count_star()))
         .load(conn)
         .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows.into_iter().map(|(e, s, n)| ((e, s), n)).collect())
 }
 
-/// How many incidents match `q`'s filters (`states`, `key`) in all, whatever page
+/// How many incidents match `q`'s filters (`states`, `key`, `entity`) in all, whatever page
 /// (`before_id`, `limit`) it asks for: the total a paginated listing reports.
 pub async fn count(conn: &mut AsyncPgConnection, q: &ListQuery) -> Result<i64, DbError> {
     let mut query = t::table.select(diesel::dsl::count_star()).into_boxed();
@@ -465,6 +472,9 @@ pub async fn count(conn: &mut AsyncPgConnection, q: &ListQuery) -> Result<i64, D
     }
     if let Some(key) = &q.key {
         query = query.filter(t::cache_key.eq(key.clone()));
+    }
+    if let Some(entity) = &q.entity {
+        query = query.filter(t::entity.eq(entity.clone()));
     }
     Ok(query.get_result(conn).await?)
 }

@@ -46,6 +46,13 @@ impl Item {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawJson(Vec<u8>);
 
+impl RawJson {
+    /// The document's text, unparsed.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl FromSql<Jsonb, Pg> for RawJson {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
         // jsonb's binary form is a version byte (1) followed by the document's text.

@@ -143,6 +143,9 @@ pub struct Entity {
     pub version: Option<String>,
     pub policy: CachePolicy,
     pub ignore: Vec<String>,
+    /// The expiry a refresh or repair gives the keys it writes; `None`: a written key keeps
+    /// the expiry it had (stalewatch does not know the application's).
+    pub ttl: Option<std::time::Duration>,
     /// 1-based line of the entity's `[[entity]]` header.
     pub line: usize,
 }
@@ -322,6 +325,7 @@ struct RawEntity {
     version: Option<Spanned<String>>,
     policy: Option<Spanned<String>>,
     ignore: Option<Spanned<Vec<Spanned<String>>>>,
+    ttl: Option<Spanned<String>>,
 }
 
 /// Parses an ENTITIES file and checks everything that needs no database. `vars` gives the
@@ -612,6 +616,21 @@ impl Builder<'_> {
             Some(s) => self.template("key", s),
         };
 
+        let ttl = match &raw.ttl {
+            None => Some(None),
+            Some(s) => self.expand("ttl", s, false).and_then(|t| {
+                match humantime::parse_duration(t.trim()) {
+                    Ok(d) if !d.is_zero() => Some(Some(d)),
+                    _ => {
+                        self.error(
+                            Some(s.span()),
+                            format!("ttl: {t:?} is not a duration such as \"1h\" or \"3600s\""),
+                        );
+                        None
+                    }
+                }
+            }),
+        };
         let policy = match &raw.policy {
             None => Some(CachePolicy::default()),
             Some(s) => self
@@ -703,6 +722,7 @@ impl Builder<'_> {
             version,
             policy: policy?,
             ignore,
+            ttl: ttl?,
             line: self.header,
         })
     }
@@ -1014,8 +1034,14 @@ policy = "write_through"
         None
     }
 
+    /// The variables the built-in file uses, as the configuration gives them.
     fn prefix_vars(prefix: &'static str) -> impl Fn(&str) -> Option<String> {
-        move |v| (v == "KEY_PREFIX").then(|| prefix.to_string())
+        move |v| match v {
+            "KEY_PREFIX" => Some(prefix.to_string()),
+            "CACHE_POLICY" => Some("cache_aside".to_string()),
+            "CACHE_TTL_SECS" => Some("3600".to_string()),
+            _ => None,
+        }
     }
 
     fn strings(s: &[&str]) -> Vec<String> {
@@ -1081,6 +1107,7 @@ policy = "write_through"
                     version: Some("updated_at".into()),
                     policy: CachePolicy::CacheAside,
                     ignore: strings(&["profile.last_login"]),
+                    ttl: None,
                     line: 1,
                 },
                 Entity {
@@ -1092,6 +1119,7 @@ policy = "write_through"
                     version: None,
                     policy: CachePolicy::CacheAside,
                     ignore: vec![],
+                    ttl: None,
                     line: 12,
                 },
                 Entity {
@@ -1105,6 +1133,7 @@ policy = "write_through"
                     version: None,
                     policy: CachePolicy::CacheAside,
                     ignore: vec![],
+                    ttl: None,
                     line: 20,
                 },
                 Entity {
@@ -1118,6 +1147,7 @@ policy = "write_through"
                     version: None,
                     policy: CachePolicy::WriteThrough,
                     ignore: vec![],
+                    ttl: None,
                     line: 28,
                 },
             ]
@@ -1247,9 +1277,9 @@ policy = "dual-write"
     #[test]
     fn unknown_fields_are_rejected_with_their_line() {
         let e = one_error(
-            &entity("representation = \"json\"\nttl = 60\n"),
+            &entity("representation = \"json\"\nexpiry = 60\n"),
             7,
-            "unknown field `ttl`",
+            "unknown field `expiry`",
         );
         assert_eq!(e.entity.as_deref(), Some("user"));
         one_error(

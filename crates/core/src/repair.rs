@@ -1,0 +1,114 @@
+//! Writing a key from PostgreSQL in its entity's representation: what a refresh and a repair
+//! do. stalewatch never writes a key for any other reason.
+//!
+//! A JSON document whose entity has an integer version is written with the versioned
+//! compare-and-set, so a refresh or repair racing the application's own write never puts
+//! an older version back. Other representations have no version to compare and are
+//! replaced whole, atomically (MULTI): a reader sees the old value or the new one.
+
+use serde_json::Value;
+
+use crate::cache::{Cache, CacheError};
+use crate::column::ColumnType;
+use crate::entity::Representation;
+use crate::rows::{Row, Rows};
+
+/// What writing one key did, for `stalewatch_repairs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    /// The cache already held a newer version.
+    SkippedNewer,
+    /// No row behind the key: the key was deleted.
+    Deleted,
+    /// The row cannot be decoded: nothing sound to write.
+    Undecodable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Written => "written",
+            Outcome::SkippedNewer => "skipped_newer",
+            Outcome::Deleted => "deleted",
+            Outcome::Undecodable => "undecodable",
+        }
+    }
+}
+
+/// A column's value as the text a string key or a hash field holds.
+pub fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Writes what PostgreSQL holds behind `key` (`row`; `None`: nothing) to the cache.
+pub async fn write(
+    cache: &Cache,
+    rows: &Rows,
+    key: &str,
+    row: Option<&Row>,
+) -> Result<Outcome, CacheError> {
+    let entity = &rows.entity;
+    let ttl = entity.ttl;
+    let written = match (&entity.representation, row) {
+        (_, None) => {
+            cache.delete(key).await?;
+            return Ok(Outcome::Deleted);
+        }
+        (Representation::Json { .. }, Some(Row::Doc(doc))) => {
+            let bytes = Value::Object(doc.clone()).to_string().into_bytes();
+            let version = entity.version.as_ref().and_then(|column| {
+                let integer = rows.types.get(column) == Some(&ColumnType::Integer);
+                Some((
+                    column.as_str(),
+                    doc.get(column)?.as_i64().filter(|_| integer)?,
+                ))
+            });
+            match version {
+                Some((field, version)) => {
+                    cache
+                        .set_unless_newer_field(key, &bytes, field, version, ttl)
+                        .await?
+                }
+                None => {
+                    cache.set_keeping_ttl(key, &bytes, ttl).await?;
+                    true
+                }
+            }
+        }
+        (Representation::String { value }, Some(Row::Doc(doc))) => {
+            match doc.get(value).and_then(text) {
+                Some(text) => cache.set_keeping_ttl(key, text.as_bytes(), ttl).await?,
+                None => {
+                    cache.delete(key).await?;
+                    return Ok(Outcome::Deleted);
+                }
+            }
+            true
+        }
+        (Representation::Hash { .. }, Some(Row::Doc(doc))) => {
+            let fields: Vec<(String, String)> = doc
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), text(v)?)))
+                .collect();
+            cache.replace_hash(key, &fields, ttl).await?;
+            true
+        }
+        (Representation::Set { .. }, Some(Row::Members(members))) => {
+            let members: Vec<&String> = members.iter().collect();
+            cache.replace_set(key, &members, ttl).await?;
+            true
+        }
+        // A row of the wrong shape for its representation cannot come out of `Rows`.
+        (_, Some(_)) => return Ok(Outcome::Undecodable),
+    };
+    Ok(if written {
+        Outcome::Written
+    } else {
+        Outcome::SkippedNewer
+    })
+}

@@ -1,0 +1,351 @@
+//! The application's tables, the source of truth: which columns they have, and the rows
+//! behind cache keys, read in batches.
+//!
+//! stalewatch only reads these tables. Every read renders the row the way PostgreSQL's own
+//! `jsonb_build_object` does (typed JSON: numbers, strings, timestamps in RFC 3339, nested
+//! json), which the comparator then reads by the columns' types. The document is handed over
+//! unparsed and decoded row by row, so one value the parser refuses is that key's verdict,
+//! not the batch's failure.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Jsonb, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde_json::{Map, Value};
+
+use crate::column::ColumnType;
+use crate::db::{self, items::RawJson, DbError};
+use crate::entity::{quote_ident as ident, Catalog, Column, Entity, Representation, Table};
+
+/// `jsonb_build_object` takes at most 100 arguments: 50 columns per call, joined with `||`.
+const COLUMNS_PER_OBJECT: usize = 50;
+
+/// Reads the columns of `tables` from the catalog, and whether this role may read them.
+/// A table that does not exist is absent from the result; one that exists but may not be
+/// read is an error naming the GRANT to give.
+pub async fn catalog(conn: &mut AsyncPgConnection, tables: &[Table]) -> Result<Catalog, DbError> {
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        name: String,
+        #[diesel(sql_type = Text)]
+        type_name: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        readable: bool,
+    }
+    let mut catalog = Catalog {
+        tables: HashMap::new(),
+    };
+    for table in tables {
+        let rows: Vec<Row> = diesel::sql_query(
+            "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_name, \
+             has_table_privilege(a.attrelid, 'SELECT') AS readable \
+             FROM pg_attribute a WHERE a.attrelid = to_regclass($1) \
+             AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        )
+        .bind::<Text, _>(table.sql())
+        .load(conn)
+        .await?;
+        // (`<[_]>::first`: diesel's query DSL also has a `first`.)
+        if <[Row]>::first(&rows).is_some_and(|r| !r.readable) {
+            return Err(DbError::Rejected(format!(
+                "this role may not read {table}: GRANT SELECT ON {} TO <stalewatch's role>",
+                table.sql()
+            )));
+        }
+        if !rows.is_empty() {
+            let columns = rows
+                .into_iter()
+                .map(|r| Column {
+                    name: r.name,
+                    type_name: r.type_name,
+                })
+                .collect();
+            catalog.tables.insert(table.clone(), columns);
+        }
+    }
+    Ok(catalog)
+}
+
+/// What the database holds behind one cache key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// A JSON object of the row's columns (json, hash and string representations).
+    Doc(Map<String, Value>),
+    /// The rendered members of a set key (every row behind it).
+    Members(BTreeSet<String>),
+}
+
+/// A key's row: absent, present, or present but unreadable (why).
+pub type Found = Result<Option<Row>, String>;
+
+/// One row of a sweep page: the key it renders to, and what is behind it.
+#[derive(Debug)]
+pub struct PageRow {
+    pub key: Option<String>,
+    pub row: Found,
+}
+
+/// One entity's way to its rows: the statements, built once from the model and the catalog.
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub entity: Entity,
+    /// Every column of the table, by name.
+    pub types: HashMap<String, ColumnType>,
+    /// The key template's columns with their SQL types, in template order.
+    key_columns: Vec<(String, String)>,
+    /// The columns a sweep walks in order: the primary key, or a set's key columns.
+    walk_columns: Vec<(String, String)>,
+    by_key: String,
+    page_first: String,
+    page_after: String,
+}
+
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+impl Rows {
+    /// Builds the statements of a validated entity. `catalog` must hold its table.
+    pub fn new(entity: &Entity, catalog: &Catalog) -> Rows {
+        let columns = &catalog.tables[&entity.table];
+        let sql_type: HashMap<&str, &str> = columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.type_name.as_str()))
+            .collect();
+        let typed = |names: &[&str]| -> Vec<(String, String)> {
+            names
+                .iter()
+                .map(|n| (n.to_string(), sql_type[n].to_string()))
+                .collect()
+        };
+        let key_columns = typed(&entity.key.columns());
+        let pk: Vec<&str> = entity.primary_key.iter().map(String::as_str).collect();
+        let all: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        let table = entity.table.sql();
+
+        // What the document holds, and the columns a sweep page renders its key from.
+        let (doc, grouped) = match &entity.representation {
+            Representation::Json { columns } | Representation::Hash { columns } => {
+                let names: Vec<&str> = match columns {
+                    Some(c) => c.iter().map(String::as_str).collect(),
+                    None => all.clone(),
+                };
+                (object(&names, false), false)
+            }
+            Representation::String { value } => (object(&[value.as_str()], false), false),
+            Representation::Set { member } => {
+                let members = object(&member.columns(), true);
+                (format!("jsonb_agg({members})"), true)
+            }
+        };
+        let walk: Vec<&str> = if grouped {
+            entity.key.columns()
+        } else {
+            let mut walk = pk.clone();
+            walk.extend(entity.key.columns().into_iter().filter(|c| !pk.contains(c)));
+            walk
+        };
+        let walk_columns = typed(if grouped { &walk } else { &pk });
+        let keys_doc = object(&walk, true);
+
+        // By key: the template's values come in as text arrays, one per column, cast to the
+        // column's type so the table's indexes apply.
+        let unnest_args: Vec<String> = (1..=key_columns.len())
+            .map(|i| format!("${i}::text[]"))
+            .collect();
+        let aliases: Vec<String> = (0..key_columns.len()).map(|i| format!("c{i}")).collect();
+        let join: Vec<String> = key_columns
+            .iter()
+            .zip(&aliases)
+            .map(|((name, ty), alias)| format!("t.{} = k.{alias}::{ty}", ident(name)))
+            .collect();
+        let by_key = format!(
+            "SELECT k.ord, {doc} AS doc FROM unnest({}) WITH ORDINALITY AS k({}, ord) \
+             JOIN {table} AS t ON {}{}",
+            unnest_args.join(", "),
+            aliases.join(", "),
+            join.join(" AND "),
+            if grouped { " GROUP BY k.ord" } else { "" },
+        );
+
+        // Sweep pages, in the walk columns' order.
+        let order: Vec<String> = walk_columns
+            .iter()
+            .map(|(n, _)| format!("t.{}", ident(n)))
+            .collect();
+        let cursor: Vec<String> = walk_columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| format!("${}::{ty}", i + 2))
+            .collect();
+        let group = if grouped {
+            format!(" GROUP BY {}", order.join(", "))
+        } else {
+            String::new()
+        };
+        let page = |filter: String| {
+            format!(
+                "SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t{filter}{group} \
+                 ORDER BY {} LIMIT $1",
+                order.join(", ")
+            )
+        };
+        let page_first = page(String::new());
+        let page_after = page(format!(
+            " WHERE ({}) > ({})",
+            order.join(", "),
+            cursor.join(", ")
+        ));
+        let types = columns
+            .iter()
+            .map(|c| (c.name.clone(), ColumnType::from_pg(&c.type_name)))
+            .collect();
+        Rows {
+            entity: entity.clone(),
+            types,
+            key_columns,
+            walk_columns,
+            by_key,
+            page_first,
+            page_after,
+        }
+    }
+
+    /// The template values of `key` if it is one of this entity's keys: it matches the
+    /// template, and each value reads as its column's type (a key of another entity that
+    /// happens to match the pattern, `user:email:x` for `user:{id}` with a uuid id, is not).
+    pub fn key_values(&self, key: &str) -> Option<Vec<String>> {
+        let parsed = self.entity.key.parse_key(key)?;
+        self.key_columns
+            .iter()
+            .map(|(name, _)| {
+                let value = parsed.iter().find(|(c, _)| c == name)?.1.clone();
+                self.types[name].accepts_text(&value).then_some(value)
+            })
+            .collect()
+    }
+
+    /// The rows behind `keys` (each one of this entity's keys, see [`Rows::key_values`]),
+    /// in the order given, with PostgreSQL's clock read in the same round trip.
+    pub async fn by_keys(
+        &self,
+        conn: &mut AsyncPgConnection,
+        keys: &[Vec<String>],
+    ) -> Result<(DateTime<Utc>, Vec<Found>), DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Hit {
+            #[diesel(sql_type = BigInt)]
+            ord: i64,
+            #[diesel(sql_type = Jsonb)]
+            doc: RawJson,
+        }
+        let mut query = diesel::sql_query(&self.by_key).into_boxed();
+        for i in 0..self.key_columns.len() {
+            let column: Vec<&str> = keys.iter().map(|k| k[i].as_str()).collect();
+            query = query.bind::<Array<Text>, _>(column);
+        }
+        let conn: &AsyncPgConnection = conn;
+        let mut c = conn;
+        let hits = query.load::<Hit>(&mut c);
+        let (at, hits) = futures::try_join!(db::now(conn), async { Ok(hits.await?) })?;
+        let mut found: Vec<Found> = vec![Ok(None); keys.len()];
+        for hit in hits {
+            // Several rows behind one key (a template over a column that is not unique): the
+            // first one stands for the key.
+            let slot = &mut found[(hit.ord - 1) as usize];
+            if matches!(slot, Ok(None)) {
+                *slot = self.decode(&hit.doc).map(Some);
+            }
+        }
+        Ok((at, found))
+    }
+
+    /// The next `limit` keys of a sweep after `cursor` (the walk columns' values of the last
+    /// row of the previous page, as text), and the cursor of this page's last row.
+    pub async fn page(
+        &self,
+        conn: &mut AsyncPgConnection,
+        cursor: Option<&[String]>,
+        limit: i64,
+    ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Raw {
+            #[diesel(sql_type = Jsonb)]
+            keys: RawJson,
+            #[diesel(sql_type = Jsonb)]
+            doc: RawJson,
+        }
+        let mut query = match cursor {
+            None => diesel::sql_query(&self.page_first).into_boxed(),
+            Some(_) => diesel::sql_query(&self.page_after).into_boxed(),
+        };
+        query = query.bind::<BigInt, _>(limit);
+        for value in cursor.unwrap_or_default() {
+            query = query.bind::<Text, _>(value.clone());
+        }
+        let conn: &AsyncPgConnection = conn;
+        let mut c = conn;
+        let raws = query.load::<Raw>(&mut c);
+        let (at, raws) = futures::try_join!(db::now(conn), async { Ok(raws.await?) })?;
+        let mut last = None;
+        let rows = raws
+            .into_iter()
+            .map(|raw| {
+                // Text values rendered by PostgreSQL itself: always decodable.
+                let keys: Map<String, Value> =
+                    serde_json::from_slice(raw.keys.bytes()).unwrap_or_default();
+                let text = |c: &str| keys.get(c).and_then(Value::as_str).map(str::to_string);
+                last = self
+                    .walk_columns
+                    .iter()
+                    .map(|(name, _)| text(name))
+                    .collect::<Option<Vec<String>>>();
+                PageRow {
+                    key: self.entity.key.render(text),
+                    row: self.decode(&raw.doc).map(Some),
+                }
+            })
+            .collect();
+        Ok((at, rows, last))
+    }
+
+    fn decode(&self, raw: &RawJson) -> Result<Row, String> {
+        let value: Value = serde_json::from_slice(raw.bytes())
+            .map_err(|e| format!("the row is not JSON this service can read ({e})"))?;
+        match (&self.entity.representation, value) {
+            (Representation::Set { member }, Value::Array(rows)) => Ok(Row::Members(
+                rows.iter()
+                    .filter_map(|r| {
+                        member.render(|c| r.get(c).and_then(Value::as_str).map(str::to_string))
+                    })
+                    .collect(),
+            )),
+            (_, Value::Object(doc)) => Ok(Row::Doc(doc)),
+            (_, other) => Err(format!("unexpected row shape: {other}")),
+        }
+    }
+}
+
+/// `jsonb_build_object('a', t."a", ...)` over `names`, as text when `as_text`.
+fn object(names: &[&str], as_text: bool) -> String {
+    let chunks: Vec<String> = names
+        .chunks(COLUMNS_PER_OBJECT)
+        .map(|chunk| {
+            let args: Vec<String> = chunk
+                .iter()
+                .map(|n| {
+                    let cast = if as_text { "::text" } else { "" };
+                    format!("{}, t.{}{cast}", literal(n), ident(n))
+                })
+                .collect();
+            format!("jsonb_build_object({})", args.join(", "))
+        })
+        .collect();
+    if chunks.is_empty() {
+        "'{}'::jsonb".to_string()
+    } else {
+        chunks.join(" || ")
+    }
+}
