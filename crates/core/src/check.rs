@@ -238,8 +238,12 @@ impl Checker {
         if orphans.is_empty() {
             return Ok(Outcome::default());
         }
-        self.check(&mut conn, rows, at, orphans, Source::Sweep, None, None)
-            .await
+        let outcome = self
+            .check(&mut conn, rows, at, orphans, Source::Sweep, None, None)
+            .await?;
+        drop(conn);
+        self.repair_confirmed(rows, &outcome).await;
+        Ok(outcome)
     }
 
     #[allow(clippy::too_many_arguments)]
