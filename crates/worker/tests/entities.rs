@@ -317,6 +317,24 @@ async fn faults_in_every_representation_are_detected_confirmed_and_resolved_by_r
     // user 3's document, untouched, never diverged.
     assert!(latest(&env, &app.key("user:3")).await.is_none());
 
+    // The incidents API filters by entity.
+    let listed: Value = reqwest::get(format!("{api_url}/inconsistencies?entity=user_hash"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k.contains("app:userh:")),
+        "{keys:?}"
+    );
+
     // A refresh of each incident's key resolves it with cause `refresh`. The worker stops
     // first: a sweep that happened to read a refreshed key before the refresh's own check
     // would resolve it too, with cause `natural` (docs/guarantees.md, known limits).
