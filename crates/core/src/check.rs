@@ -229,15 +229,20 @@ impl Checker {
             return Ok(Outcome::default());
         }
         let mut conn = self.pool.get().await?;
-        let (at, found) = rows.by_keys(&mut conn, &values).await?;
-        let orphans: Vec<(String, Found)> = keys
+        let exist = rows.exist(&mut conn, &values).await?;
+        let (keys, values): (Vec<String>, Vec<Vec<String>>) = keys
             .into_iter()
-            .zip(found)
-            .filter(|(_, f)| matches!(f, Ok(None)))
-            .collect();
-        if orphans.is_empty() {
+            .zip(values)
+            .zip(exist)
+            .filter(|(_, exists)| !exists)
+            .map(|(pair, _)| pair)
+            .unzip();
+        if keys.is_empty() {
             return Ok(Outcome::default());
         }
+        // Read again, dated: a row may have appeared since (then it is compared as usual).
+        let (at, found) = rows.by_keys(&mut conn, &values).await?;
+        let orphans: Vec<(String, Found)> = keys.into_iter().zip(found).collect();
         let outcome = self
             .check(&mut conn, rows, at, orphans, Source::Sweep, None, None)
             .await?;

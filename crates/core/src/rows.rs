@@ -98,6 +98,8 @@ pub struct Rows {
     /// The columns a sweep walks in order: the primary key, or a set's key columns.
     walk_columns: Vec<(String, String)>,
     by_key: String,
+    /// Which keys have rows: the key-side sweep needs no documents.
+    exists: String,
     page_first: String,
     page_after: String,
 }
@@ -161,14 +163,17 @@ impl Rows {
             .zip(&aliases)
             .map(|((name, ty), alias)| format!("t.{} = k.{alias}::{ty}", ident(name)))
             .collect();
-        let by_key = format!(
-            "SELECT k.ord, {doc} AS doc FROM unnest({}) WITH ORDINALITY AS k({}, ord) \
-             JOIN {table} AS t ON {}{}",
+        let from = format!(
+            "FROM unnest({}) WITH ORDINALITY AS k({}, ord) JOIN {table} AS t ON {}",
             unnest_args.join(", "),
             aliases.join(", "),
             join.join(" AND "),
+        );
+        let by_key = format!(
+            "SELECT k.ord, {doc} AS doc {from}{}",
             if grouped { " GROUP BY k.ord" } else { "" },
         );
+        let exists = format!("SELECT DISTINCT k.ord {from}");
 
         // Sweep pages, in the walk columns' order.
         let order: Vec<String> = walk_columns
@@ -208,6 +213,7 @@ impl Rows {
             key_columns,
             walk_columns,
             by_key,
+            exists,
             page_first,
             page_after,
         }
@@ -260,6 +266,29 @@ impl Rows {
             }
         }
         Ok((at, found))
+    }
+
+    /// Which of `keys` (as for [`Rows::by_keys`]) have at least one row behind them.
+    pub async fn exist(
+        &self,
+        conn: &mut AsyncPgConnection,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<bool>, DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Hit {
+            #[diesel(sql_type = BigInt)]
+            ord: i64,
+        }
+        let mut query = diesel::sql_query(&self.exists).into_boxed();
+        for i in 0..self.key_columns.len() {
+            let column: Vec<&str> = keys.iter().map(|k| k[i].as_str()).collect();
+            query = query.bind::<Array<Text>, _>(column);
+        }
+        let mut found = vec![false; keys.len()];
+        for hit in query.load::<Hit>(conn).await? {
+            found[(hit.ord - 1) as usize] = true;
+        }
+        Ok(found)
     }
 
     /// The next `limit` keys of a sweep after `cursor` (the walk columns' values of the last
