@@ -18,6 +18,7 @@ pub mod keys;
 pub mod lease;
 pub mod logging;
 pub mod metrics;
+pub mod pgoutput;
 pub mod queue;
 pub mod repair;
 pub mod rows;
