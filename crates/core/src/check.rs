@@ -20,7 +20,7 @@ use redis::aio::ConnectionManager;
 use crate::cache::{Cache, CacheError};
 use crate::compare::Kind;
 use crate::config::{Config, RepairPolicy};
-use crate::db::incidents::Evidence;
+use crate::db::incidents::{self, Evidence};
 use crate::db::{DbError, PgPool};
 use crate::incident::{Cause, Source, State};
 use crate::jobs::{ConfirmJob, ConfirmTarget, Job};
@@ -336,7 +336,8 @@ impl Checker {
     /// and checks it, so that its open incident resolves with cause `refresh`.
     pub async fn refresh(&self, entity: &str, key: &str) -> Result<Outcome, CheckError> {
         let rows = self.rows(entity)?;
-        self.write_back(rows, &[key.to_string()]).await?;
+        self.write_back(rows, &[key.to_string()], Cause::Refresh)
+            .await?;
         self.check_keys_with(
             entity,
             &[key.to_string()],
@@ -369,7 +370,7 @@ impl Checker {
             return;
         }
         let repaired = async {
-            self.write_back(rows, &keys).await?;
+            self.write_back(rows, &keys, Cause::Repair).await?;
             Box::pin(self.check_keys_with(
                 &rows.entity.name,
                 &keys,
@@ -387,7 +388,12 @@ impl Checker {
     }
 
     /// Writes what PostgreSQL holds behind `keys` to the cache, counted by outcome.
-    async fn write_back(&self, rows: &Rows, keys: &[String]) -> Result<(), CheckError> {
+    async fn write_back(
+        &self,
+        rows: &Rows,
+        keys: &[String],
+        cause: Cause,
+    ) -> Result<(), CheckError> {
         let values: Vec<Vec<String>> = keys.iter().filter_map(|k| rows.key_values(k)).collect();
         if values.len() != keys.len() {
             return Err(CheckError::UnknownEntity(format!(
@@ -399,6 +405,12 @@ impl Checker {
             let mut conn = self.pool.get().await?;
             rows.by_keys(&mut conn, &values).await?.1
         };
+        // Whoever sees the rewritten key agree first (this rewrite's own check, the sweep, a
+        // keyspace notification of this very write) credits the rewrite.
+        {
+            let mut conn = self.pool.get().await?;
+            incidents::mark_rewrite(&mut conn, keys, cause).await?;
+        }
         for (key, found) in keys.iter().zip(found) {
             let outcome = match found {
                 // Nothing sound to write; the incident says why.

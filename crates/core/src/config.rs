@@ -43,6 +43,21 @@ impl FromStr for FailureMode {
     }
 }
 
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OnOff(bool);
+
+impl FromStr for OnOff {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(OnOff(true)),
+            "off" => Ok(OnOff(false)),
+            _ => Err("on or off".into()),
+        }
+    }
+}
+
 /// Whether stalewatch rewrites diverged keys by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RepairPolicy {
@@ -114,6 +129,8 @@ pub struct Config {
     pub dead_job_retention: Duration,
     /// The file describing the watched entities; `None`: the built-in `items` entity.
     pub entities: Option<std::path::PathBuf>,
+    /// Whether the worker subscribes to keyspace notifications of the watched keys.
+    pub keyspace_notifications: bool,
 }
 
 impl Default for Config {
@@ -165,6 +182,7 @@ impl Config {
             incident_retention: env.duration("INCIDENT_RETENTION", "30d")?,
             dead_job_retention: env.duration("DEAD_JOB_RETENTION", "7d")?,
             entities: env.raw("ENTITIES").map(std::path::PathBuf::from),
+            keyspace_notifications: env.parse("KEYSPACE_NOTIFICATIONS", OnOff(true))?.0,
         })
     }
 

@@ -89,17 +89,20 @@ pub enum Source {
     Manual,
     /// The check after a repair (REPAIR_POLICY=confirmed).
     Repair,
+    /// A Redis keyspace notification: some client wrote, deleted or expired the key.
+    Notification,
 }
 
 impl Source {
     /// Every source, for enumerating metric labels up front.
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::WriteCheck,
         Source::Confirm,
         Source::Sweep,
         Source::Cdc,
         Source::Manual,
         Source::Repair,
+        Source::Notification,
     ];
 
     /// Stable name used in storage and metric labels; matches the serde form.
@@ -111,6 +114,7 @@ impl Source {
             Source::Cdc => "cdc",
             Source::Manual => "manual",
             Source::Repair => "repair",
+            Source::Notification => "notification",
         }
     }
 
@@ -165,7 +169,8 @@ impl Cause {
     /// of fixed it, so it counts as natural expiry.
     pub fn for_source(source: Source) -> Cause {
         match source {
-            Source::WriteCheck => Cause::Write,
+            // A notification is a write to the key: that write is what made it agree.
+            Source::WriteCheck | Source::Notification => Cause::Write,
             Source::Cdc => Cause::Invalidation,
             Source::Manual => Cause::Refresh,
             Source::Repair => Cause::Repair,
@@ -214,6 +219,10 @@ pub struct Incident {
     pub observations: i64,
     /// The DB version of the newest evidence, when the entity has versions.
     pub db_version: Option<i64>,
+    /// A refresh or repair that rewrote the key, and when: a match seen around then closes
+    /// the incident with that cause, whoever sees it first.
+    #[serde(default)]
+    pub rewrite: Option<(Cause, DateTime<Utc>)>,
 }
 
 impl Incident {
@@ -329,6 +338,7 @@ fn open_incident(obs: &Observation, grace: Duration) -> Step {
         resolution: None,
         observations: 1,
         db_version: obs.db_version,
+        rewrite: None,
     };
     Step {
         next: Some(incident),
@@ -360,7 +370,10 @@ fn close(inc: &Incident, obs: &Observation) -> Step {
         next.resolution = None;
     } else {
         next.state = State::Resolved;
-        next.resolution = Some(obs.cause);
+        next.resolution = Some(match inc.rewrite {
+            Some((cause, at)) if (obs.at - at).abs() <= REWRITE_WINDOW => cause,
+            _ => obs.cause,
+        });
     }
     changed(inc.state, next)
 }
@@ -382,6 +395,11 @@ fn record_mismatch(inc: &Incident, obs: &Observation) -> Step {
     }
     changed(inc.state, next)
 }
+
+/// How close to a rewrite a match must be seen to be credited to it: a refresh or repair
+/// checks its own write within milliseconds; a sweep page read just before the write, or a
+/// notification just after, falls well inside.
+const REWRITE_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
 
 /// Builds the step for an existing incident; the transition is derived from
 /// the states so it cannot disagree with what is stored.
@@ -499,6 +517,7 @@ mod tests {
                 resolution: None,
                 observations: 1,
                 db_version: None,
+                rewrite: None,
             }
         );
     }
@@ -703,6 +722,18 @@ mod tests {
         // Mismatches keep the newest version seen, whatever order they come in.
         let inc = stored(step(Some(&cur), &of_version(mismatch(500), 3), GRACE));
         assert_eq!(inc.db_version, Some(5));
+    }
+
+    #[test]
+    fn a_match_around_a_rewrite_is_credited_to_it_whoever_sees_it() {
+        let mut cur = persistent(); // last seen at 7 s
+        cur.rewrite = Some((Cause::Repair, at_ms(8_000)));
+        // The sweep sees the repaired key agree before the repair's own check does.
+        let inc = stored(step(Some(&cur), &matched(8_100), GRACE));
+        assert_eq!(inc.resolution, Some(Cause::Repair));
+        // Long after the rewrite, a match is the observer's own.
+        let inc = stored(step(Some(&cur), &matched(60_000), GRACE));
+        assert_eq!(inc.resolution, Some(Cause::Natural));
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub repairs: IntCounterVec,
     /// Closed incidents deleted after INCIDENT_RETENTION.
     pub incidents_deleted: IntCounter,
+    /// Keyspace notifications of watched keys, by entity.
+    pub notifications: IntCounterVec,
+    /// Times the keyspace-notification stream ended or failed (events may have been missed).
+    pub notify_gaps: IntCounter,
 }
 
 impl Default for Metrics {
@@ -127,6 +131,14 @@ impl Metrics {
         registry
             .register(Box::new(incidents_deleted.clone()))
             .expect("unique metric");
+        let notify_gaps = IntCounter::new(
+            "stalewatch_notify_gaps_total",
+            "Times the keyspace-notification stream ended or failed",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(notify_gaps.clone()))
+            .expect("unique metric");
         let sweep_position = IntGauge::new(
             "stalewatch_sweep_position_items",
             "Items compared so far in the current sweep pass",
@@ -196,6 +208,12 @@ impl Metrics {
                 "stalewatch_sweep_age_seconds",
                 "Seconds since the last completed sweep pass of the deployment",
             ),
+            notifications: counter(
+                "stalewatch_notifications_total",
+                "Keyspace notifications of watched keys",
+                &["entity"],
+            ),
+            notify_gaps,
             open_incidents,
             queue_depth,
             dead_jobs,

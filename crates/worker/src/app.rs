@@ -17,7 +17,7 @@ use stalewatch_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{backstop, handlers, handlers::Ctx, supervise, sweep::Sweeper, upkeep::Upkeep};
+use crate::{backstop, handlers, handlers::Ctx, notify, supervise, sweep::Sweeper, upkeep::Upkeep};
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
@@ -104,6 +104,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.confirm_backstop,
         shutdown.clone(),
     ));
+    if config.keyspace_notifications {
+        tasks.spawn(notify::run(ctx.clone(), config.clone(), shutdown.clone()));
+    }
     if config.sweep_interval.is_zero() {
         tracing::info!("SWEEP_INTERVAL_MS=0: periodic sweep disabled");
     } else {

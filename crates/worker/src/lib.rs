@@ -4,6 +4,7 @@
 pub mod app;
 pub mod backstop;
 pub mod handlers;
+pub mod notify;
 pub mod supervise;
 pub mod sweep;
 pub mod upkeep;

@@ -1,4 +1,7 @@
 //! Crashes, restarts and load against the real worker process and the real queue.
+//!
+//! These tests count observations and jobs exactly, so the workers run without keyspace
+//! notifications: the stale values the tests write would each add a check of their own.
 
 mod common;
 
@@ -23,7 +26,11 @@ async fn pending_confirmations_survive_a_sigkilled_worker_and_run_once() {
     let env = TestEnv::new().await.unwrap();
     // A long grace period so the kill lands inside it; no sweep, so only the confirm jobs
     // can confirm.
-    let settings = [("GRACE_PERIOD_MS", "4000"), ("SWEEP_INTERVAL_MS", "0")];
+    let settings = [
+        ("GRACE_PERIOD_MS", "4000"),
+        ("SWEEP_INTERVAL_MS", "0"),
+        ("KEYSPACE_NOTIFICATIONS", "off"),
+    ];
     let (mut first, _) = worker(&env, &settings);
     let items = stale_items(&env, 50).await;
     let keys: Vec<String> = items.iter().map(|i| env.keys().item(&i.id)).collect();
@@ -91,7 +98,11 @@ async fn pending_confirmations_survive_a_sigkilled_worker_and_run_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_share_a_queue_without_duplicates_or_double_counting() {
     let env = TestEnv::new().await.unwrap();
-    let settings = [("GRACE_PERIOD_MS", "600000"), ("SWEEP_INTERVAL_MS", "0")];
+    let settings = [
+        ("GRACE_PERIOD_MS", "600000"),
+        ("SWEEP_INTERVAL_MS", "0"),
+        ("KEYSPACE_NOTIFICATIONS", "off"),
+    ];
     let (_a, port_a) = worker(&env, &settings);
     let (_b, port_b) = worker(&env, &settings);
     let stale = stale_items(&env, 300).await;
@@ -177,7 +188,13 @@ async fn a_backlog_of_20000_due_checks_drains_and_finished_jobs_are_deleted() {
         .map(|_| check(env.keys(), vec![Uuid::now_v7()]))
         .collect();
     push_checks(&env, jobs).await;
-    let (_w, port) = worker(&env, &[("SWEEP_INTERVAL_MS", "0")]);
+    let (_w, port) = worker(
+        &env,
+        &[
+            ("SWEEP_INTERVAL_MS", "0"),
+            ("KEYSPACE_NOTIFICATIONS", "off"),
+        ],
+    );
     drained::<CheckJob>(&env, Duration::from_secs(180)).await;
     eventually(Duration::from_secs(60), "20,000 jobs processed", || async {
         let ok = metric(
@@ -224,7 +241,11 @@ async fn the_worker_recovers_by_itself_when_redis_restarts() {
     let private = TestEnv::with_redis(&redis_url).await.unwrap();
     let (_w, metrics_port) = worker(
         &private,
-        &[("SWEEP_INTERVAL_MS", "0"), ("GRACE_PERIOD_MS", "600000")],
+        &[
+            ("SWEEP_INTERVAL_MS", "0"),
+            ("KEYSPACE_NOTIFICATIONS", "off"),
+            ("GRACE_PERIOD_MS", "600000"),
+        ],
     );
 
     let first = stale_items(&private, 1).await;
@@ -281,6 +302,7 @@ async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
     let settings = [
         ("GRACE_PERIOD_MS", "3000"),
         ("SWEEP_INTERVAL_MS", "0"),
+        ("KEYSPACE_NOTIFICATIONS", "off"),
         ("CONFIRM_BACKSTOP_MS", "3600000"),
     ];
     let item = stale_items(&env, 1).await.remove(0);

@@ -246,6 +246,8 @@ mod tests {
             resolved_at: Some(at(10)),
             resolution: Some("refresh".into()),
             observations: 2,
+            rewritten_at: None,
+            rewrite_cause: None,
         }
     }
 

@@ -55,6 +55,11 @@ pub struct IncidentRow {
     pub resolved_at: Option<DateTime<Utc>>,
     pub resolution: Option<String>,
     pub observations: i64,
+    /// When a refresh or repair last rewrote the key of this (open) incident, and which.
+    #[serde(skip)]
+    pub rewritten_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub rewrite_cause: Option<String>,
 }
 
 /// A stored snapshot as the JSON document it holds, or as a string when it holds none (an
@@ -84,6 +89,11 @@ impl IncidentRow {
             resolution: self.resolution.as_deref().and_then(Cause::parse),
             observations: self.observations,
             db_version: self.db_version,
+            rewrite: self
+                .rewrite_cause
+                .as_deref()
+                .and_then(Cause::parse)
+                .zip(self.rewritten_at),
         }
     }
 
@@ -305,6 +315,23 @@ async fn update_expected(
             .optional()?
     };
     Ok(row)
+}
+
+/// Notes on the open incidents of `keys` that a refresh or repair (`cause`) is about to
+/// rewrite them, so the observer that then sees them agree credits that cause.
+pub async fn mark_rewrite(
+    conn: &mut AsyncPgConnection,
+    keys: &[String],
+    cause: Cause,
+) -> Result<(), DbError> {
+    diesel::update(t::table.filter(t::cache_key.eq_any(keys)).filter(is_open()))
+        .set((
+            t::rewritten_at.eq(diesel::dsl::now),
+            t::rewrite_cause.eq(cause.as_str()),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// One more mismatch for each of these Persistent incidents, in one statement: the common

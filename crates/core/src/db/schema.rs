@@ -31,5 +31,7 @@ diesel::table! {
         resolved_at -> Nullable<Timestamptz>,
         resolution -> Nullable<Text>,
         observations -> Int8,
+        rewritten_at -> Nullable<Timestamptz>,
+        rewrite_cause -> Nullable<Text>,
     }
 }

@@ -1,0 +1,1 @@
+ALTER TABLE inconsistencies DROP COLUMN rewrite_cause, DROP COLUMN rewritten_at;
