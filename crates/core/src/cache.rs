@@ -213,15 +213,8 @@ impl Cache {
         fields: &[(String, String)],
         ttl: Option<Duration>,
     ) -> Result<(), CacheError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let kept = self.ttl_of(key, ttl).await?;
-        pipe.cmd("DEL").arg(key).ignore();
-        if !fields.is_empty() {
-            pipe.cmd("HSET").arg(key).arg(fields).ignore();
-        }
-        expire(&mut pipe, key, kept);
-        self.run(&pipe).await
+        let fill = (!fields.is_empty()).then(|| redis::cmd("HSET").arg(key).arg(fields).clone());
+        self.replace(key, fill, ttl).await
     }
 
     /// Replaces a set whole, atomically, keeping its expiry unless `ttl` is given.
@@ -231,12 +224,24 @@ impl Cache {
         members: &[&String],
         ttl: Option<Duration>,
     ) -> Result<(), CacheError> {
+        let fill = (!members.is_empty()).then(|| redis::cmd("SADD").arg(key).arg(members).clone());
+        self.replace(key, fill, ttl).await
+    }
+
+    /// DEL, then `fill` (nothing: the key stays deleted), then the expiry, in one MULTI: a
+    /// reader sees the old value or the new one, never half of it.
+    async fn replace(
+        &self,
+        key: &str,
+        fill: Option<redis::Cmd>,
+        ttl: Option<Duration>,
+    ) -> Result<(), CacheError> {
+        let kept = self.ttl_of(key, ttl).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let kept = self.ttl_of(key, ttl).await?;
         pipe.cmd("DEL").arg(key).ignore();
-        if !members.is_empty() {
-            pipe.cmd("SADD").arg(key).arg(members).ignore();
+        if let Some(fill) = fill {
+            pipe.add_command(fill).ignore();
         }
         expire(&mut pipe, key, kept);
         self.run(&pipe).await

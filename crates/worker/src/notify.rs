@@ -14,12 +14,12 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use futures::StreamExt;
 use stalewatch_core::{config::Config, incident::Source};
 use tokio_util::sync::CancellationToken;
 
-use crate::handlers::Ctx;
+use crate::{handlers::Ctx, supervise};
 
 /// Keyspace notification classes needed: K (keyspace channel), g (DEL, EXPIRE, RENAME...),
 /// $ (strings), h (hashes), s (sets), x (expired), e (evicted).
@@ -35,13 +35,8 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
         let (ctx, config, shutdown) = (ctx.clone(), config.clone(), shutdown.clone());
         async move { listen(&ctx, &config, &shutdown).await }
     };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .without_max_times()
-        .with_jitter();
     let result = once
-        .retry(backoff)
+        .retry(supervise::restart_backoff())
         .when(|_| !shutdown.is_cancelled())
         .notify(|e, after| {
             ctx.metrics().notify_gaps.inc();

@@ -59,6 +59,16 @@ impl PollStrategy for Every {
     }
 }
 
+/// How a long-lived task that lost its connection comes back: quickly at first, then every
+/// few seconds at most, forever, with jitter so many workers don't reconnect in step.
+pub fn restart_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter()
+}
+
 /// A name no other incarnation of any worker has used.
 fn fresh_name(queue: &str) -> String {
     format!(
@@ -108,13 +118,8 @@ where
             anyhow::Ok(())
         }
     };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .without_max_times()
-        .with_jitter();
     let result = once
-        .retry(backoff)
+        .retry(restart_backoff())
         .when(|_| !shutdown.is_cancelled())
         .notify(|e, after| {
             ctx.metrics()

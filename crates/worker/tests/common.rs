@@ -200,3 +200,17 @@ fn glob_escape(s: &str) -> String {
     }
     out
 }
+
+/// A consistent item: its row, and its cached copy exactly as the API would write it.
+pub async fn cached_item(env: &TestEnv, name: &str, value: Value) -> Item {
+    let item = items::create(&env.pool, name, &value).await.unwrap();
+    env.cache
+        .set(
+            &env.keys().item(&item.id),
+            &item.to_cache_bytes(),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    item
+}

@@ -9,22 +9,6 @@ use common::*;
 use stalewatch_core::db::items;
 use stalewatch_testkit::{eventually, free_port, redis_server, TestEnv};
 
-/// A consistent item, cached exactly as the API would cache it.
-async fn cached_item(env: &TestEnv) -> items::Item {
-    let item = items::create(&env.pool, "watched", &serde_json::json!({ "n": 1 }))
-        .await
-        .unwrap();
-    env.cache
-        .set(
-            &env.keys().item(&item.id),
-            &item.to_cache_bytes(),
-            Duration::from_secs(600),
-        )
-        .await
-        .unwrap();
-    item
-}
-
 /// Another client puts back an older copy of the item.
 async fn write_stale(env: &TestEnv, item: &items::Item) {
     let mut stale = serde_json::to_value(item).unwrap();
@@ -58,7 +42,7 @@ async fn subscribed(w: &stalewatch_testkit::Proc, times: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_write_by_another_client_is_detected_without_the_sweep() {
     let env = TestEnv::new().await.unwrap();
-    let item = cached_item(&env).await;
+    let item = cached_item(&env, "watched", serde_json::json!({ "n": 1 })).await;
     // No sweep, and nothing goes through the API: only the notification can tell.
     let (w, port) = worker(&env, &[("SWEEP_INTERVAL_MS", "0")]);
     subscribed(&w, 1).await;
@@ -103,7 +87,7 @@ async fn a_lost_subscription_is_counted_and_renewed() {
     let gaps = metric(metrics_port, "stalewatch_notify_gaps_total", &[]).await;
     assert!(gaps >= 1.0, "the gap is counted: {gaps}");
 
-    let item = cached_item(&env).await;
+    let item = cached_item(&env, "watched", serde_json::json!({ "n": 1 })).await;
     write_stale(&env, &item).await;
     let key = env.keys().item(&item.id);
     eventually(

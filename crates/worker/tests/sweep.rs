@@ -25,21 +25,7 @@ async fn a_full_sweep_compares_every_item_and_opens_an_incident_per_stale_key() 
     let stale = stale_items(&env, 30).await;
     // Consistent items: rows whose cached copy is exactly what the API would write.
     for i in 0..220 {
-        let item = stalewatch_core::db::items::create(
-            &env.pool,
-            &format!("ok-{i}"),
-            &serde_json::json!(i),
-        )
-        .await
-        .unwrap();
-        env.cache
-            .set(
-                &env.keys().item(&item.id),
-                &item.to_cache_bytes(),
-                Duration::from_secs(600),
-            )
-            .await
-            .unwrap();
+        cached_item(&env, &format!("ok-{i}"), serde_json::json!(i)).await;
     }
     let summary = sweeper(&env, 100).await.once().await.unwrap();
     assert!(summary.complete);

@@ -11,7 +11,7 @@ use diesel_async::RunQueryDsl;
 use stalewatch_core::{
     compare::Kind,
     config::Config,
-    db::items::{self, Item},
+    db::items::Item,
     incident::Source,
     jobs::{CheckJob, ConfirmJob},
     keys::Keys,
@@ -47,22 +47,7 @@ async fn sweeper(env: &TestEnv, batch: usize) -> (Ctx, Sweeper) {
 async fn consistent_items(env: &TestEnv, n: usize) -> Vec<Item> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let item = items::create(
-            &env.pool,
-            &format!("ok-{i}"),
-            &serde_json::json!({ "i": i }),
-        )
-        .await
-        .unwrap();
-        env.cache
-            .set(
-                &env.keys().item(&item.id),
-                &item.to_cache_bytes(),
-                Duration::from_secs(600),
-            )
-            .await
-            .unwrap();
-        out.push(item);
+        out.push(cached_item(env, &format!("ok-{i}"), serde_json::json!({ "i": i })).await);
     }
     out
 }
