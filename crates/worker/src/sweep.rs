@@ -52,6 +52,9 @@ pub struct Summary {
     pub verdicts: BTreeMap<&'static str, u64>,
     pub transitions: u64,
     pub seconds: f64,
+    /// Of `seconds`, the time spent walking rows and walking keys.
+    pub rows_seconds: f64,
+    pub keys_seconds: f64,
     pub items_per_second: f64,
     /// False when the pass stopped early (shutdown, lost lease).
     pub complete: bool,
@@ -183,22 +186,29 @@ impl Sweeper {
             let mut at = saved
                 .take()
                 .unwrap_or_else(|| Position::start(&rows.entity.name));
+            let phase = Instant::now();
             let done = if at.phase == Phase::Rows {
-                self.row_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
-                    .await?
-                    && {
-                        at = Position::keys(&rows.entity.name);
-                        self.save(resume, &at).await?;
-                        true
-                    }
+                let done = self
+                    .row_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
+                    .await?;
+                summary.rows_seconds += phase.elapsed().as_secs_f64();
+                done && {
+                    at = Position::keys(&rows.entity.name);
+                    self.save(resume, &at).await?;
+                    true
+                }
             } else {
                 true
             };
-            if !done
-                || !self
-                    .orphan_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
-                    .await?
-            {
+            if !done {
+                return Ok(self.finish(summary, started, false));
+            }
+            let phase = Instant::now();
+            let done = self
+                .orphan_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
+                .await?;
+            summary.keys_seconds += phase.elapsed().as_secs_f64();
+            if !done {
                 return Ok(self.finish(summary, started, false));
             }
         }
