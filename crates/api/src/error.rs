@@ -136,7 +136,9 @@ impl From<CheckError> for ApiError {
         match e {
             CheckError::Db(e) => e.into(),
             CheckError::Cache(e) => e.into(),
-            CheckError::UnknownEntity(_) => ApiError::NotFound(e.to_string()),
+            CheckError::UnknownEntity(_) | CheckError::ForeignKey { .. } => {
+                ApiError::NotFound(e.to_string())
+            }
         }
     }
 }

@@ -40,6 +40,8 @@ pub enum CheckError {
     Cache(#[from] CacheError),
     #[error("no entity {0:?} in the ENTITIES file")]
     UnknownEntity(String),
+    #[error("{key:?} is not a key of entity {entity:?} (it does not match its key template)")]
+    ForeignKey { entity: String, key: String },
 }
 
 impl From<crate::db::PoolError> for CheckError {
@@ -394,13 +396,15 @@ impl Checker {
         keys: &[String],
         cause: Cause,
     ) -> Result<(), CheckError> {
-        let values: Vec<Vec<String>> = keys.iter().filter_map(|k| rows.key_values(k)).collect();
-        if values.len() != keys.len() {
-            return Err(CheckError::UnknownEntity(format!(
-                "{} (a key that is not this entity's)",
-                rows.entity.name
-            )));
-        }
+        let values = keys
+            .iter()
+            .map(|k| {
+                rows.key_values(k).ok_or_else(|| CheckError::ForeignKey {
+                    entity: rows.entity.name.clone(),
+                    key: k.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let found = {
             let mut conn = self.pool.get().await?;
             rows.by_keys(&mut conn, &values).await?.1

@@ -150,23 +150,6 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Item>, DbError> {
     decoded(id, row)
 }
 
-/// Many rows in one query, with PostgreSQL's clock read in the same round trip (before the
-/// rows, so it bounds from below when what was read was current). Absent ids are simply
-/// missing from the result.
-pub async fn get_many_at(
-    conn: &mut AsyncPgConnection,
-    ids: &[Uuid],
-) -> Result<(DateTime<Utc>, Vec<ItemRow>), DbError> {
-    let conn: &AsyncPgConnection = conn;
-    let mut c = conn;
-    let rows = items::table
-        .filter(items::id.eq_any(ids))
-        .select(ItemRow::as_select())
-        .load(&mut c);
-    let (at, rows) = futures::try_join!(super::now(conn), async { Ok(rows.await?) })?;
-    Ok((at, rows))
-}
-
 /// Applies `changes` and bumps the version by one, returning the new row.
 ///
 /// One UPDATE: concurrent updates of an item queue on its row lock and each raises the
@@ -251,21 +234,8 @@ pub async fn delete(pool: &PgPool, id: Uuid) -> Result<bool, DbError> {
     Ok(n > 0)
 }
 
-/// Which of `ids` have a row: the key-side sweep checks only the keys that do not.
-pub async fn existing(
-    conn: &mut AsyncPgConnection,
-    ids: &[Uuid],
-) -> Result<std::collections::HashSet<Uuid>, DbError> {
-    let found: Vec<Uuid> = items::table
-        .filter(items::id.eq_any(ids))
-        .select(items::id)
-        .load(conn)
-        .await?;
-    Ok(found.into_iter().collect())
-}
-
-/// The next `limit` rows in id order after `after` (the sweep's walk over the table), with
-/// PostgreSQL's clock as in [`get_many_at`].
+/// The next `limit` rows in id order after `after`, with PostgreSQL's clock read in the same
+/// round trip (the benchmark's seeding walks the table with it).
 pub async fn page_after(
     conn: &mut AsyncPgConnection,
     after: Option<Uuid>,
