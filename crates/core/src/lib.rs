@@ -6,6 +6,7 @@
 //! wire the pure parts to them.
 
 pub mod cache;
+pub mod capture;
 pub mod check;
 pub mod column;
 pub mod compare;

@@ -135,7 +135,7 @@ impl Template {
 
     /// The key (or member) of a row; `value` gives a column's text, None when it is NULL,
     /// which makes the whole result None.
-    pub fn render(&self, value: impl Fn(&str) -> Option<String>) -> Option<String> {
+    pub fn render(&self, mut value: impl FnMut(&str) -> Option<String>) -> Option<String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {

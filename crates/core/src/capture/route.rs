@@ -1,0 +1,322 @@
+//! From a changed row to the cache keys it touches.
+
+use std::collections::HashMap;
+
+use crate::entity::{Entity, Table, Template};
+use crate::pgoutput::{Relation, Tuple, Value};
+
+/// The entities of each watched table, by table.
+#[derive(Debug, Clone)]
+pub struct Router {
+    by_table: HashMap<Table, Vec<usize>>,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    entity: String,
+    key: Template,
+}
+
+/// A cache key a change touched: `entity` indexes [`Router::entity`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Touched {
+    pub entity: usize,
+    pub key: String,
+}
+
+/// A change whose key could not be rendered: a column of the key template was in neither
+/// the old row nor the new one (a delete whose old row holds only the primary key, under
+/// `REPLICA IDENTITY DEFAULT`, of an entity keyed by another column). The sweep's key-side
+/// pass finds what it leaves behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmapped {
+    pub entity: usize,
+    pub missing: Vec<String>,
+}
+
+/// Where a column's value comes from when rendering one side of a change.
+enum Side {
+    Old,
+    New,
+}
+
+impl Router {
+    pub fn new(entities: &[Entity]) -> Router {
+        let mut by_table: HashMap<Table, Vec<usize>> = HashMap::new();
+        let targets = entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                by_table.entry(e.table.clone()).or_default().push(i);
+                Target {
+                    entity: e.name.clone(),
+                    key: e.key.clone(),
+                }
+            })
+            .collect();
+        Router { by_table, targets }
+    }
+
+    /// The name of entity `i`.
+    pub fn entity(&self, i: usize) -> &str {
+        &self.targets[i].entity
+    }
+
+    pub fn entity_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Every watched table, in a stable order (for the publication).
+    pub fn tables(&self) -> Vec<&Table> {
+        let mut tables: Vec<&Table> = self.by_table.keys().collect();
+        tables.sort();
+        tables
+    }
+
+    /// The entities on the relation's table; empty when it is not watched.
+    pub fn entities_of(&self, rel: &Relation) -> &[usize] {
+        // pgoutput leaves the namespace empty for pg_catalog, where nobody keeps rows.
+        let table = Table::new(rel.namespace.as_str(), rel.name.as_str());
+        self.by_table.get(&table).map_or(&[], Vec::as_slice)
+    }
+
+    /// The keys an insert (`old` None), update or delete (`new` None) of a row of `rel`
+    /// touches, every entity on the table: the old row's key and, when a templated column
+    /// changed, the new row's too. Pushes to `out` (repeats removed per call) and `unmapped`.
+    pub fn change(
+        &self,
+        rel: &Relation,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        out: &mut Vec<Touched>,
+        unmapped: &mut Vec<Unmapped>,
+    ) {
+        for &entity in self.entities_of(rel) {
+            let template = &self.targets[entity].key;
+            let mut missing: Vec<String> = Vec::new();
+            for (side, present) in [(Side::Old, old.is_some()), (Side::New, new.is_some())] {
+                if !present {
+                    continue;
+                }
+                let key = template.render(|column| match value_of(rel, &side, old, new, column) {
+                    Lookup::Text(s) => Some(s),
+                    Lookup::Null => None,
+                    Lookup::Missing => {
+                        if !missing.iter().any(|m| m == column) {
+                            missing.push(column.to_string());
+                        }
+                        None
+                    }
+                });
+                if let Some(key) = key {
+                    let touched = Touched { entity, key };
+                    if !out.contains(&touched) {
+                        out.push(touched);
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                unmapped.push(Unmapped { entity, missing });
+            }
+        }
+    }
+}
+
+enum Lookup {
+    Text(String),
+    /// SQL NULL: no key, as the application cannot have cached one under it.
+    Null,
+    /// Not in the stream.
+    Missing,
+}
+
+/// The value of `column` on one side of a change. The side's own value when it was sent;
+/// otherwise the other side's: an update's new row omits an unchanged TOASTed value (the old
+/// one still holds), and a `'K'` old row carries only the key columns (the rest are usually
+/// the same in the new row; if not, the sweep's key-side pass finds the key left behind).
+fn value_of(
+    rel: &Relation,
+    side: &Side,
+    old: Option<&Tuple>,
+    new: Option<&Tuple>,
+    column: &str,
+) -> Lookup {
+    let (first, second) = match side {
+        Side::Old => (old, new),
+        Side::New => (new, old),
+    };
+    let from = |t: Option<&Tuple>, old_side: bool| match t.and_then(|t| t.get(rel, column)) {
+        None | Some(Value::Unchanged) | Some(Value::Binary(_)) => Lookup::Missing,
+        Some(Value::Null) if old_side && key_only_gap(rel, column) => Lookup::Missing,
+        Some(Value::Null) => Lookup::Null,
+        Some(Value::Text(s)) => Lookup::Text(s.clone()),
+    };
+    let old_first = matches!(side, Side::Old);
+    match from(first, old_first) {
+        Lookup::Missing => from(second, !old_first),
+        found => found,
+    }
+}
+
+/// A `'K'` old tuple sends non-key columns as NULL meaning "not sent": for such a column the
+/// old side's NULL says nothing.
+fn key_only_gap(rel: &Relation, column: &str) -> bool {
+    rel.columns.iter().any(|c| c.name == column && !c.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::RelColumn;
+
+    fn entity(name: &str, table: &str, key: &str) -> Entity {
+        let text = format!(
+            "[[entity]]\nname = \"{name}\"\ntable = \"{table}\"\nprimary_key = [\"id\"]\n\
+             key = \"{key}\"\nrepresentation = \"json\"\n"
+        );
+        crate::entity::parse(&text, &|_| None)
+            .expect("entity parses")
+            .entities
+            .remove(0)
+    }
+
+    fn users() -> Relation {
+        Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: "users".into(),
+            replica_identity: b'd',
+            columns: ["id", "email", "bio"]
+                .iter()
+                .map(|n| RelColumn {
+                    key: *n == "id",
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn row(values: &[Option<&str>]) -> Tuple {
+        Tuple(
+            values
+                .iter()
+                .map(|v| v.map_or(Value::Null, |s| Value::Text(s.into())))
+                .collect(),
+        )
+    }
+
+    fn router() -> Router {
+        Router::new(&[
+            entity("user", "public.users", "app:user:{id}"),
+            entity("user_by_email", "public.users", "app:user:email:{email}"),
+            entity("order", "public.orders", "app:order:{id}"),
+        ])
+    }
+
+    fn keys(old: Option<&Tuple>, new: Option<&Tuple>) -> (Vec<String>, Vec<Unmapped>) {
+        let (mut out, mut unmapped) = (Vec::new(), Vec::new());
+        router().change(&users(), old, new, &mut out, &mut unmapped);
+        (out.into_iter().map(|t| t.key).collect(), unmapped)
+    }
+
+    #[test]
+    fn an_insert_touches_every_entity_on_its_table() {
+        let new = row(&[Some("7"), Some("a@x"), None]);
+        let (keys, unmapped) = keys(None, Some(&new));
+        assert_eq!(keys, ["app:user:7", "app:user:email:a@x"]);
+        assert!(unmapped.is_empty());
+    }
+
+    #[test]
+    fn an_update_without_old_row_touches_the_new_keys() {
+        let new = row(&[Some("7"), Some("a@x"), Some("hi")]);
+        let (keys, _) = keys(None, Some(&new));
+        assert_eq!(keys, ["app:user:7", "app:user:email:a@x"]);
+    }
+
+    #[test]
+    fn an_email_change_touches_the_old_and_the_new_email_key() {
+        // REPLICA IDENTITY FULL: the old row is whole.
+        let old = row(&[Some("7"), Some("old@x"), None]);
+        let new = row(&[Some("7"), Some("new@x"), None]);
+        let mut rel = users();
+        rel.columns.iter_mut().for_each(|c| c.key = true);
+        let (mut out, mut unmapped) = (Vec::new(), Vec::new());
+        router().change(&rel, Some(&old), Some(&new), &mut out, &mut unmapped);
+        let keys: Vec<_> = out.into_iter().map(|t| t.key).collect();
+        assert_eq!(
+            keys,
+            ["app:user:7", "app:user:email:old@x", "app:user:email:new@x"]
+        );
+        assert!(unmapped.is_empty());
+    }
+
+    #[test]
+    fn a_primary_key_change_touches_both_ids() {
+        // 'K' old tuple: the key column, the rest NULL meaning "not sent".
+        let old = row(&[Some("7"), None, None]);
+        let new = row(&[Some("8"), Some("a@x"), None]);
+        let (keys, unmapped) = keys(Some(&old), Some(&new));
+        assert_eq!(keys, ["app:user:7", "app:user:8", "app:user:email:a@x"]);
+        assert!(unmapped.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_toasted_column_is_taken_from_the_old_row() {
+        let old = row(&[Some("7"), Some("a@x"), None]);
+        let mut new = row(&[Some("7"), None, None]);
+        new.0[1] = Value::Unchanged;
+        let mut rel = users();
+        rel.columns.iter_mut().for_each(|c| c.key = true);
+        let (mut out, mut unmapped) = (Vec::new(), Vec::new());
+        router().change(&rel, Some(&old), Some(&new), &mut out, &mut unmapped);
+        let keys: Vec<_> = out.into_iter().map(|t| t.key).collect();
+        assert_eq!(keys, ["app:user:7", "app:user:email:a@x"]);
+    }
+
+    #[test]
+    fn a_delete_with_only_the_key_cannot_name_the_email_key() {
+        let old = row(&[Some("7"), None, None]);
+        let (keys, unmapped) = keys(Some(&old), None);
+        assert_eq!(keys, ["app:user:7"]);
+        assert_eq!(
+            unmapped,
+            [Unmapped {
+                entity: 1,
+                missing: vec!["email".into()]
+            }]
+        );
+    }
+
+    #[test]
+    fn a_null_templated_value_renders_no_key() {
+        let new = row(&[Some("7"), None, None]);
+        let (keys, unmapped) = keys(None, Some(&new));
+        assert_eq!(keys, ["app:user:7"]);
+        assert!(
+            unmapped.is_empty(),
+            "NULL is a value, not a gap: {unmapped:?}"
+        );
+    }
+
+    #[test]
+    fn another_table_touches_nothing() {
+        let mut rel = users();
+        rel.name = "audit".into();
+        let new = row(&[Some("7"), Some("a@x"), None]);
+        let (mut out, mut unmapped) = (Vec::new(), Vec::new());
+        router().change(&rel, None, Some(&new), &mut out, &mut unmapped);
+        assert!(out.is_empty() && unmapped.is_empty());
+        assert_eq!(
+            router()
+                .tables()
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>(),
+            ["public.orders", "public.users"]
+        );
+    }
+}
