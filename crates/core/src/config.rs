@@ -58,6 +58,27 @@ impl FromStr for OnOff {
     }
 }
 
+/// How the worker learns of changes made in PostgreSQL by anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChangeCapture {
+    /// A logical replication slot (needs `wal_level = logical`).
+    #[default]
+    Logical,
+    /// No capture: the sweep finds changes made outside stalewatch's API.
+    Off,
+}
+
+impl FromStr for ChangeCapture {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "logical" => Ok(Self::Logical),
+            "off" => Ok(Self::Off),
+            _ => Err("logical or off".into()),
+        }
+    }
+}
+
 /// Whether stalewatch rewrites diverged keys by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RepairPolicy {
@@ -131,6 +152,13 @@ pub struct Config {
     pub entities: Option<std::path::PathBuf>,
     /// Whether the worker subscribes to keyspace notifications of the watched keys.
     pub keyspace_notifications: bool,
+    pub change_capture: ChangeCapture,
+    /// How long a changed key waits before its check: time for the application's own cache
+    /// write to land.
+    pub change_settle: Duration,
+    /// The logical replication slot and the publication stalewatch creates and reads.
+    pub capture_slot: String,
+    pub capture_publication: String,
 }
 
 impl Default for Config {
@@ -183,6 +211,10 @@ impl Config {
             dead_job_retention: env.duration("DEAD_JOB_RETENTION", "7d")?,
             entities: env.raw("ENTITIES").map(std::path::PathBuf::from),
             keyspace_notifications: env.parse("KEYSPACE_NOTIFICATIONS", OnOff(true))?.0,
+            change_capture: env.parse("CHANGE_CAPTURE", ChangeCapture::Logical)?,
+            change_settle: env.millis("CHANGE_SETTLE_MS", 100)?,
+            capture_slot: env.identifier("CAPTURE_SLOT", "stalewatch")?,
+            capture_publication: env.identifier("CAPTURE_PUBLICATION", "stalewatch")?,
         })
     }
 
@@ -268,6 +300,26 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         })
     }
 
+    /// A replication slot or publication name: PostgreSQL allows lower-case letters, digits
+    /// and underscores in slot names, so both are held to that.
+    fn identifier(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let value = self.string(var, default);
+        let ok = !value.is_empty()
+            && value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Ok(value)
+        } else {
+            Err(ConfigError {
+                var,
+                value,
+                expected: "1 to 63 lower-case letters, digits or underscores".into(),
+            })
+        }
+    }
+
     fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
         let ms: u64 = self.parse(var, default).map_err(|e| ConfigError {
             expected: "a whole number of milliseconds".into(),
@@ -305,6 +357,10 @@ mod tests {
         assert_eq!(c.incident_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.dead_job_retention, Duration::from_secs(7 * 86_400));
         assert_eq!(c.job_db_slots(), 12);
+        assert_eq!(c.change_capture, ChangeCapture::Logical);
+        assert_eq!(c.change_settle, Duration::from_millis(100));
+        assert_eq!(c.capture_slot, "stalewatch");
+        assert_eq!(c.capture_publication, "stalewatch");
     }
 
     #[test]
@@ -351,6 +407,9 @@ mod tests {
             ("REPAIR_POLICY", "always"),
             ("INCIDENT_RETENTION", "30"),
             ("CONFIRM_BACKSTOP_MS", "0"),
+            ("CHANGE_CAPTURE", "trigger"),
+            ("CAPTURE_SLOT", "My-Slot"),
+            ("CHANGE_SETTLE_MS", "fast"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

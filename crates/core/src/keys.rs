@@ -94,6 +94,17 @@ impl Keys {
         format!("{}sweep:rest", self.prefix)
     }
 
+    /// Held by the worker that reads replication slot `slot`: one reader per slot.
+    pub fn capture_lease(&self, slot: &str) -> String {
+        format!("{}capture:{slot}:lease", self.prefix)
+    }
+
+    /// The position up to which slot `slot` was acknowledged, written before each
+    /// acknowledgement: a slot found confirmed beyond it was re-created by someone else.
+    pub fn capture_position(&self, slot: &str) -> String {
+        format!("{}capture:{slot}:position", self.prefix)
+    }
+
     /// When the last sweep pass completed (Unix milliseconds).
     pub fn sweep_done_at(&self) -> String {
         format!("{}sweep:done_at", self.prefix)

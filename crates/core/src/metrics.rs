@@ -49,6 +49,20 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// Times the keyspace-notification stream ended or failed (events may have been missed).
     pub notify_gaps: IntCounter,
+    /// Row changes of watched tables read from the replication slot, by entity.
+    pub capture_changes: IntCounterVec,
+    /// Keys whose check was queued by change capture, by entity.
+    pub capture_keys: IntCounterVec,
+    /// Changes whose key could not be derived from the stream (see docs/change-capture.md).
+    pub capture_unmapped: IntCounterVec,
+    /// Commit of a change to its check being queued (settle delay included).
+    pub capture_delay: Histogram,
+    /// WAL the slot holds back, in bytes (-1 when the slot does not exist).
+    pub capture_retained_wal: IntGauge,
+    /// Times the slot was found dropped, lost or re-created: changes may have been missed.
+    pub capture_slot_lost: IntCounter,
+    /// 1 while this process reads the slot.
+    pub capture_active: IntGauge,
 }
 
 impl Default for Metrics {
@@ -147,7 +161,46 @@ impl Metrics {
         registry
             .register(Box::new(sweep_position.clone()))
             .expect("unique metric");
+        let capture_slot_lost = IntCounter::new(
+            "stalewatch_capture_slot_lost_total",
+            "Times the replication slot was found dropped, lost or re-created",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(capture_slot_lost.clone()))
+            .expect("unique metric");
         Self {
+            capture_changes: counter(
+                "stalewatch_capture_changes_total",
+                "Row changes of watched tables read from the replication slot",
+                &["entity"],
+            ),
+            capture_keys: counter(
+                "stalewatch_capture_keys_total",
+                "Keys whose check was queued by change capture",
+                &["entity"],
+            ),
+            capture_unmapped: counter(
+                "stalewatch_capture_unmapped_total",
+                "Changes whose cache key could not be derived from the stream",
+                &["entity"],
+            ),
+            capture_delay: plain_histogram(
+                "stalewatch_capture_delay_seconds",
+                "Commit of a change to its check being queued, settle delay included",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            capture_retained_wal: gauge(
+                "stalewatch_capture_retained_wal_bytes",
+                "WAL the replication slot holds back (-1: no slot)",
+            ),
+            capture_active: gauge(
+                "stalewatch_capture_active",
+                "1 while this process reads the replication slot",
+            ),
+            capture_slot_lost,
             cache_requests: counter(
                 "stalewatch_cache_requests_total",
                 "Cache-aside reads by result",

@@ -57,7 +57,9 @@ fn template_name() -> String {
 
 /// One test's private database and Redis prefix.
 pub struct TestEnv {
-    pub db_name: String,
+    /// The database on the shared server this test made and drops; None for a database on
+    /// a test's own server (`TestEnv::on_database`), which goes with that server.
+    pub db_name: Option<String>,
     pub database_url: String,
     pub redis_url: String,
     pub prefix: String,
@@ -136,6 +138,22 @@ impl TestEnv {
             .with_context(|| format!("creating {db_name} from {template}"))?;
         let database_url = format!("{}/{db_name}", pg_base_url());
         let redis_url = redis_url.to_string();
+        Self::connect(Some(db_name), database_url, redis_url, id).await
+    }
+
+    /// A prefix on the shared Redis over `database_url`, a database the caller made on a
+    /// server of its own (`PgServer::create_database`).
+    pub async fn on_database(database_url: &str) -> Result<Self> {
+        let id = Uuid::new_v4().simple().to_string();
+        Self::connect(None, database_url.to_string(), redis_url(), id).await
+    }
+
+    async fn connect(
+        db_name: Option<String>,
+        database_url: String,
+        redis_url: String,
+        id: String,
+    ) -> Result<Self> {
         let prefix = format!("sw_test:{}:", &id[..12]);
         let pool = db::pool(&database_url, 8)?;
         let conn = cache::connect(&redis_url)
@@ -158,6 +176,9 @@ impl TestEnv {
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
             key_prefix: self.prefix.clone(),
+            // Slots on the shared server would outlive a killed test and hold its WAL:
+            // capture is tested on servers of the tests' own.
+            change_capture: stalewatch_core::config::ChangeCapture::Off,
             ..Config::default()
         }
     }
@@ -168,6 +189,8 @@ impl TestEnv {
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("REDIS_URL".into(), self.redis_url.clone()),
             ("KEY_PREFIX".into(), self.prefix.clone()),
+            // As in `config`: a test that captures changes sets CHANGE_CAPTURE=logical.
+            ("CHANGE_CAPTURE".into(), "off".into()),
         ]
     }
 
@@ -203,6 +226,10 @@ impl Drop for TestEnv {
                 .build()
                 .expect("a runtime for cleanup");
             rt.block_on(async move {
+                let Some(db_name) = db_name else {
+                    let _ = delete_prefix(&redis_url, &prefix).await;
+                    return;
+                };
                 if let Ok(mut conn) = admin().await {
                     let _ = diesel::sql_query(format!(
                         "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"

@@ -3,7 +3,7 @@
 //!
 //! The cluster lives in a fresh temporary directory (data, unix socket, server log) that is
 //! removed with it. It trades durability for speed (`fsync=off`): nothing in it outlives the
-//! test anyway.
+//! test anyway. It runs with `wal_level = logical`, for the tests of change capture.
 
 use std::{
     path::{Path, PathBuf},
@@ -80,7 +80,8 @@ impl PgServer {
              port = {port}\n\
              unix_socket_directories = '{}'\n\
              fsync = off\n\
-             full_page_writes = off\n",
+             full_page_writes = off\n\
+             wal_level = logical\n",
             server.dir.display()
         );
         let conf = data.join("postgresql.conf");

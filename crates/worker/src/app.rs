@@ -7,7 +7,7 @@ use anyhow::Context;
 use stalewatch_core::{
     cache::{self, Cache},
     check::Checker,
-    config::Config,
+    config::{ChangeCapture, Config},
     db,
     jobs::{CheckJob, ConfirmJob},
     keys::Keys,
@@ -17,7 +17,9 @@ use stalewatch_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{backstop, handlers, handlers::Ctx, notify, supervise, sweep::Sweeper, upkeep::Upkeep};
+use crate::{
+    backstop, capture, handlers, handlers::Ctx, notify, supervise, sweep::Sweeper, upkeep::Upkeep,
+};
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
@@ -42,6 +44,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
         checker,
         queue_conn,
         db_slots: Arc::new(tokio::sync::Semaphore::new(config.job_db_slots())),
+        check_wake: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
@@ -106,6 +109,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     if config.keyspace_notifications {
         tasks.spawn(notify::run(ctx.clone(), config.clone(), shutdown.clone()));
+    }
+    match config.change_capture {
+        ChangeCapture::Logical => {
+            tasks.spawn(capture::run(ctx.clone(), config.clone(), shutdown.clone()));
+        }
+        ChangeCapture::Off => {
+            tracing::info!(
+                "CHANGE_CAPTURE=off: changes made outside stalewatch are seen by the sweep"
+            )
+        }
     }
     if config.sweep_interval.is_zero() {
         tracing::info!("SWEEP_INTERVAL_MS=0: periodic sweep disabled");

@@ -20,6 +20,9 @@ pub struct Ctx {
     /// Jobs using PostgreSQL at once (`Config::job_db_slots`). A job waits here, in flight
     /// and heartbeating, rather than on the pool, whose time-out would fail it.
     pub db_slots: Arc<Semaphore>,
+    /// Wakes this process's check worker at once, when this process queued checks (change
+    /// capture) and the next poll would only add latency.
+    pub check_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Ctx {

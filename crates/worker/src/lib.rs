@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod backstop;
+pub mod capture;
 pub mod handlers;
 pub mod notify;
 pub mod supervise;

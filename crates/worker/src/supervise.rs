@@ -8,6 +8,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -18,6 +19,7 @@ use apalis::prelude::{
 use apalis_redis::RedisStorage;
 use backon::{ExponentialBuilder, Retryable};
 use stalewatch_core::{jobs::Job, queue};
+use tokio::sync::{futures::OwnedNotified, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::handlers::Ctx;
@@ -32,22 +34,33 @@ const FETCH_BATCH: usize = 64;
 /// apalis's own interval strategy builds the next timer without polling it, so nothing
 /// registers a wake-up; the worker then sleeps until its heartbeat (seen: stalls of up to
 /// 30 s). Polling the new timer at once registers the wake-up.
+///
+/// `wake` fetches at once: the process queued jobs itself and knows they are there.
 struct Every {
     interval: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    wake: Arc<Notify>,
+    woken: Pin<Box<OwnedNotified>>,
 }
 
 impl Every {
-    fn new(interval: Duration) -> Self {
+    fn new(interval: Duration, wake: Arc<Notify>) -> Self {
         Self {
             interval,
             sleep: Box::pin(tokio::time::sleep(interval)),
+            woken: Box::pin(wake.clone().notified_owned()),
+            wake,
         }
     }
 }
 
 impl PollStrategy for Every {
     fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        if self.woken.as_mut().poll(cx).is_ready() {
+            self.woken = Box::pin(self.wake.clone().notified_owned());
+            let _ = self.woken.as_mut().poll(cx);
+            return Poll::Ready(Some(()));
+        }
         if self.sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
@@ -56,6 +69,15 @@ impl PollStrategy for Every {
             .reset(tokio::time::Instant::now() + self.interval);
         let _ = self.sleep.as_mut().poll(cx);
         Poll::Ready(Some(()))
+    }
+}
+
+/// The wake-up of `J`'s queue: only the check queue is fed by this process (change capture).
+fn wake_of<J: Job>(ctx: &Ctx) -> Arc<Notify> {
+    if J::QUEUE == stalewatch_core::jobs::CheckJob::QUEUE {
+        ctx.check_wake.clone()
+    } else {
+        Arc::new(Notify::new())
     }
 }
 
@@ -96,7 +118,7 @@ where
             queue::promote_due(&mut conn.clone(), &config).await?;
             let storage = RedisStorage::<J>::new(conn)
                 .with_config(config)
-                .poll_with_strategy(Every::new(POLL_EVERY));
+                .poll_with_strategy(Every::new(POLL_EVERY, wake_of::<J>(&ctx)));
             let name = fresh_name(J::QUEUE);
             tracing::info!(worker = %name, "worker started");
             let stop = shutdown.clone();

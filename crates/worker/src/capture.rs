@@ -1,0 +1,628 @@
+//! Database-side detection in real time: committed changes of the watched tables, read from a
+//! logical replication slot (pgoutput), each turned into a check of the keys it touches after
+//! the settle delay (docs/change-capture.md).
+//!
+//! - One reader per slot: the worker holding the capture lease reads; the others wait to take
+//!   over, and any number of workers run the checks it queues.
+//! - At least once: the slot is acknowledged only up to the oldest change whose check is not
+//!   queued yet, so a reader killed at any point leaves the rest for the next one.
+//! - A slot that is dropped, lost or re-created loses changes; that is said loudly, counted
+//!   (`stalewatch_capture_slot_lost_total`) and covered by starting a sweep pass at once.
+//! - A slot holds WAL back while nobody reads it: `stalewatch_capture_retained_wal_bytes`.
+//!   While every change is filtered out the reader acknowledges the server's keepalives, so
+//!   an idle slot does not hold WAL either.
+
+use std::{
+    collections::BTreeMap,
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use backon::Retryable;
+use diesel::{sql_types::Text, QueryableByName};
+use diesel_async::RunQueryDsl;
+use pgwire_replication::{
+    client::{ReplicationClient, ReplicationEvent},
+    config::ReplicationConfig,
+    lsn::Lsn,
+};
+use redis::AsyncCommands;
+use stalewatch_core::{
+    capture::{Commit, Due, Router, Settle, Touched, Unmapped},
+    config::Config,
+    entity::quote_ident,
+    incident::Source,
+    jobs::CheckJob,
+    lease::Lease,
+    pgoutput::{self, Message, Relations, PG_EPOCH_UNIX_US},
+    queue,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{handlers::Ctx, supervise};
+
+/// The lease outlives a reader that died by this much; renewed every `LEASE_RENEW`.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+/// How often a worker without the lease tries to take it, and everyone samples the slot.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+const SLOT_SAMPLE: Duration = Duration::from_secs(5);
+/// Keys per check job: a transaction of many rows makes few, large jobs.
+const KEYS_PER_JOB: usize = 1000;
+/// Keys taken from the settle buffer per flush (bounds one push).
+const FLUSH_LIMIT: usize = 50 * KEYS_PER_JOB;
+/// How often the acknowledged position is written down and sent while busy.
+const ACK_EVERY: Duration = Duration::from_millis(100);
+
+/// Reads the slot whenever this worker holds the lease, until `shutdown`.
+pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
+    match wal_level(&ctx).await {
+        Ok(level) if level == "logical" => {}
+        Ok(level) => {
+            tracing::error!(
+                wal_level = %level,
+                "change capture is off: PostgreSQL has wal_level={level}; set wal_level=logical \
+                 (a restart) or CHANGE_CAPTURE=off. Until then only the sweep sees changes made \
+                 outside stalewatch"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read wal_level; trying change capture anyway")
+        }
+    }
+    let sampler = tokio::spawn(sample_slot(ctx.clone(), config.clone(), shutdown.clone()));
+    let once = || {
+        let (ctx, config, shutdown) = (ctx.clone(), config.clone(), shutdown.clone());
+        async move { lead(&ctx, &config, &shutdown).await }
+    };
+    let result = once
+        .retry(supervise::restart_backoff())
+        .when(|_| !shutdown.is_cancelled())
+        .notify(|e, after| {
+            ctx.metrics().capture_active.set(0);
+            tracing::warn!(
+                error = format!("{e:#}"),
+                ?after,
+                "change capture stopped; restarting"
+            );
+        })
+        .await;
+    ctx.metrics().capture_active.set(0);
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "change capture stopped during shutdown");
+    }
+    let _ = sampler.await;
+}
+
+/// Waits for the lease, then reads the slot until shutdown (Ok) or a failure (Err).
+async fn lead(ctx: &Ctx, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let key = ctx.keys().capture_lease(&config.capture_slot);
+    let lease = loop {
+        if let Some(lease) = Lease::try_acquire(&ctx.queue_conn, &key, LEASE_TTL).await? {
+            break lease;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+        }
+    };
+    let result = Reader::start(ctx, config).await;
+    let result = match result {
+        Ok(reader) => reader.read(&lease, shutdown).await,
+        Err(e) => Err(e),
+    };
+    let _ = lease.release().await;
+    result
+}
+
+/// One open replication stream and what it has read but not yet handed over.
+struct Reader<'a> {
+    ctx: &'a Ctx,
+    config: &'a Config,
+    router: Router,
+    client: ReplicationClient,
+    relations: Relations,
+    settle: Settle,
+    /// The keys of the transaction being read.
+    txn: Option<Vec<Touched>>,
+    unmapped: Vec<Unmapped>,
+    /// Last position written down and sent.
+    acked: u64,
+    acked_at: Instant,
+}
+
+impl<'a> Reader<'a> {
+    async fn start(ctx: &'a Ctx, config: &'a Config) -> anyhow::Result<Reader<'a>> {
+        let router = Router::new(
+            &ctx.checker
+                .watched
+                .sources()
+                .iter()
+                .map(|rows| rows.entity.clone())
+                .collect::<Vec<_>>(),
+        );
+        publish(ctx, config, &router).await?;
+        let start = ensure_slot(ctx, config).await?;
+        let connect = replication_config(config)?;
+        let client = ReplicationClient::connect(connect)
+            .await
+            .with_context(|| format!("starting replication from slot {}", config.capture_slot))?;
+        ctx.metrics().capture_active.set(1);
+        tracing::info!(
+            slot = %config.capture_slot,
+            publication = %config.capture_publication,
+            from = %Lsn::from_u64(start),
+            settle_ms = config.change_settle.as_millis() as u64,
+            "reading committed changes"
+        );
+        Ok(Reader {
+            ctx,
+            config,
+            router,
+            client,
+            relations: Relations::new(),
+            settle: Settle::new(config.change_settle),
+            txn: None,
+            unmapped: Vec::new(),
+            acked: start,
+            acked_at: Instant::now(),
+        })
+    }
+
+    async fn read(mut self, lease: &Lease, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut renew = tokio::time::interval(LEASE_RENEW);
+        loop {
+            let wake = self
+                .settle
+                .next_due()
+                .map_or_else(|| tokio::time::Instant::now() + ACK_EVERY, Into::into);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.client.stop();
+                    return Ok(());
+                }
+                _ = renew.tick() => {
+                    if !lease.renew().await? {
+                        bail!("the capture lease was lost (another worker took it over)");
+                    }
+                }
+                event = self.client.recv() => {
+                    let Some(event) = event.context("reading the replication stream")? else {
+                        bail!("the replication stream ended");
+                    };
+                    self.on_event(event).await?;
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            self.flush().await?;
+        }
+    }
+
+    async fn on_event(&mut self, event: ReplicationEvent) -> anyhow::Result<()> {
+        match event {
+            ReplicationEvent::Begin { .. } => self.txn = Some(Vec::new()),
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::decode(&data)
+                    .map_err(|e| anyhow::anyhow!("undecodable pgoutput message: {e}"))?;
+                self.on_message(message).await;
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let keys = self.txn.take().unwrap_or_default();
+                self.report_unmapped();
+                self.settle.add(
+                    keys.into_iter().map(|t| (t.entity, t.key)),
+                    Commit {
+                        lsn: lsn.as_u64(),
+                        end_lsn: end_lsn.as_u64(),
+                        time_us: commit_time_micros,
+                    },
+                    Instant::now(),
+                );
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Nothing read is waiting: everything up to the server's end can go, so a
+                // slot whose every change is filtered out does not hold WAL back.
+                if self.txn.is_none() && self.settle.is_idle() {
+                    self.ack(wal_end.as_u64(), true).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, message: Message) {
+        let (relation, old, new) = match message {
+            Message::Relation(r) => {
+                self.relations.apply(r);
+                return;
+            }
+            Message::Insert { relation, new } => (relation, None, Some(new)),
+            Message::Update {
+                relation, old, new, ..
+            } => (relation, old, Some(new)),
+            Message::Delete { relation, old, .. } => (relation, Some(old), None),
+            Message::Truncate { relations, .. } => {
+                let names: Vec<String> = relations
+                    .iter()
+                    .filter_map(|id| self.relations.get(*id))
+                    .map(|r| format!("{}.{}", r.namespace, r.name))
+                    .collect();
+                tracing::warn!(tables = ?names, "TRUNCATE of a watched table: its cached keys cannot be named one by one; starting a sweep pass");
+                request_sweep(self.ctx).await;
+                return;
+            }
+            _ => return,
+        };
+        let Some(rel) = self.relations.get(relation) else {
+            tracing::warn!(
+                relation,
+                "a change of a relation never described; skipped, the sweep covers it"
+            );
+            return;
+        };
+        let txn = self.txn.get_or_insert_with(Vec::new);
+        self.router
+            .change(rel, old.as_ref(), new.as_ref(), txn, &mut self.unmapped);
+        for &entity in self.router.entities_of(rel) {
+            self.ctx
+                .metrics()
+                .capture_changes
+                .with_label_values(&[self.router.entity(entity)])
+                .inc();
+        }
+    }
+
+    /// One log line per transaction for the changes whose key could not be named.
+    fn report_unmapped(&mut self) {
+        if self.unmapped.is_empty() {
+            return;
+        }
+        let mut by_entity: BTreeMap<usize, (u64, Vec<String>)> = BTreeMap::new();
+        for u in self.unmapped.drain(..) {
+            let e = by_entity.entry(u.entity).or_default();
+            e.0 += 1;
+            for m in u.missing {
+                if !e.1.contains(&m) {
+                    e.1.push(m);
+                }
+            }
+        }
+        for (entity, (n, missing)) in by_entity {
+            let name = self.router.entity(entity);
+            self.ctx
+                .metrics()
+                .capture_unmapped
+                .with_label_values(&[name])
+                .inc_by(n);
+            tracing::warn!(
+                entity = name,
+                changes = n,
+                ?missing,
+                "changes whose cache key the stream does not name (REPLICA IDENTITY FULL on the \
+                 table names it); the sweep's key pass finds keys left behind"
+            );
+        }
+    }
+
+    /// Queues the checks that are due, then acknowledges what is handed over.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        loop {
+            let due = self.settle.due(now, FLUSH_LIMIT);
+            if due.is_empty() {
+                break;
+            }
+            self.push(due).await?;
+        }
+        if let Some(safe) = self.settle.safe_lsn() {
+            self.ack(safe, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, due: Due) -> anyhow::Result<()> {
+        let mut jobs = Vec::new();
+        for (entity, keys) in due.by_entity {
+            let name = self.router.entity(entity);
+            self.ctx
+                .metrics()
+                .capture_keys
+                .with_label_values(&[name])
+                .inc_by(keys.len() as u64);
+            for chunk in keys.chunks(KEYS_PER_JOB) {
+                let job = CheckJob {
+                    entity: name.to_string(),
+                    keys: chunk.to_vec(),
+                    source: Source::Cdc,
+                };
+                jobs.push((job, None));
+            }
+        }
+        let mut conn = self.ctx.queue_conn.clone();
+        queue::push(&mut conn, self.ctx.keys(), jobs)
+            .await
+            .context("queueing checks of captured changes")?;
+        // This worker's own check worker need not wait for its next poll.
+        self.ctx.check_wake.notify_one();
+        let now_us = chrono::Utc::now().timestamp_micros();
+        for commit_us in due.commit_us {
+            let delay = (now_us - (commit_us + PG_EPOCH_UNIX_US)).max(0);
+            self.ctx.metrics().capture_delay.observe(delay as f64 / 1e6);
+        }
+        Ok(())
+    }
+
+    /// Writes `lsn` down, then lets the server release WAL up to it. Written first, so the
+    /// slot is never confirmed beyond what Redis says: a slot found further along was
+    /// re-created or read by someone else.
+    async fn ack(&mut self, lsn: u64, idle: bool) -> anyhow::Result<()> {
+        if lsn <= self.acked || (!idle && self.acked_at.elapsed() < ACK_EVERY) {
+            return Ok(());
+        }
+        let mut conn = self.ctx.queue_conn.clone();
+        let key = self.ctx.keys().capture_position(&self.config.capture_slot);
+        let _: () = conn
+            .set(&key, Lsn::from_u64(lsn).to_pg_string())
+            .await
+            .context("recording the capture position")?;
+        self.client.update_applied_lsn(Lsn::from_u64(lsn));
+        self.acked = lsn;
+        self.acked_at = Instant::now();
+        Ok(())
+    }
+}
+
+/// The replication connection's settings, from DATABASE_URL.
+fn replication_config(config: &Config) -> anyhow::Result<ReplicationConfig> {
+    let pg = tokio_postgres::Config::from_str(&config.database_url)
+        .context("reading DATABASE_URL for the replication connection")?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_string(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let database = pg.get_dbname().unwrap_or(&user).to_string();
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        config.capture_slot.clone(),
+        config.capture_publication.clone(),
+    )
+    .with_port(port)
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_application_name("stalewatch-capture"))
+}
+
+#[derive(QueryableByName)]
+struct OneText {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+async fn wal_level(ctx: &Ctx) -> anyhow::Result<String> {
+    let mut conn = ctx.checker.pool.get().await?;
+    let row: OneText = diesel::sql_query("SELECT current_setting('wal_level') AS value")
+        .get_result(&mut conn)
+        .await?;
+    Ok(row.value)
+}
+
+/// Creates the publication of the watched tables, or sets its tables to them.
+async fn publish(ctx: &Ctx, config: &Config, router: &Router) -> anyhow::Result<()> {
+    let tables: Vec<String> = router.tables().iter().map(|t| t.sql()).collect();
+    let name = quote_ident(&config.capture_publication);
+    let mut conn = ctx.checker.pool.get().await?;
+    let exists: Vec<OneText> =
+        diesel::sql_query("SELECT pubname::text AS value FROM pg_publication WHERE pubname = $1")
+            .bind::<Text, _>(&config.capture_publication)
+            .load(&mut conn)
+            .await?;
+    let sql = if exists.is_empty() {
+        format!("CREATE PUBLICATION {name} FOR TABLE {}", tables.join(", "))
+    } else {
+        format!("ALTER PUBLICATION {name} SET TABLE {}", tables.join(", "))
+    };
+    diesel::sql_query(&sql)
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("{sql} (the role needs to own the tables, or be superuser)"))?;
+    warn_unnamed_deletes(ctx, &mut conn).await;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Identity {
+    #[diesel(sql_type = Text)]
+    schema: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    identity: String,
+}
+
+/// Under REPLICA IDENTITY DEFAULT a deleted row arrives as its primary key only: an entity
+/// keyed by another column cannot be told which key went stale. Said once at start-up.
+async fn warn_unnamed_deletes(ctx: &Ctx, conn: &mut diesel_async::AsyncPgConnection) {
+    let rows: Vec<Identity> = match diesel::sql_query(
+        "SELECT n.nspname::text AS schema, c.relname::text AS name, c.relreplident::text AS identity \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')",
+    )
+    .load(conn)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(_) => return,
+    };
+    for source in ctx.checker.watched.sources() {
+        let e = &source.entity;
+        let full = rows
+            .iter()
+            .any(|r| r.schema == e.table.schema && r.name == e.table.name && r.identity == "f");
+        let beyond_key: Vec<&str> = e
+            .key
+            .columns()
+            .into_iter()
+            .filter(|c| !e.primary_key.iter().any(|k| k == c))
+            .collect();
+        if !full && !beyond_key.is_empty() {
+            tracing::warn!(
+                entity = %e.name,
+                table = %e.table,
+                columns = ?beyond_key,
+                "a deleted row of this table arrives as its primary key only, so a delete cannot                  name this entity's key; ALTER TABLE ... REPLICA IDENTITY FULL fixes that, else                  the sweep's key pass finds the key left behind"
+            );
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct SlotRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    confirmed: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    wal_status: Option<String>,
+    #[diesel(sql_type = Text)]
+    database: String,
+    #[diesel(sql_type = Text)]
+    plugin: String,
+}
+
+/// Makes sure the slot exists and was not lost or re-created since this deployment last read
+/// it; returns the position reading starts from. Any gap is said loudly, counted, and covered
+/// by a sweep pass started at once.
+async fn ensure_slot(ctx: &Ctx, config: &Config) -> anyhow::Result<u64> {
+    let slot = &config.capture_slot;
+    let mut conn = ctx.checker.pool.get().await?;
+    let found: Vec<SlotRow> = diesel::sql_query(
+        "SELECT confirmed_flush_lsn::text AS confirmed, wal_status::text AS wal_status,          coalesce(database::text, '') AS database, coalesce(plugin::text, '') AS plugin          FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind::<Text, _>(slot)
+    .load(&mut conn)
+    .await?;
+    let current: OneText = diesel::sql_query("SELECT current_database()::text AS value")
+        .get_result(&mut conn)
+        .await?;
+    let mut redis = ctx.queue_conn.clone();
+    let position_key = ctx.keys().capture_position(slot);
+    let recorded: Option<String> = redis.get(&position_key).await?;
+    let recorded = recorded.and_then(|s| Lsn::parse(&s).ok()).map(Lsn::as_u64);
+
+    if let Some(row) = found.into_iter().next() {
+        if row.database != current.value || row.plugin != "pgoutput" {
+            bail!(
+                "replication slot {slot} belongs to database {:?} with plugin {:?}; set                  CAPTURE_SLOT to a name of this deployment's own",
+                row.database,
+                row.plugin
+            );
+        }
+        if row.wal_status.as_deref() == Some("lost") {
+            lost(
+                ctx,
+                slot,
+                recorded,
+                "was invalidated (wal_status lost: max_slot_wal_keep_size)",
+            )
+            .await;
+            diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                .bind::<Text, _>(slot)
+                .execute(&mut conn)
+                .await?;
+        } else {
+            let confirmed = row
+                .confirmed
+                .as_deref()
+                .and_then(|s| Lsn::parse(s).ok())
+                .map_or(0, Lsn::as_u64);
+            if let Some(recorded) = recorded {
+                if confirmed > recorded {
+                    lost(ctx, slot, Some(recorded), "is further along than stalewatch acknowledged: it was re-created or read by someone else").await;
+                    let _: () = redis
+                        .set(&position_key, Lsn::from_u64(confirmed).to_pg_string())
+                        .await?;
+                }
+            }
+            return Ok(confirmed);
+        }
+    } else if recorded.is_some() {
+        lost(ctx, slot, recorded, "does not exist any more (dropped)").await;
+    }
+    let created: OneText = diesel::sql_query(
+        "SELECT lsn::text AS value FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    )
+    .bind::<Text, _>(slot)
+    .get_result(&mut conn)
+    .await
+    .with_context(|| format!("creating replication slot {slot} (the role needs REPLICATION)"))?;
+    let at = Lsn::parse(&created.value).map_or(0, Lsn::as_u64);
+    let _: () = redis.set(&position_key, &created.value).await?;
+    tracing::info!(slot, at = %created.value, "created the replication slot");
+    Ok(at)
+}
+
+/// A gap in the change stream: loud, counted, and covered by a sweep pass now.
+async fn lost(ctx: &Ctx, slot: &str, since: Option<u64>, what: &str) {
+    ctx.metrics().capture_slot_lost.inc();
+    tracing::error!(
+        slot,
+        since = %since.map(|l| Lsn::from_u64(l).to_pg_string()).unwrap_or_default(),
+        "replication slot {slot} {what}: changes committed since the last acknowledged position          were not seen; starting a sweep pass to cover them"
+    );
+    request_sweep(ctx).await;
+}
+
+/// Ends the deployment's rest between sweep passes, so a pass starts within a poll.
+async fn request_sweep(ctx: &Ctx) {
+    let mut conn = ctx.queue_conn.clone();
+    let result: redis::RedisResult<()> = conn.del(ctx.keys().sweep_rest()).await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not start a sweep pass early");
+    }
+}
+
+#[derive(QueryableByName)]
+struct Retained {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    bytes: Option<i64>,
+}
+
+/// Reports how much WAL the slot holds back, on every worker (the reader may be the one that
+/// is down).
+async fn sample_slot(ctx: Ctx, config: Config, shutdown: CancellationToken) {
+    loop {
+        let sample = async {
+            let mut conn = ctx.checker.pool.get().await?;
+            let rows: Vec<Retained> = diesel::sql_query(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS bytes                  FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind::<Text, _>(&config.capture_slot)
+            .load(&mut conn)
+            .await?;
+            anyhow::Ok(rows.into_iter().next().and_then(|r| r.bytes).unwrap_or(-1))
+        };
+        match sample.await {
+            Ok(bytes) => ctx.metrics().capture_retained_wal.set(bytes),
+            Err(e) => tracing::debug!(error = %e, "could not sample the replication slot"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SLOT_SAMPLE) => {}
+        }
+    }
+}

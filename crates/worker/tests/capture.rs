@@ -1,0 +1,381 @@
+//! Change capture from a logical replication slot: changes made in plain SQL by someone else,
+//! with no cache write and no call to stalewatch, are checked within the settle delay. Each
+//! test runs a PostgreSQL of its own (`wal_level = logical`; slots there cannot outlive the
+//! test) and the worker binary with the sweep and keyspace notifications off, so nothing but
+//! the slot can find the divergence.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use diesel_async::RunQueryDsl;
+use stalewatch_testkit::{eventually, free_port, scaled, PgServer, Proc, TestEnv};
+
+const SCHEMA: &str = "
+CREATE TABLE accounts (
+    id      bigint PRIMARY KEY,
+    email   text   NOT NULL,
+    balance bigint NOT NULL DEFAULT 0,
+    version bigint NOT NULL DEFAULT 1
+)";
+
+const ENTITIES: &str = r#"
+[[entity]]
+name = "account"
+table = "public.accounts"
+primary_key = ["id"]
+key = "${KEY_PREFIX}acct:{id}"
+representation = "json"
+columns = ["id", "email", "balance", "version"]
+version = "version"
+policy = "write_through"
+"#;
+
+struct App {
+    // Field order is drop order: the environment's pool goes before its server.
+    env: TestEnv,
+    entities: std::path::PathBuf,
+    _server: PgServer,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.entities);
+    }
+}
+
+impl App {
+    async fn new() -> App {
+        let pg = PgServer::start(free_port()).await;
+        let url = pg.create_database("app").await.unwrap();
+        let env = TestEnv::on_database(&url).await.unwrap();
+        let entities = std::env::temp_dir().join(format!("capture-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&entities, ENTITIES).unwrap();
+        let app = App {
+            env,
+            entities,
+            _server: pg,
+        };
+        app.sql(SCHEMA).await;
+        app
+    }
+
+    async fn sql(&self, query: &str) {
+        let mut conn = self.env.pool.get().await.unwrap();
+        diesel::sql_query(query)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"));
+    }
+
+    fn key(&self, id: i64) -> String {
+        format!("{}acct:{id}", self.env.prefix)
+    }
+
+    /// Accounts `ids`, each cached exactly as the row is (the application's own writes).
+    async fn add_accounts(&self, ids: std::ops::RangeInclusive<i64>) {
+        let (lo, hi) = (ids.start(), ids.end());
+        self.sql(&format!(
+            "INSERT INTO accounts (id, email) SELECT i, 'u' || i || '@example.com' \
+             FROM generate_series({lo}, {hi}) i"
+        ))
+        .await;
+        self.cache(lo, hi).await;
+    }
+
+    async fn cache(&self, lo: &i64, hi: &i64) {
+        #[derive(diesel::QueryableByName)]
+        struct Doc {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            doc: String,
+        }
+        let mut conn = self.env.pool.get().await.unwrap();
+        let docs: Vec<Doc> = diesel::sql_query(format!(
+            "SELECT id, json_build_object('id', id, 'email', email, 'balance', balance, \
+             'version', version)::text AS doc FROM accounts WHERE id BETWEEN {lo} AND {hi}"
+        ))
+        .load(&mut conn)
+        .await
+        .unwrap();
+        let mut redis = self.env.cache.connection();
+        for chunk in docs.chunks(500) {
+            let mut cmd = redis::cmd("MSET");
+            for d in chunk {
+                cmd.arg(self.key(d.id)).arg(&d.doc);
+            }
+            cmd.query_async::<()>(&mut redis).await.unwrap();
+        }
+    }
+
+    fn worker(&self, extra: &[(&str, &str)]) -> (Proc, u16) {
+        let entities = self.entities.display().to_string();
+        let mut vars = vec![
+            ("ENTITIES", entities.as_str()),
+            ("CHANGE_CAPTURE", "logical"),
+            ("SWEEP_INTERVAL_MS", "0"),
+            ("KEYSPACE_NOTIFICATIONS", "off"),
+            ("GRACE_PERIOD_MS", "1000"),
+        ];
+        vars.extend_from_slice(extra);
+        worker(&self.env, &vars)
+    }
+
+    /// Waits until the worker reads the slot.
+    async fn reading(&self, port: u16, w: &Proc) {
+        wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+        eventually(
+            scaled(Duration::from_secs(60)),
+            "the worker to read the replication slot",
+            || async {
+                (metric(port, "stalewatch_capture_active", &[]).await == 1.0).then_some(())
+            },
+        )
+        .await;
+        assert!(
+            w.output().contains("reading committed changes"),
+            "{}",
+            w.output()
+        );
+    }
+
+    async fn state_of(&self, id: i64) -> Option<(String, String)> {
+        incidents_of(&self.env, &self.key(id))
+            .await
+            .into_iter()
+            .next()
+            .map(|i| (i.state, i.kind))
+    }
+
+    /// Waits until `id`'s newest incident is in `state`, and returns its kind.
+    async fn until_state(&self, id: i64, state: &str, within: Duration) -> String {
+        eventually(
+            scaled(within),
+            &format!("account {id} to be {state}"),
+            || async {
+                self.state_of(id)
+                    .await
+                    .filter(|(s, _)| s == state)
+                    .map(|(_, k)| k)
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn plain_sql_changes_are_detected_and_confirmed_without_any_cache_write() {
+    let app = App::new().await;
+    app.add_accounts(1..=3).await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    // Someone changes rows in plain SQL and never touches the cache.
+    app.sql("UPDATE accounts SET balance = 50, version = version + 1 WHERE id = 1")
+        .await;
+    app.sql("INSERT INTO accounts (id, email) VALUES (4, 'new@example.com')")
+        .await;
+    app.sql("DELETE FROM accounts WHERE id = 3").await;
+
+    // Detected long before any other path could see it (sweep and notifications are off).
+    for (id, kind) in [
+        (1, "stale"),
+        (4, "missing_in_cache"),
+        (3, "orphan_in_cache"),
+    ] {
+        let seen = app
+            .until_state(id, "detected", Duration::from_secs(10))
+            .await;
+        assert_eq!(seen, kind, "account {id}");
+    }
+    for id in [1, 4, 3] {
+        app.until_state(id, "confirmed", Duration::from_secs(15))
+            .await;
+    }
+    assert_eq!(app.state_of(2).await, None, "untouched account 2");
+    assert!(metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 3.0);
+}
+
+#[tokio::test]
+async fn a_change_the_application_caches_in_time_opens_no_incident() {
+    let app = App::new().await;
+    app.add_accounts(1..=2).await;
+    let (w, port) = app.worker(&[("CHANGE_SETTLE_MS", "300")]);
+    app.reading(port, &w).await;
+
+    // The application's usual write: the row, then the cache, well within the settle delay.
+    app.sql("UPDATE accounts SET balance = 7, version = 2 WHERE id = 1")
+        .await;
+    app.cache(&1, &1).await;
+    // A change nobody caches, after it, as the witness that checks have run.
+    app.sql("UPDATE accounts SET balance = 9, version = 2 WHERE id = 2")
+        .await;
+    app.until_state(2, "detected", Duration::from_secs(10))
+        .await;
+    eventually(
+        scaled(Duration::from_secs(10)),
+        "both keys checked",
+        || async {
+            (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(app.state_of(1).await, None, "{}", w.output());
+}
+
+#[tokio::test]
+async fn a_transaction_of_many_rows_makes_a_bounded_number_of_check_jobs() {
+    let app = App::new().await;
+    app.add_accounts(1..=5000).await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    app.sql("UPDATE accounts SET balance = balance + 1, version = version + 1")
+        .await;
+    eventually(
+        scaled(Duration::from_secs(60)),
+        "5,000 keys checked",
+        || async {
+            (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 5000.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(port, "stalewatch_capture_keys_total", &[]).await,
+        5000.0
+    );
+    let jobs = metric(port, "stalewatch_jobs_total", &["job=\"check\""]).await;
+    assert!(
+        (1.0..=10.0).contains(&jobs),
+        "{jobs} check jobs for one transaction of 5,000 rows"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_killed_mid_stream_loses_no_committed_change() {
+    let app = App::new().await;
+    app.add_accounts(1..=300).await;
+    // A long settle delay: the kill lands while every change read is still waiting.
+    let settle = [("CHANGE_SETTLE_MS", "5000")];
+    let (mut w, port) = app.worker(&settle);
+    app.reading(port, &w).await;
+
+    // 300 transactions, one row each, nobody caching.
+    for id in 1..=300 {
+        app.sql(&format!(
+            "UPDATE accounts SET balance = 1, version = 2 WHERE id = {id}"
+        ))
+        .await;
+    }
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "the reader to have read every change",
+        || async {
+            (metric(port, "stalewatch_capture_changes_total", &[]).await >= 300.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(port, "stalewatch_capture_keys_total", &[]).await,
+        0.0,
+        "the kill must come before the settle delay is over"
+    );
+    w.kill9();
+
+    // Another worker takes over once the dead one's lease expires, and reads the slot again
+    // from where it was acknowledged.
+    let (w2, port2) = app.worker(&[("CHANGE_SETTLE_MS", "100")]);
+    app.reading(port2, &w2).await;
+    eventually(
+        scaled(Duration::from_secs(60)),
+        "every changed account to have an incident",
+        || async {
+            let open = all_incidents(&app.env).await;
+            (open.len() >= 300).then_some(())
+        },
+    )
+    .await;
+    let keys: std::collections::BTreeSet<String> = all_incidents(&app.env)
+        .await
+        .into_iter()
+        .map(|i| i.cache_key)
+        .collect();
+    assert_eq!(keys.len(), 300, "one incident per changed key");
+}
+
+#[tokio::test]
+async fn a_dropped_slot_is_reported_and_the_sweep_covers_the_gap() {
+    let app = App::new().await;
+    app.add_accounts(1..=3).await;
+    // The sweep runs once at start-up, then rests for an hour: only a pass started on
+    // purpose can find what follows.
+    let (w, port) = app.worker(&[("SWEEP_INTERVAL_MS", "3600000")]);
+    app.reading(port, &w).await;
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "a first sweep pass",
+        || async {
+            (metric(port, "stalewatch_sweep_duration_seconds_count", &[]).await >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A divergence that makes no change in PostgreSQL (notifications are off): only a sweep
+    // can find it.
+    let mut redis = app.env.cache.connection();
+    redis::cmd("SET")
+        .arg(app.key(2))
+        .arg(r#"{"id": 2, "email": "u2@example.com", "balance": 0, "version": 0}"#)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+
+    // The slot goes away under the reader (an operator, a failover).
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "the slot dropped",
+        || async {
+            let mut conn = app.env.pool.get().await.unwrap();
+            let _ = diesel::sql_query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = 'stalewatch' AND active_pid IS NOT NULL",
+            )
+            .execute(&mut conn)
+            .await;
+            diesel::sql_query("SELECT pg_drop_replication_slot('stalewatch')")
+                .execute(&mut conn)
+                .await
+                .ok()
+        },
+    )
+    .await;
+
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "the loss reported",
+        || async {
+            (metric(port, "stalewatch_capture_slot_lost_total", &[]).await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        w.output().contains("does not exist any more"),
+        "{}",
+        w.output()
+    );
+    let kind = app
+        .until_state(2, "detected", Duration::from_secs(30))
+        .await;
+    assert_eq!(kind, "stale");
+    // Reading goes on from the new slot.
+    app.reading(port, &w).await;
+    app.sql("UPDATE accounts SET balance = 5, version = 9 WHERE id = 1")
+        .await;
+    app.until_state(1, "detected", Duration::from_secs(10))
+        .await;
+}
