@@ -47,6 +47,27 @@ ensure_postgres() {
   wait_port "$PG_HOST" "$PG_PORT" || { log "PostgreSQL did not start"; exit 1; }
 }
 
+# Change capture reads a logical replication slot, which needs wal_level=logical; turning it on
+# takes a restart. Done here for the local cluster this script manages; for any other server it
+# says what to set (the worker then logs that capture is off and the sweep covers changes).
+ensure_logical_decoding() {
+  if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
+  local url="postgres://postgres@$PG_HOST:$PG_PORT/postgres" level version
+  level=$(psql "$url" -tAc "SHOW wal_level")
+  [ "$level" = logical ] && return 0
+  if [ "$(id -u)" != 0 ] || ! ls /etc/postgresql/*/main >/dev/null 2>&1 \
+      || ! [[ "$PG_HOST" =~ ^(127\.0\.0\.1|localhost|::1)$ ]]; then
+    log "PostgreSQL has wal_level=$level: set wal_level=logical and restart it for change capture"
+    return 0
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  log "turning on logical decoding (wal_level=logical) and restarting PostgreSQL $version"
+  psql "$url" -qc "ALTER SYSTEM SET wal_level = logical" >/dev/null
+  pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  wait_port "$PG_HOST" "$PG_PORT" || { log "PostgreSQL did not come back"; exit 1; }
+  for _ in $(seq 1 100); do psql "$url" -tAc "SELECT 1" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
 ensure_redis() {
   if port_open "$REDIS_HOST" "$REDIS_PORT"; then return 0; fi
   if ! command -v redis-server >/dev/null; then
@@ -62,6 +83,7 @@ ensure_redis() {
 
 ensure_services() {
   ensure_postgres
+  ensure_logical_decoding
   ensure_redis
 }
 

@@ -64,6 +64,9 @@ pub enum ChangeCapture {
     /// A logical replication slot (needs `wal_level = logical`).
     #[default]
     Logical,
+    /// Triggers on the watched tables write each change to an outbox table in the same
+    /// transaction and NOTIFY the reader: for a PostgreSQL without logical decoding.
+    Outbox,
     /// No capture: the sweep finds changes made outside stalewatch's API.
     Off,
 }
@@ -73,8 +76,9 @@ impl FromStr for ChangeCapture {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "logical" => Ok(Self::Logical),
+            "outbox" => Ok(Self::Outbox),
             "off" => Ok(Self::Off),
-            _ => Err("logical or off".into()),
+            _ => Err("logical, outbox or off".into()),
         }
     }
 }

@@ -114,6 +114,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ChangeCapture::Logical => {
             tasks.spawn(capture::run(ctx.clone(), config.clone(), shutdown.clone()));
         }
+        ChangeCapture::Outbox => {
+            tracing::warn!("CHANGE_CAPTURE=outbox is not built yet; the sweep sees changes made outside stalewatch")
+        }
         ChangeCapture::Off => {
             tracing::info!(
                 "CHANGE_CAPTURE=off: changes made outside stalewatch are seen by the sweep"
