@@ -33,7 +33,7 @@ use stalewatch_core::{
     config::Config,
     entity::quote_ident,
     incident::Source,
-    jobs::CheckJob,
+    jobs::{CheckJob, Job},
     lease::Lease,
     pgoutput::{self, Message, Relations, PG_EPOCH_UNIX_US},
     queue,
@@ -49,9 +49,9 @@ const LEASE_RENEW: Duration = Duration::from_secs(1);
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 const SLOT_SAMPLE: Duration = Duration::from_secs(5);
 /// Keys per check job: a transaction of many rows makes few, large jobs.
-const KEYS_PER_JOB: usize = 1000;
+pub(crate) const KEYS_PER_JOB: usize = 1000;
 /// Keys taken from the settle buffer per flush (bounds one push).
-const FLUSH_LIMIT: usize = 50 * KEYS_PER_JOB;
+pub(crate) const FLUSH_LIMIT: usize = 50 * KEYS_PER_JOB;
 /// How often the acknowledged position is written down and sent while busy.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -135,14 +135,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     async fn start(ctx: &'a Ctx, config: &'a Config) -> anyhow::Result<Reader<'a>> {
-        let router = Router::new(
-            &ctx.checker
-                .watched
-                .sources()
-                .iter()
-                .map(|rows| rows.entity.clone())
-                .collect::<Vec<_>>(),
-        );
+        let router = watched_router(ctx);
         publish(ctx, config, &router).await?;
         let start = ensure_slot(ctx, config).await?;
         let connect = replication_config(config)?;
@@ -279,36 +272,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// One log line per transaction for the changes whose key could not be named.
     fn report_unmapped(&mut self) {
-        if self.unmapped.is_empty() {
-            return;
-        }
-        let mut by_entity: BTreeMap<usize, (u64, Vec<String>)> = BTreeMap::new();
-        for u in self.unmapped.drain(..) {
-            let e = by_entity.entry(u.entity).or_default();
-            e.0 += 1;
-            for m in u.missing {
-                if !e.1.contains(&m) {
-                    e.1.push(m);
-                }
-            }
-        }
-        for (entity, (n, missing)) in by_entity {
-            let name = self.router.entity(entity);
-            self.ctx
-                .metrics()
-                .capture_unmapped
-                .with_label_values(&[name])
-                .inc_by(n);
-            tracing::warn!(
-                entity = name,
-                changes = n,
-                ?missing,
-                "changes whose cache key the stream does not name (REPLICA IDENTITY FULL on the \
-                 table names it); the sweep's key pass finds keys left behind"
-            );
-        }
+        report_unmapped(self.ctx, &self.router, &mut self.unmapped);
     }
 
     /// Queues the checks that are due, then acknowledges what is handed over.
@@ -328,35 +293,7 @@ impl<'a> Reader<'a> {
     }
 
     async fn push(&mut self, due: Due) -> anyhow::Result<()> {
-        let mut jobs = Vec::new();
-        for (entity, keys) in due.by_entity {
-            let name = self.router.entity(entity);
-            self.ctx
-                .metrics()
-                .capture_keys
-                .with_label_values(&[name])
-                .inc_by(keys.len() as u64);
-            for chunk in keys.chunks(KEYS_PER_JOB) {
-                let job = CheckJob {
-                    entity: name.to_string(),
-                    keys: chunk.to_vec(),
-                    source: Source::Cdc,
-                };
-                jobs.push((job, None));
-            }
-        }
-        let mut conn = self.ctx.queue_conn.clone();
-        queue::push(&mut conn, self.ctx.keys(), jobs)
-            .await
-            .context("queueing checks of captured changes")?;
-        // This worker's own check worker need not wait for its next poll.
-        self.ctx.check_wake.notify_one();
-        let now_us = chrono::Utc::now().timestamp_micros();
-        for commit_us in due.commit_us {
-            let delay = (now_us - (commit_us + PG_EPOCH_UNIX_US)).max(0);
-            self.ctx.metrics().capture_delay.observe(delay as f64 / 1e6);
-        }
-        Ok(())
+        push_due(self.ctx, &self.router, due).await
     }
 
     /// Writes `lsn` down, then lets the server release WAL up to it. Written first, so the
@@ -377,6 +314,91 @@ impl<'a> Reader<'a> {
         self.acked_at = Instant::now();
         Ok(())
     }
+}
+
+/// The router of the watched entities. (Shared with the outbox reader.)
+pub(crate) fn watched_router(ctx: &Ctx) -> Router {
+    Router::new(
+        &ctx.checker
+            .watched
+            .sources()
+            .iter()
+            .map(|rows| rows.entity.clone())
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// One log line per entity for the changes whose key could not be named (drains
+/// `unmapped`). (Shared with the outbox reader.)
+pub(crate) fn report_unmapped(ctx: &Ctx, router: &Router, unmapped: &mut Vec<Unmapped>) {
+    if unmapped.is_empty() {
+        return;
+    }
+    let mut by_entity: BTreeMap<usize, (u64, Vec<String>)> = BTreeMap::new();
+    for u in unmapped.drain(..) {
+        let e = by_entity.entry(u.entity).or_default();
+        e.0 += 1;
+        for m in u.missing {
+            if !e.1.contains(&m) {
+                e.1.push(m);
+            }
+        }
+    }
+    for (entity, (n, missing)) in by_entity {
+        let name = router.entity(entity);
+        ctx.metrics()
+            .capture_unmapped
+            .with_label_values(&[name])
+            .inc_by(n);
+        tracing::warn!(
+            entity = name,
+            changes = n,
+            ?missing,
+            "changes whose cache key the stream does not name (REPLICA IDENTITY FULL on the \
+             table names it); the sweep's key pass finds keys left behind"
+        );
+    }
+}
+
+/// Queues the checks of keys whose settle delay is over, as `Source::Cdc` check jobs of at
+/// most `KEYS_PER_JOB` keys, and records the capture delay. (Shared with the outbox reader.)
+pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Result<()> {
+    let mut jobs = Vec::new();
+    let mut counts = Vec::new();
+    for (entity, keys) in due.by_entity {
+        let name = router.entity(entity);
+        counts.push((name, keys.len() as u64));
+        for chunk in keys.chunks(KEYS_PER_JOB) {
+            let job = CheckJob {
+                entity: name.to_string(),
+                keys: chunk.to_vec(),
+                source: Source::Cdc,
+            };
+            jobs.push((job, None));
+        }
+    }
+    let pushed = jobs.len() as u64;
+    let mut conn = ctx.queue_conn.clone();
+    queue::push(&mut conn, ctx.keys(), jobs)
+        .await
+        .context("queueing checks of captured changes")?;
+    // Counted once queued, so a reader that died before this counted nothing.
+    let metrics = ctx.metrics();
+    metrics
+        .jobs
+        .with_label_values(&[CheckJob::NAME, "pushed"])
+        .inc_by(pushed);
+    for (name, n) in counts {
+        metrics.capture_keys.with_label_values(&[name]).inc_by(n);
+    }
+    // This worker's own check worker need not wait for its next poll.
+    ctx.check_wake.notify_one();
+    let now_us = chrono::Utc::now().timestamp_micros();
+    for commit_us in due.commit_us {
+        let delay = (now_us - (commit_us + PG_EPOCH_UNIX_US)).max(0);
+        ctx.metrics().capture_delay.observe(delay as f64 / 1e6);
+    }
+    Ok(())
 }
 
 /// The replication connection's settings, from DATABASE_URL.
@@ -588,7 +610,7 @@ async fn lost(ctx: &Ctx, slot: &str, since: Option<u64>, what: &str) {
 }
 
 /// Ends the deployment's rest between sweep passes, so a pass starts within a poll.
-async fn request_sweep(ctx: &Ctx) {
+pub(crate) async fn request_sweep(ctx: &Ctx) {
     let mut conn = ctx.queue_conn.clone();
     let result: redis::RedisResult<()> = conn.del(ctx.keys().sweep_rest()).await;
     if let Err(e) = result {

@@ -244,11 +244,17 @@ async fn a_transaction_of_many_rows_makes_a_bounded_number_of_check_jobs() {
         },
     )
     .await;
+    // Counted once the push succeeded, with the jobs it pushed.
     assert_eq!(
         metric(port, "stalewatch_capture_keys_total", &[]).await,
         5000.0
     );
-    let jobs = metric(port, "stalewatch_jobs_total", &["job=\"check\""]).await;
+    let jobs = metric(
+        port,
+        "stalewatch_jobs_total",
+        &["job=\"check\"", "outcome=\"pushed\""],
+    )
+    .await;
     assert!(
         (1.0..=10.0).contains(&jobs),
         "{jobs} check jobs for one transaction of 5,000 rows"
@@ -276,6 +282,34 @@ async fn a_reader_killed_mid_stream_loses_no_committed_change() {
         "the reader to have read every change",
         || async {
             (metric(port, "stalewatch_capture_changes_total", &[]).await >= 300.0).then_some(())
+        },
+    )
+    .await;
+    // The reader has told the server its position since it read the last change (status
+    // updates go out every second): a reader that acknowledged what it read but had not
+    // handed over would lose those changes now.
+    #[derive(diesel::QueryableByName)]
+    struct Text {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    let read_at: Text = diesel::sql_query("SELECT clock_timestamp()::text AS t")
+        .get_result(&mut app.env.pool.get().await.unwrap())
+        .await
+        .unwrap();
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "a status update after the last change was read",
+        || async {
+            let replied: Text = diesel::sql_query(
+                "SELECT coalesce(bool_or(reply_time > $1::timestamptz), false)::text AS t \
+                 FROM pg_stat_replication WHERE application_name = 'stalewatch-capture'",
+            )
+            .bind::<diesel::sql_types::Text, _>(&read_at.t)
+            .get_result(&mut app.env.pool.get().await.unwrap())
+            .await
+            .unwrap();
+            (replied.t == "true").then_some(())
         },
     )
     .await;
