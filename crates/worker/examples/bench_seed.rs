@@ -7,6 +7,10 @@
 //! bench_seed push-checks <ids-per-job>      check jobs covering every item, in id order
 //! bench_seed mget-resp <keys-per-mget>      MGET commands over every item key, as RESP on
 //!                                           stdout (for `redis-cli --pipe`)
+//! bench_seed detect <k> <gap-ms> <wait-s>   k stale cache writes by "another client" and k
+//!                                           plain-SQL changes nobody caches, gap-ms apart;
+//!                                           prints the Detected and Confirmed latencies
+//!                                           read from the incidents' timestamps
 //! ```
 //!
 //! Reads DATABASE_URL, REDIS_URL, KEY_PREFIX and CACHE_TTL_SECS like the binaries. It truncates
@@ -62,9 +66,10 @@ async fn main() -> anyhow::Result<()> {
         ["cache", pct] => write_cache(&config, pct.parse().context("stale percent")?).await,
         ["push-checks", per_job] => push_checks(&config, per_job.parse()?).await,
         ["mget-resp", per_cmd] => mget_resp(&config, per_cmd.parse()?).await,
+        ["detect", k, gap, wait] => detect(&config, k.parse()?, gap.parse()?, wait.parse()?).await,
         _ => bail!(
             "usage: bench_seed seed <items> <stale-percent> | cache <stale-percent> \
-             | push-checks <ids-per-job> | mget-resp <keys-per-mget>"
+             | push-checks <ids-per-job> | mget-resp <keys-per-mget> | detect <k> <gap-ms> <wait-s>"
         ),
     }
 }
@@ -236,5 +241,122 @@ async fn mget_resp(config: &Config, per_cmd: usize) -> anyhow::Result<()> {
         "mget-resp: {commands} MGET commands over {} keys",
         ids.len()
     );
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct Latency {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    cache_key: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    detected_ms: Option<f64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    confirmed_ms: Option<f64>,
+}
+
+/// Divergences made the way they happen in production, one every `gap_ms`, alternating: a
+/// stale SET by another Redis client (the cached copy one version old), and a plain-SQL
+/// UPDATE whose cache write never comes. Each one's start (the client's clock before the SET;
+/// PostgreSQL's clock inside the UPDATE, just before its commit; one host, one clock) is kept
+/// in `bench_t0`; after `wait_s` the incidents' own timestamps give the latencies.
+async fn detect(config: &Config, k: usize, gap_ms: u64, wait_s: u64) -> anyhow::Result<()> {
+    use diesel::sql_types::{Text, Uuid as SqlUuid};
+    let mut conn = connect_pg(config).await?;
+    diesel::sql_query(
+        "CREATE TABLE IF NOT EXISTS bench_t0 (cache_key text PRIMARY KEY, class text, t0 timestamptz)",
+    )
+    .execute(&mut conn)
+    .await?;
+    diesel::sql_query("TRUNCATE bench_t0")
+        .execute(&mut conn)
+        .await?;
+    let ids = all_ids(config).await?;
+    if ids.len() < 2 * k {
+        bail!("detect needs {} items, the table has {}", 2 * k, ids.len());
+    }
+    // Spread over the table, away from anything a previous run touched.
+    let step = ids.len() / (2 * k);
+    let keys = Keys::new(config.key_prefix.clone());
+    let pool = db::pool(&config.database_url, 2)?;
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    for i in 0..k {
+        let cached = ids[2 * i * step];
+        let item = items::get(&pool, cached).await?.context("item")?;
+        let t0 = chrono::Utc::now();
+        redis::cmd("SET")
+            .arg(keys.item(&item.id))
+            .arg(stale_copy(&item))
+            .query_async::<()>(&mut redis)
+            .await?;
+        diesel::sql_query("INSERT INTO bench_t0 VALUES ($1, 'cache_write', $2)")
+            .bind::<Text, _>(keys.item(&item.id))
+            .bind::<diesel::sql_types::Timestamptz, _>(t0)
+            .execute(&mut conn)
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(gap_ms)).await;
+
+        let changed = ids[(2 * i + 1) * step];
+        diesel::sql_query(
+            "WITH u AS (UPDATE items SET version = version + 1, name = name || '!' \
+                        WHERE id = $1 RETURNING id) \
+             INSERT INTO bench_t0 SELECT $2, 'sql_change', clock_timestamp() FROM u",
+        )
+        .bind::<SqlUuid, _>(changed)
+        .bind::<Text, _>(keys.item(&changed))
+        .execute(&mut conn)
+        .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(gap_ms)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(wait_s)).await;
+    let rows: Vec<Latency> = diesel::sql_query(
+        "SELECT t.cache_key, \
+                extract(epoch FROM min(i.first_seen_at) - t.t0)::float8 * 1000 AS detected_ms, \
+                extract(epoch FROM min(i.confirmed_at) - t.t0)::float8 * 1000 AS confirmed_ms \
+         FROM bench_t0 t LEFT JOIN inconsistencies i ON i.cache_key = t.cache_key \
+         GROUP BY t.cache_key, t.t0 ORDER BY t.cache_key",
+    )
+    .load(&mut conn)
+    .await?;
+    let classes: Vec<(String, String)> = {
+        #[derive(diesel::QueryableByName)]
+        struct Class {
+            #[diesel(sql_type = Text)]
+            cache_key: String,
+            #[diesel(sql_type = Text)]
+            class: String,
+        }
+        let c: Vec<Class> = diesel::sql_query("SELECT cache_key, class FROM bench_t0")
+            .load(&mut conn)
+            .await?;
+        c.into_iter().map(|c| (c.cache_key, c.class)).collect()
+    };
+    for class in ["cache_write", "sql_change"] {
+        let of_class: Vec<&Latency> = rows
+            .iter()
+            .filter(|r| classes.iter().any(|(k, c)| k == &r.cache_key && c == class))
+            .collect();
+        let mut detected: Vec<f64> = of_class.iter().filter_map(|r| r.detected_ms).collect();
+        let mut confirmed: Vec<f64> = of_class.iter().filter_map(|r| r.confirmed_ms).collect();
+        detected.sort_by(f64::total_cmp);
+        confirmed.sort_by(f64::total_cmp);
+        let q = |v: &[f64], p: f64| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+            }
+        };
+        println!(
+            "detect class={class} n={} detected={} confirmed={} detected_p50_ms={:.0} detected_p99_ms={:.0} confirmed_p50_ms={:.0} confirmed_p99_ms={:.0}",
+            of_class.len(),
+            detected.len(),
+            confirmed.len(),
+            q(&detected, 0.5),
+            q(&detected, 0.99),
+            q(&confirmed, 0.5),
+            q(&confirmed, 0.99),
+        );
+    }
     Ok(())
 }
