@@ -92,6 +92,9 @@ impl Router {
         out: &mut Vec<Touched>,
         unmapped: &mut Vec<Unmapped>,
     ) {
+        // Repeats are looked for among this change's keys only: a transaction of many rows
+        // appends to one `out`, and Settle merges repeats across changes anyway.
+        let first = out.len();
         for &entity in self.entities_of(rel) {
             let template = &self.targets[entity].key;
             let mut missing: Vec<String> = Vec::new();
@@ -111,7 +114,7 @@ impl Router {
                 });
                 if let Some(key) = key {
                     let touched = Touched { entity, key };
-                    if !out.contains(&touched) {
+                    if !out[first..].contains(&touched) {
                         out.push(touched);
                     }
                 }
