@@ -22,6 +22,7 @@ use anyhow::{bail, Context};
 use backon::Retryable;
 use diesel::{sql_types::Text, QueryableByName};
 use diesel_async::RunQueryDsl;
+use futures::FutureExt;
 use pgwire_replication::{
     client::{ReplicationClient, ReplicationEvent},
     config::ReplicationConfig,
@@ -52,6 +53,8 @@ const SLOT_SAMPLE: Duration = Duration::from_secs(5);
 pub(crate) const KEYS_PER_JOB: usize = 1000;
 /// Keys taken from the settle buffer per flush (bounds one push).
 pub(crate) const FLUSH_LIMIT: usize = 50 * KEYS_PER_JOB;
+/// Events taken without waiting, after one that was waited for, before the next flush.
+const DRAIN_MAX: usize = 10_000;
 /// How often the acknowledged position is written down and sent while busy.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -186,6 +189,17 @@ impl<'a> Reader<'a> {
                         bail!("the replication stream ended");
                     };
                     self.on_event(event).await?;
+                    // Under load, take what has already arrived before flushing: one push
+                    // and one acknowledgement for many transactions instead of one each.
+                    for _ in 0..DRAIN_MAX {
+                        let Some(next) = self.client.recv().now_or_never() else {
+                            break;
+                        };
+                        let Some(event) = next.context("reading the replication stream")? else {
+                            bail!("the replication stream ended");
+                        };
+                        self.on_event(event).await?;
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
