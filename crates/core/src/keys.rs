@@ -99,6 +99,11 @@ impl Keys {
         format!("{}capture:{slot}:lease", self.prefix)
     }
 
+    /// Held by the worker that reads the change outbox (CHANGE_CAPTURE=outbox): one reader.
+    pub fn outbox_lease(&self) -> String {
+        format!("{}outbox:lease", self.prefix)
+    }
+
     /// The position up to which slot `slot` was acknowledged, written before each
     /// acknowledgement: a slot found confirmed beyond it was re-created by someone else.
     pub fn capture_position(&self, slot: &str) -> String {

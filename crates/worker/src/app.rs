@@ -18,7 +18,8 @@ use stalewatch_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backstop, capture, handlers, handlers::Ctx, notify, supervise, sweep::Sweeper, upkeep::Upkeep,
+    backstop, capture, handlers, handlers::Ctx, notify, outbox, supervise, sweep::Sweeper,
+    upkeep::Upkeep,
 };
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
@@ -115,7 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tasks.spawn(capture::run(ctx.clone(), config.clone(), shutdown.clone()));
         }
         ChangeCapture::Outbox => {
-            tracing::warn!("CHANGE_CAPTURE=outbox is not built yet; the sweep sees changes made outside stalewatch")
+            tasks.spawn(outbox::run(ctx.clone(), config.clone(), shutdown.clone()));
         }
         ChangeCapture::Off => {
             tracing::info!(

@@ -6,6 +6,7 @@ pub mod backstop;
 pub mod capture;
 pub mod handlers;
 pub mod notify;
+pub mod outbox;
 pub mod supervise;
 pub mod sweep;
 pub mod upkeep;
