@@ -232,12 +232,12 @@ impl<'a> Reader<'a> {
                     Instant::now(),
                 );
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Nothing read is waiting: everything up to the server's end can go, so a
-                // slot whose every change is filtered out does not hold WAL back.
-                if self.txn.is_none() && self.settle.is_idle() {
-                    self.ack(wal_end.as_u64(), true).await?;
-                }
+            // Nothing read is waiting: everything up to the server's end can go, so a slot
+            // whose every change is filtered out does not hold WAL back.
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if self.txn.is_none() && self.settle.is_idle() =>
+            {
+                self.ack(wal_end.as_u64(), true).await?;
             }
             _ => {}
         }
