@@ -15,7 +15,7 @@ use crate::incident::{self, Cause, Observation, Source, State, Transition, Verdi
 use crate::metrics::Metrics;
 
 /// Rounds of the locked slow path before giving up on a key; two suffice in practice (see
-/// `record_one`), the bound only guards against a bug looping forever.
+/// `settle`), the bound only guards against a bug looping forever.
 const MAX_RETRIES: usize = 8;
 
 /// What recording one key's observation did.
@@ -80,8 +80,10 @@ impl Context<'_> {
 
 /// Records what was seen for a batch of keys: one query reads their open incidents, one more
 /// the last resolution of the keys that would open a new one, one statement counts every
-/// further mismatch of a Persistent incident, and only keys whose state changes are written
-/// one by one.
+/// further mismatch of a Persistent incident, and two more store every other change (the
+/// incidents that open, the ones that move). Only a key whose incident changed under it since
+/// it was read is written on its own. A batch where everything matches and nothing is open
+/// costs the one read.
 pub async fn record_batch(
     conn: &mut AsyncPgConnection,
     metrics: &Metrics,
@@ -103,15 +105,21 @@ async fn record_into(
     evidence: Vec<Evidence>,
 ) -> Result<(), DbError> {
     let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
-    let mut open = incidents::open_for_keys(conn, &keys).await?;
     // Only a mismatch without an open incident needs the key's history: it may not open one
-    // if it was made before the last resolution.
-    let openers: Vec<String> = evidence
+    // if it was made before the last resolution. Both reads go out in one round trip, so the
+    // last resolution is read for every mismatch, open incident or not.
+    let mismatched: Vec<String> = evidence
         .iter()
-        .filter(|e| !e.kind.is_match() && !open.contains_key(&e.cache_key))
+        .filter(|e| !e.kind.is_match())
         .map(|e| e.cache_key.clone())
         .collect();
-    let mut closed = incidents::latest_closed_for_keys(conn, &openers).await?;
+    let (mut open, mut closed) = {
+        let conn: &AsyncPgConnection = conn;
+        futures::try_join!(
+            incidents::open_for_keys(conn, &keys),
+            incidents::latest_closed_for_keys(conn, &mismatched)
+        )?
+    };
 
     let mut fold: Vec<(i64, &Evidence)> = Vec::new();
     let mut one_by_one: Vec<(&Evidence, Option<IncidentRow>)> = Vec::new();
@@ -143,9 +151,52 @@ async fn record_into(
             one_by_one.push((ev, incidents::latest_for_key(conn, &ev.cache_key).await?));
         }
     }
+
+    // Every key's step from what was read, then all the writes at once; only a key whose
+    // write found its incident changed meanwhile goes on alone, through the locked slow path.
+    let mut steps: Vec<(
+        &Evidence,
+        Observation,
+        Option<IncidentRow>,
+        Option<incident::Step>,
+    )> = Vec::with_capacity(one_by_one.len());
     for (ev, current) in one_by_one {
         let obs = ctx.observation(ev);
-        let recorded = record_one(conn, metrics, ctx, &obs, ev, current).await?;
+        let step = ctx
+            .allows(&ev.cache_key, current.as_ref().filter(|c| c.is_open()))
+            .then(|| step_for(current.as_ref(), &obs, ctx.grace));
+        steps.push((ev, obs, current, step));
+    }
+    let writes: Vec<incidents::Write> = steps
+        .iter()
+        .filter_map(|(ev, _, current, step)| {
+            step.as_ref().map(|step| incidents::Write {
+                current: current.as_ref(),
+                step,
+                evidence: ev,
+            })
+        })
+        .collect();
+    let mut answers = if writes.iter().any(|w| !w.step.is_noop()) {
+        incidents::apply_many(conn, &writes).await
+    } else {
+        vec![Some(Applied::Nothing); writes.len()]
+    }
+    .into_iter();
+    for (ev, obs, current, step) in steps {
+        let recorded = match step {
+            None => Recorded::nothing(&ev.cache_key),
+            Some(step) => {
+                let applied = match answers.next().expect("one answer per write") {
+                    Some(applied) => applied,
+                    // Its batched statement failed: alone, so the keys before one the
+                    // database refuses are stored, and its error is this batch's.
+                    None => incidents::apply(conn, current.as_ref(), &step, ev).await?,
+                };
+                let (step, applied) = settle(conn, ctx, &obs, ev, step, applied).await?;
+                finish(metrics, ev, step, applied)
+            }
+        };
         batch.recorded.push(recorded);
     }
     Ok(())
@@ -162,25 +213,18 @@ impl Recorded {
     }
 }
 
-/// Steps and stores one key. `current` is the key's open incident, or its latest closed one.
-async fn record_one(
+/// A key whose conditional write conflicted (someone else changed its incident first): lock
+/// the key's latest incident so concurrent observers queue up instead of retrying in lockstep,
+/// and step again from what it now is. Only an INSERT racing another INSERT can still
+/// conflict here, and the next round finds that row and locks it.
+async fn settle(
     conn: &mut AsyncPgConnection,
-    metrics: &Metrics,
     ctx: &Context<'_>,
     obs: &Observation,
     ev: &Evidence,
-    current: Option<IncidentRow>,
-) -> Result<Recorded, DbError> {
-    let grace = ctx.grace;
-    if !ctx.allows(&ev.cache_key, current.as_ref().filter(|c| c.is_open())) {
-        return Ok(Recorded::nothing(&ev.cache_key));
-    }
-    // Fast path: no lock, the write is conditional on what was read.
-    let mut step = step_for(current.as_ref(), obs, grace);
-    let mut applied = incidents::apply(conn, current.as_ref(), &step, ev).await?;
-    // Lost a race: lock the key's latest incident so concurrent observers queue up instead of
-    // retrying in lockstep. Only an INSERT racing another INSERT can still conflict here, and
-    // the next round finds that row and locks it.
+    mut step: incident::Step,
+    mut applied: Applied,
+) -> Result<(incident::Step, Applied), DbError> {
     let mut tries = 0;
     while applied == Applied::Conflict {
         tries += 1;
@@ -193,12 +237,17 @@ async fn record_one(
                 if !ctx.allows(&ev.cache_key, current.as_ref().filter(|c| c.is_open())) {
                     return Ok((incident::Step::noop(), Applied::Nothing));
                 }
-                let step = step_for(current.as_ref(), obs, grace);
+                let step = step_for(current.as_ref(), obs, ctx.grace);
                 let applied = incidents::apply(conn, current.as_ref(), &step, ev).await?;
                 Ok((step, applied))
             })
             .await?;
     }
+    Ok((step, applied))
+}
+
+/// What a key's stored step did: its log line and metrics, and the confirmation to schedule.
+fn finish(metrics: &Metrics, ev: &Evidence, step: incident::Step, applied: Applied) -> Recorded {
     if let Some(why) = step.refused {
         metrics.refused.with_label_values(&[why.as_str()]).inc();
         tracing::debug!(key = %ev.cache_key, reason = why.as_str(), "out-of-order observation ignored");
@@ -212,12 +261,12 @@ async fn record_one(
         }
         Applied::Nothing | Applied::Conflict => None,
     };
-    Ok(Recorded {
+    Recorded {
         cache_key: ev.cache_key.clone(),
         transition: incident.as_ref().and(step.transition),
         confirm_at: incident.as_ref().and(step.schedule_confirm_at),
         incident,
-    })
+    }
 }
 
 fn step_for(current: Option<&IncidentRow>, obs: &Observation, grace: Duration) -> incident::Step {

@@ -107,6 +107,8 @@ impl IncidentRow {
 pub struct Evidence {
     pub cache_key: String,
     pub entity: String,
+    /// The key's template values joined with ':'; empty for a match, which never opens an
+    /// incident (the only place it is stored).
     pub entity_id: String,
     pub kind: Kind,
     pub db_version: Option<i64>,
@@ -139,15 +141,16 @@ pub enum Applied {
 }
 
 /// The open incident of each key that has one.
+/// Takes a shared connection, so it can go out in one round trip with other reads.
 pub async fn open_for_keys(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     keys: &[String],
 ) -> Result<HashMap<String, IncidentRow>, DbError> {
     let rows: Vec<IncidentRow> = t::table
         .filter(t::cache_key.eq_any(keys))
         .filter(is_open())
         .select(IncidentRow::as_select())
-        .load(conn)
+        .load(&mut conn)
         .await?;
     Ok(rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect())
 }
@@ -167,9 +170,10 @@ pub async fn latest_for_key(
 }
 
 /// The latest closed incident of each of these keys that has one: it dates the key's last
-/// resolution, before which no observation may open a new incident.
+/// resolution, before which no observation may open a new incident. Takes a shared
+/// connection, as [`open_for_keys`] does.
 pub async fn latest_closed_for_keys(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     keys: &[String],
 ) -> Result<HashMap<String, IncidentRow>, DbError> {
     if keys.is_empty() {
@@ -181,7 +185,7 @@ pub async fn latest_closed_for_keys(
         .order((t::cache_key, t::id.desc()))
         .distinct_on(t::cache_key)
         .select(IncidentRow::as_select())
-        .load(conn)
+        .load(&mut conn)
         .await?;
     Ok(rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect())
 }
@@ -229,6 +233,187 @@ pub async fn apply(
         Some(cur) => update_expected(conn, cur, next, evidence).await?,
     };
     Ok(row.map_or(Applied::Conflict, |r| Applied::Stored(Box::new(r))))
+}
+
+/// One key's write for [`apply_many`]: its open incident as read (or its latest closed one,
+/// or none), and the step to store.
+pub struct Write<'a> {
+    pub current: Option<&'a IncidentRow>,
+    pub step: &'a Step,
+    pub evidence: &'a Evidence,
+}
+
+/// [`apply`] for many keys in two statements, one INSERT of every incident that opens and one
+/// UPDATE of every open one that moves, each row under exactly the condition [`apply`] writes
+/// it under. What a batch writes is then one commit, not one per key: each commit waits for
+/// the WAL to reach the disk, which made a sweep spend most of its time on 1% of stale keys.
+/// The answer lines up with `writes`; a key whose condition failed is a `Conflict`, for the
+/// caller's locked slow path, as with [`apply`]. A step with nothing to store is `Nothing`.
+///
+/// None for the writes of a statement that failed: nothing of it is stored, and the caller
+/// writes those keys one at a time with [`apply`], so that one key the database refuses
+/// does not keep the keys before it from being stored (nor their confirmations from being
+/// scheduled), as it would not if each had its own statement.
+pub async fn apply_many(conn: &AsyncPgConnection, writes: &[Write<'_>]) -> Vec<Option<Applied>> {
+    let mut inserts: Vec<(usize, &Incident, &Evidence)> = Vec::new();
+    let mut updates: Vec<(usize, &IncidentRow, &Incident, &Evidence)> = Vec::new();
+    for (i, w) in writes.iter().enumerate() {
+        let Some(next) = &w.step.next else { continue };
+        match w.current.filter(|c| c.is_open()) {
+            None => inserts.push((i, next, w.evidence)),
+            Some(cur) => updates.push((i, cur, next, w.evidence)),
+        }
+    }
+    let mut applied = vec![Some(Applied::Nothing); writes.len()];
+    // Different keys, so the two statements go out together; each commits on its own.
+    let (inserted, updated) =
+        futures::join!(insert_many(conn, &inserts), update_many(conn, &updates));
+    // A key twice in one batch (a SCAN may return a key twice): the first copy gets the row,
+    // the second conflicts and goes through the slow path, as it would one statement each.
+    match inserted {
+        Ok(rows) => {
+            let mut rows: HashMap<String, IncidentRow> =
+                rows.into_iter().map(|r| (r.cache_key.clone(), r)).collect();
+            for (i, _, ev) in &inserts {
+                applied[*i] = Some(stored(rows.remove(&ev.cache_key)));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, keys = inserts.len(), "batched INSERT failed; one key at a time");
+            for (i, ..) in &inserts {
+                applied[*i] = None;
+            }
+        }
+    }
+    match updated {
+        Ok(rows) => {
+            let mut rows: HashMap<i64, IncidentRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+            for (i, cur, ..) in &updates {
+                applied[*i] = Some(stored(rows.remove(&cur.id)));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, keys = updates.len(), "batched UPDATE failed; one key at a time");
+            for (i, ..) in &updates {
+                applied[*i] = None;
+            }
+        }
+    }
+    applied
+}
+
+/// A conditional write's answer: its row, or no row because its condition failed.
+fn stored(row: Option<IncidentRow>) -> Applied {
+    row.map_or(Applied::Conflict, |r| Applied::Stored(Box::new(r)))
+}
+
+/// `insert_open` for many keys. Rows go in in key order, so two batches that open some of the
+/// same keys at once wait for each other in the same order instead of deadlocking.
+async fn insert_many(
+    mut conn: &AsyncPgConnection,
+    inserts: &[(usize, &Incident, &Evidence)],
+) -> Result<Vec<IncidentRow>, DbError> {
+    if inserts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let evs = || inserts.iter().map(|(_, _, e)| *e);
+    let nexts = || inserts.iter().map(|(_, n, _)| *n);
+    let snapshot = |v: &Option<String>| v.clone().map(|v| cap(v, SNAPSHOT_CAP));
+    Ok(diesel::sql_query(
+        "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, db_version, \
+         cache_version, db_value, cache_value, diff, first_seen_at, confirm_due_at, last_seen_at, \
+         observations) \
+         SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
+                                $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], \
+                                $14::bigint[]) \
+              AS u(cache_key, entity, entity_id, state, kind, db_version, cache_version, \
+                   db_value, cache_value, diff, first_seen_at, confirm_due_at, last_seen_at, \
+                   observations) \
+         WHERE NOT EXISTS (SELECT 1 FROM inconsistencies AS i \
+                           WHERE i.cache_key = u.cache_key AND i.resolved_at > u.first_seen_at) \
+         ORDER BY u.cache_key \
+         ON CONFLICT (cache_key) WHERE state IN ('detected', 'confirmed', 'persistent') \
+         DO NOTHING RETURNING *",
+    )
+    .bind::<Array<Text>, _>(evs().map(|e| e.cache_key.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(evs().map(|e| e.entity.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(evs().map(|e| e.entity_id.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(nexts().map(|n| n.state.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(evs().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.db_version).collect::<Vec<_>>())
+    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.cache_version).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.db_value)).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.cache_value)).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(evs().map(|e| e.diff.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.first_seen_at).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.confirm_due_at).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.last_seen_at).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(nexts().map(|n| n.observations).collect::<Vec<_>>())
+    .load(&mut conn)
+    .await?)
+}
+
+/// `update_expected` for many incidents: each row only if it still has the state and count
+/// its writer read. A step that stays open stores the new evidence; one that closes keeps the
+/// divergence's. Rows are taken in id order, for the reason `insert_many` takes keys in order.
+async fn update_many(
+    mut conn: &AsyncPgConnection,
+    updates: &[(usize, &IncidentRow, &Incident, &Evidence)],
+) -> Result<Vec<IncidentRow>, DbError> {
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let curs = || updates.iter().map(|(_, c, _, _)| *c);
+    let nexts = || updates.iter().map(|(_, _, n, _)| *n);
+    let evs = || updates.iter().map(|(_, _, _, e)| *e);
+    let snapshot = |v: &Option<String>| v.clone().map(|v| cap(v, SNAPSHOT_CAP));
+    Ok(diesel::sql_query(
+        "UPDATE inconsistencies AS i SET state = u.state, confirmed_at = u.confirmed_at, \
+         last_seen_at = u.last_seen_at, resolved_at = u.resolved_at, \
+         resolution = u.resolution, observations = u.observations, \
+         kind = CASE WHEN u.evidence THEN u.kind ELSE i.kind END, \
+         db_version = CASE WHEN u.evidence THEN u.db_version ELSE i.db_version END, \
+         cache_version = CASE WHEN u.evidence THEN u.cache_version ELSE i.cache_version END, \
+         db_value = CASE WHEN u.evidence THEN u.db_value ELSE i.db_value END, \
+         cache_value = CASE WHEN u.evidence THEN u.cache_value ELSE i.cache_value END, \
+         diff = CASE WHEN u.evidence THEN u.diff ELSE i.diff END \
+         FROM (SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
+                                    $5::timestamptz[], $6::timestamptz[], $7::timestamptz[], \
+                                    $8::text[], $9::bigint[], $10::bool[], $11::text[], \
+                                    $12::bigint[], $13::bigint[], $14::text[], $15::text[], \
+                                    $16::text[]) \
+                    AS v(id, was_state, was_observations, state, confirmed_at, last_seen_at, \
+                         resolved_at, resolution, observations, evidence, kind, db_version, \
+                         cache_version, db_value, cache_value, diff) \
+               ORDER BY v.id) AS u \
+         WHERE i.id = u.id AND i.state = u.was_state AND i.observations = u.was_observations \
+         RETURNING i.*",
+    )
+    .bind::<Array<BigInt>, _>(curs().map(|c| c.id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(curs().map(|c| c.state.as_str()).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(curs().map(|c| c.observations).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(nexts().map(|n| n.state.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Timestamptz>>, _>(nexts().map(|n| n.confirmed_at).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.last_seen_at).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Timestamptz>>, _>(nexts().map(|n| n.resolved_at).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(
+        nexts()
+            .map(|n| n.resolution.map(|c| c.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<BigInt>, _>(nexts().map(|n| n.observations).collect::<Vec<_>>())
+    .bind::<Array<diesel::sql_types::Bool>, _>(
+        nexts().map(|n| n.state.is_open()).collect::<Vec<_>>(),
+    )
+    .bind::<Array<Text>, _>(evs().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.db_version).collect::<Vec<_>>())
+    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.cache_version).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.db_value)).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.cache_value)).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(evs().map(|e| e.diff.as_str()).collect::<Vec<_>>())
+    .load(&mut conn)
+    .await?)
 }
 
 async fn insert_open(
