@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
 use redis::aio::ConnectionManager;
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{Cache, CacheError, Cached};
 use crate::compare::Kind;
 use crate::config::{Config, RepairPolicy};
 use crate::db::incidents::{self, Evidence};
@@ -28,7 +28,7 @@ use crate::keys::ITEM_ENTITY;
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::repair;
-use crate::rows::{Found, PageRow, Rows};
+use crate::rows::{Found, Rows};
 use crate::track::{self, Recorded};
 use crate::watch::{self, Watched};
 
@@ -77,6 +77,19 @@ impl Outcome {
             .filter(|r| r.transition.is_some())
             .count() as u64
     }
+}
+
+/// A sweep page as read: its rows with PostgreSQL's clock read in the same round trip, then
+/// the cached values of their keys.
+pub struct Page {
+    at: DateTime<Utc>,
+    keys: Vec<String>,
+    found: Vec<Found>,
+    cached: Vec<Cached>,
+    /// Rows read, with or without a key: fewer than asked for means the walk is over.
+    pub len: usize,
+    /// The walk columns' values of the last row read, where the next page starts.
+    pub last: Option<Vec<String>>,
 }
 
 /// Whether a check may repair what it confirms (a repair's own check may not, so a key the
@@ -192,21 +205,58 @@ impl Checker {
         Ok(outcome)
     }
 
-    /// Checks a sweep page the caller already read at `at`.
-    pub async fn check_page(
+    /// Reads the next sweep page of `rows` after `cursor` (see [`Rows::page`]) and the cached
+    /// values of its keys, on the caller's connection: everything [`Checker::check_page`]
+    /// needs, so a sweep can read one page while it checks the one before.
+    pub async fn read_page(
         &self,
         conn: &mut AsyncPgConnection,
         rows: &Rows,
-        at: DateTime<Utc>,
-        page: Vec<PageRow>,
-    ) -> Result<Outcome, CheckError> {
-        let pairs = page
+        cursor: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Page, CheckError> {
+        let (at, page, last) = rows.page(conn, cursor, limit).await?;
+        let len = page.len();
+        let (keys, found): (Vec<String>, Vec<Found>) = page
             .into_iter()
             .filter_map(|r| r.key.map(|k| (k, r.row)))
-            .collect();
-        let outcome = self
-            .check(conn, rows, at, pairs, Source::Sweep, None, None)
+            .unzip();
+        let cached = self
+            .cache
+            .read_many(watch::shape(&rows.entity.representation), &keys)
             .await?;
+        Ok(Page {
+            at,
+            keys,
+            found,
+            cached,
+            len,
+            last,
+        })
+    }
+
+    /// Compares and records a page [`Checker::read_page`] read. Takes a connection of its own
+    /// and gives it back before any repair, so a sweep holds at most two: its reader's and
+    /// this one or a repair's.
+    pub async fn check_page(&self, rows: &Rows, page: Page) -> Result<Outcome, CheckError> {
+        let mut conn = self.pool.get().await?;
+        let outcome = self
+            .record(
+                &mut conn,
+                rows,
+                page.keys,
+                page.found,
+                page.cached,
+                &track::Context {
+                    source: Source::Sweep,
+                    cause: None,
+                    at: page.at,
+                    grace: self.grace,
+                    confirming: None,
+                },
+            )
+            .await?;
+        drop(conn);
         self.repair_confirmed(rows, &outcome).await;
         Ok(outcome)
     }
@@ -220,12 +270,7 @@ impl Checker {
     ) -> Result<Outcome, CheckError> {
         let (keys, values): (Vec<String>, Vec<Vec<String>>) = keys
             .into_iter()
-            .filter(|k| {
-                self.watched
-                    .owner(k)
-                    .is_some_and(|(owner, _)| owner.entity.name == rows.entity.name)
-            })
-            .filter_map(|k| rows.key_values(&k).map(|v| (k, v)))
+            .filter_map(|k| self.watched.owned(rows, &k).map(|v| (k, v)))
             .unzip();
         if keys.is_empty() {
             return Ok(Outcome::default());
@@ -264,19 +309,9 @@ impl Checker {
         cause: Option<Cause>,
         confirming: Option<&HashMap<String, i64>>,
     ) -> Result<Outcome, CheckError> {
-        let keys: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).collect();
+        let (keys, found): (Vec<String>, Vec<Found>) = pairs.into_iter().unzip();
         let shape = watch::shape(&rows.entity.representation);
         let cached = self.cache.read_many(shape, &keys).await?;
-        let mut verdicts = HashMap::new();
-        let evidence: Vec<Evidence> = pairs
-            .into_iter()
-            .zip(cached)
-            .map(|((key, found), cached)| {
-                let ev = self.watched.evidence(rows, key, found, cached);
-                *verdicts.entry(ev.kind).or_insert(0) += 1;
-                ev
-            })
-            .collect();
         let ctx = track::Context {
             source,
             cause,
@@ -284,7 +319,32 @@ impl Checker {
             grace: self.grace,
             confirming,
         };
-        let batch = track::record_batch(conn, &self.metrics, &ctx, evidence).await;
+        self.record(conn, rows, keys, found, cached, &ctx).await
+    }
+
+    /// Compares what was read for each key (its rows as of `ctx.at`, then its cached value)
+    /// and records the verdicts.
+    async fn record(
+        &self,
+        conn: &mut AsyncPgConnection,
+        rows: &Rows,
+        keys: Vec<String>,
+        found: Vec<Found>,
+        cached: Vec<Cached>,
+        ctx: &track::Context<'_>,
+    ) -> Result<Outcome, CheckError> {
+        let mut verdicts = HashMap::new();
+        let evidence: Vec<Evidence> = keys
+            .into_iter()
+            .zip(found)
+            .zip(cached)
+            .map(|((key, found), cached)| {
+                let ev = self.watched.evidence(rows, key, found, cached);
+                *verdicts.entry(ev.kind).or_insert(0) += 1;
+                ev
+            })
+            .collect();
+        let batch = track::record_batch(conn, &self.metrics, ctx, evidence).await;
         // Whatever committed gets its confirmation, even when a later key failed: the retry
         // of this batch would find those incidents already open and schedule nothing.
         self.schedule_confirmations(&batch.recorded).await;

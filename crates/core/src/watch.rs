@@ -126,18 +126,34 @@ impl Watched {
             .max_by_key(|(s, _)| literal_len(&s.entity))
     }
 
-    /// Compares what was read for `key` of `source`'s entity.
-    pub fn evidence(&self, source: &Rows, key: String, found: Found, cached: Cached) -> Evidence {
-        let index = self
-            .sources
+    /// The template values of `key` when it is a key of `source`'s entity and no other entity
+    /// owns it: the same answer as [`Watched::owner`] naming `source`, but only the entities
+    /// that would win against it parse the key. The key-side sweep asks this of every key it
+    /// scans, and with a single entity that is one parse.
+    pub fn owned(&self, source: &Rows, key: &str) -> Option<Vec<String>> {
+        let values = source.key_values(key)?;
+        let index = self.index(source);
+        let mine = literal_len(&source.entity);
+        // `owner` takes the longest literal text, the last of equals (`max_by_key`).
+        let beaten = self.sources.iter().enumerate().any(|(i, s)| {
+            i != index && {
+                let theirs = literal_len(&s.entity);
+                (theirs > mine || (theirs == mine && i > index)) && s.key_values(key).is_some()
+            }
+        });
+        (!beaten).then_some(values)
+    }
+
+    fn index(&self, source: &Rows) -> usize {
+        self.sources
             .iter()
             .position(|s| s.entity.name == source.entity.name)
-            .expect("a source of this model");
-        let opts = &self.options[index];
-        let entity_id = source
-            .key_values(&key)
-            .map(|v| v.join(":"))
-            .unwrap_or_default();
+            .expect("a source of this model")
+    }
+
+    /// Compares what was read for `key` of `source`'s entity.
+    pub fn evidence(&self, source: &Rows, key: String, found: Found, cached: Cached) -> Evidence {
+        let opts = &self.options[self.index(source)];
         let (verdict, db_value) = match found {
             Err(reason) => (
                 Verdict {
@@ -153,10 +169,16 @@ impl Watched {
                 (verdict, row.map(|r| snapshot(&r)))
             }
         };
-        let (db_value, cache_value) = if verdict.kind.is_match() {
-            (None, None)
+        // Only an incident that opens stores the entity id, and only a mismatch opens one: a
+        // match (most keys, in a sweep) does not parse its key again for it.
+        let (db_value, cache_value, entity_id) = if verdict.kind.is_match() {
+            (None, None, String::new())
         } else {
-            (db_value, cached_snapshot(&cached))
+            let entity_id = source
+                .key_values(&key)
+                .map(|v| v.join(":"))
+                .unwrap_or_default();
+            (db_value, cached_snapshot(&cached), entity_id)
         };
         Evidence {
             cache_key: key,

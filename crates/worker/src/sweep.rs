@@ -231,6 +231,11 @@ impl Sweeper {
     }
 
     /// Walks the entity's rows from `at`. False when it stopped early (shutdown, lost lease).
+    ///
+    /// The next page (its rows, then its cached values) is read while this one is compared
+    /// and recorded: the two halves wait on different servers, and one at a time left both
+    /// PostgreSQL and the worker idle half the time. The position saved is always the last
+    /// page recorded, never the one read ahead.
     async fn row_pass(
         &self,
         rows: &Rows,
@@ -240,31 +245,44 @@ impl Sweeper {
         at: &mut Position,
         summary: &mut Summary,
     ) -> anyhow::Result<bool> {
-        let mut db = self.checker().pool.get().await?;
+        let checker = self.checker();
+        let limit = self.batch as i64;
+        let mut reader = checker.pool.get().await?;
+        let cursor = (!at.cursor.is_empty()).then_some(at.cursor.as_slice());
+        let mut page = checker.read_page(&mut reader, rows, cursor, limit).await?;
         loop {
             if shutdown.is_cancelled() || !lease.renew().await? {
                 return Ok(false);
             }
-            let cursor = (!at.cursor.is_empty()).then_some(at.cursor.as_slice());
-            let (read_at, page, last) = rows.page(&mut db, cursor, self.batch as i64).await?;
-            let n = page.len();
-            let outcome = self
-                .checker()
-                .check_page(&mut db, rows, read_at, page)
-                .await?;
+            let n = page.len;
+            let last = page.last.take();
+            let ahead = async {
+                match &last {
+                    Some(cursor) if n == self.batch => Some(
+                        checker
+                            .read_page(&mut reader, rows, Some(cursor), limit)
+                            .await,
+                    ),
+                    _ => None,
+                }
+            };
+            let (outcome, next) = tokio::join!(checker.check_page(rows, page), ahead);
+            let outcome = outcome?;
             summary.items += n as u64;
             self.count(&rows.entity.name, summary, &outcome);
-            self.checker().metrics.sweep_position.add(n as i64);
-            if n < self.batch {
+            checker.metrics.sweep_position.add(n as i64);
+            let Some(next) = next else {
                 return Ok(true);
-            }
+            };
             at.cursor = last.unwrap_or_default();
             self.save(resume, at).await?;
+            page = next?;
         }
     }
 
     /// The key-side pass over the entity's keys: SCANs them and checks those with no row, so
-    /// a key whose row is gone is reported as an orphan. False when it stopped early.
+    /// a key whose row is gone is reported as an orphan. False when it stopped early. The
+    /// next SCAN runs while this batch is checked, as pages do in the row pass.
     async fn orphan_pass(
         &self,
         rows: &Rows,
@@ -275,29 +293,43 @@ impl Sweeper {
         summary: &mut Summary,
     ) -> anyhow::Result<bool> {
         let pattern = rows.entity.key.pattern();
-        let mut conn = self.checker().cache.connection();
-        let mut cursor: u64 = at.scan;
+        let conn = self.checker().cache.connection();
+        let scan = |cursor: u64| {
+            let mut conn = conn.clone();
+            let pattern = &pattern;
+            async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(self.batch)
+                    .query_async::<(u64, Vec<String>)>(&mut conn)
+                    .await
+            }
+        };
+        let (mut next, mut keys) = scan(at.scan).await?;
         loop {
             if shutdown.is_cancelled() || !lease.renew().await? {
                 return Ok(false);
             }
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(self.batch)
-                .query_async(&mut conn)
-                .await?;
             summary.keys_scanned += keys.len() as u64;
-            let outcome = self.checker().check_orphans(rows, keys).await?;
+            let ahead = async {
+                match next {
+                    0 => None,
+                    cursor => Some(scan(cursor).await),
+                }
+            };
+            let (outcome, following) =
+                tokio::join!(self.checker().check_orphans(rows, keys), ahead);
+            let outcome = outcome?;
             self.count(&rows.entity.name, summary, &outcome);
-            if next == 0 {
+            let Some(following) = following else {
                 return Ok(true);
-            }
-            cursor = next;
-            at.scan = cursor;
+            };
+            at.scan = next;
             self.save(resume, at).await?;
+            (next, keys) = following?;
         }
     }
 
