@@ -27,7 +27,12 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let keys = Keys::new(config.key_prefix.clone());
     let cache_conn = cache::connect(&config.redis_url)
         .await
-        .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
+        .with_context(|| {
+            format!(
+                "connecting to Redis at {}",
+                stalewatch_core::redact::url(&config.redis_url)
+            )
+        })?;
     let cache = Cache::new(cache_conn, keys.clone());
     let queue_conn = queue::connect(&config.redis_url).await?;
     let watched = Watched::configured(config, &pool)
@@ -84,8 +89,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .service(healthz)
         })
         .disable_signals()
-        .bind(config.metrics_addr)
-        .with_context(|| format!("binding METRICS_ADDR={}", config.metrics_addr))?
+        .bind(&config.metrics_addr)
+        .with_context(|| {
+            format!(
+                "binding METRICS_ADDR={} (another worker on this host? METRICS_ADDR=127.0.0.1:0 takes a free port)",
+                config.metrics_addr
+            )
+        })?
     };
     let addrs = server.addrs();
     let server = server.run();
