@@ -413,3 +413,51 @@ async fn a_dropped_slot_is_reported_and_the_sweep_covers_the_gap() {
     app.until_state(1, "detected", Duration::from_secs(10))
         .await;
 }
+
+#[tokio::test]
+async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
+    let app = App::new().await;
+    app.add_accounts(1..=1).await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    // Writes to a table nobody watches: the publication filters every one of them out, so
+    // only the server's keepalives tell the reader how far it may acknowledge.
+    app.sql("CREATE TABLE audit (id bigserial PRIMARY KEY, note text)")
+        .await;
+    app.sql("INSERT INTO audit (note) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
+        .await;
+    #[derive(diesel::QueryableByName)]
+    struct Lsn {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        lsn: String,
+    }
+    let after: Lsn = diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+        .get_result(&mut app.env.pool.get().await.unwrap())
+        .await
+        .unwrap();
+    eventually(
+        scaled(Duration::from_secs(60)),
+        "the slot to be confirmed past the unwatched writes",
+        || async {
+            let confirmed: Lsn = diesel::sql_query(
+                "SELECT (confirmed_flush_lsn >= $1::pg_lsn)::text AS lsn \
+                 FROM pg_replication_slots WHERE slot_name = 'stalewatch'",
+            )
+            .bind::<diesel::sql_types::Text, _>(&after.lsn)
+            .get_result(&mut app.env.pool.get().await.unwrap())
+            .await
+            .unwrap();
+            (confirmed.lsn == "true").then_some(())
+        },
+    )
+    .await;
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "the retained WAL to be reported",
+        || async {
+            (metric(port, "stalewatch_capture_retained_wal_bytes", &[]).await >= 0.0).then_some(())
+        },
+    )
+    .await;
+}
