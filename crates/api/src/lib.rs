@@ -1,5 +1,6 @@
 //! stalewatch-api: the items API with cache-aside reads, and the incident API.
 
+pub mod auth;
 pub mod enqueue;
 pub mod error;
 pub mod failure;

@@ -1,22 +1,69 @@
+//! stalewatch-api: the demo items API with cache-aside reads, and the incident API.
+//!
+//! Every setting is a flag or an environment variable (`--help` lists them with their
+//! defaults). Exit codes: 1 a runtime error, 2 a usage error (ADMIN_TOKEN unset included).
+
+use std::process::ExitCode;
+
 use actix_web::{App, HttpServer};
 use anyhow::Context;
+use clap::Parser;
 use stalewatch_api::{configure, state::AppState};
-use stalewatch_core::{config::Config, db, logging};
+use stalewatch_core::{
+    cli,
+    config::{Config, Settings},
+    db, logging,
+};
 
-#[actix_web::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+const BIN: &str = "stalewatch-api";
+
+/// Serves the items API (cache-aside reads, writes that ask for checks) and the incident API
+/// of stalewatch, which finds divergences between PostgreSQL rows and their Redis copies.
+#[derive(Parser)]
+#[command(name = BIN, version)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = cli::parse();
+    let secrets = cli.settings.secrets();
+    let config = match cli
+        .settings
+        .config()
+        .and_then(|c| c.require_admin_token().map(|()| c))
+    {
+        Ok(config) => config,
+        Err(e) => return cli::fail(BIN, cli::USAGE, &e.to_string(), &secrets),
+    };
+    if let Some(filter) = cli.settings.get("RUST_LOG") {
+        // `--rust-log`: read by the log filter. No other thread runs yet.
+        std::env::set_var("RUST_LOG", filter);
+    }
     logging::init(config.log_format);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %cli.settings.effective(),
+        "stalewatch-api configuration"
+    );
+    match actix_web::rt::System::new().block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(BIN, cli::RUNTIME, &format!("{e:#}"), &secrets),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     db::migrate(&config.database_url)
         .await
         .context("applying migrations")?;
-    let addr = config.http_addr;
+    let addr = config.http_addr.clone();
     let state = AppState::connect(config).await?;
-    tracing::info!(%addr, failure_mode = ?state.config.failure_mode, "stalewatch-api listening");
-    HttpServer::new(move || App::new().configure(configure(state.clone())))
-        .bind(addr)
-        .with_context(|| format!("binding HTTP_ADDR={addr}"))?
-        .run()
-        .await?;
+    let failure_mode = state.config.failure_mode;
+    let server = HttpServer::new(move || App::new().configure(configure(state.clone())))
+        .bind(&addr)
+        .with_context(|| format!("binding HTTP_ADDR={addr}"))?;
+    tracing::info!(addr = ?server.addrs(), ?failure_mode, "stalewatch-api listening");
+    server.run().await?;
     Ok(())
 }

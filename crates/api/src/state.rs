@@ -30,13 +30,19 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Connects to PostgreSQL and Redis and loads the watched entities. Refuses a
+    /// configuration without ADMIN_TOKEN (a token, or `disabled` said explicitly).
     pub async fn connect(config: Config) -> anyhow::Result<Self> {
+        config.require_admin_token()?;
         let pool = db::pool(&config.database_url, config.database_pool_size)?;
         let keys = Keys::new(config.key_prefix.clone());
         let cache = Cache::new(
-            cache::connect(&config.redis_url)
-                .await
-                .with_context(|| format!("connecting to Redis at {}", config.redis_url))?,
+            cache::connect(&config.redis_url).await.with_context(|| {
+                format!(
+                    "connecting to Redis at {}",
+                    stalewatch_core::redact::url(&config.redis_url)
+                )
+            })?,
             keys.clone(),
         );
         let queue_conn = stalewatch_core::queue::connect(&config.redis_url).await?;

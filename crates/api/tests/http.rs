@@ -20,11 +20,11 @@ use futures::future::{join_all, LocalBoxFuture};
 use serde_json::{json, Value};
 use stalewatch_api::{error::ApiError, state::AppState, BODY_LIMIT};
 use stalewatch_core::{
-    config::{Config, FailureMode},
+    config::{AdminToken, Config, FailureMode},
     db::DbError,
     incident::{Source, State},
 };
-use stalewatch_testkit::{eventually, TestEnv};
+use stalewatch_testkit::{eventually, TestEnv, ADMIN_TOKEN};
 use uuid::Uuid;
 
 /// The oversized bodies below are 1 MiB; they only test the limit while it is smaller.
@@ -121,8 +121,9 @@ impl Api {
         self.send(TestRequest::get().uri(uri)).await
     }
 
+    /// A POST to a mutating route (a refresh), with the admin token.
     async fn post(&self, uri: &str) -> Reply {
-        self.send(TestRequest::post().uri(uri)).await
+        self.send(admin(TestRequest::post().uri(uri))).await
     }
 
     async fn delete(&self, uri: &str) -> Reply {
@@ -143,6 +144,11 @@ impl Api {
             .await
             .expect(StatusCode::CREATED, "POST /items")
     }
+}
+
+/// The request with the test's admin token (`Authorization: Bearer ...`).
+fn admin(req: TestRequest) -> TestRequest {
+    req.insert_header((header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}")))
 }
 
 /// A request with a raw body sent as JSON, for bodies `set_json` cannot make (malformed, huge).
@@ -371,11 +377,11 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
             ),
             (
                 "POST /items/{id}/refresh",
-                TestRequest::post().uri(&format!("/items/{id}/refresh")),
+                admin(TestRequest::post().uri(&format!("/items/{id}/refresh"))),
             ),
             (
                 "POST /items/debug/refresh/{id}",
-                TestRequest::post().uri(&format!("/items/debug/refresh/{id}")),
+                admin(TestRequest::post().uri(&format!("/items/debug/refresh/{id}"))),
             ),
         ];
         for (what, req) in routes {
@@ -1404,8 +1410,9 @@ async fn a_refresh_racing_a_write_never_puts_back_the_older_version() {
                 .await
         })
     };
-    let refresh =
-        actix_web::rt::spawn(api.send(TestRequest::post().uri(&format!("/items/{id}/refresh"))));
+    let refresh = actix_web::rt::spawn(api.send(admin(
+        TestRequest::post().uri(&format!("/items/{id}/refresh")),
+    )));
     // The refresh has read version 1 and its write waits behind the BLPOP.
     let mut admin = env.cache.connection();
     eventually(
@@ -1458,5 +1465,168 @@ async fn a_refresh_racing_a_write_never_puts_back_the_older_version() {
         cached_version(&env, &key).await,
         Some(2),
         "the newer copy stays"
+    );
+}
+
+// ---- the admin token ----------------------------------------------------------------------
+
+/// Every mutating route (the refreshes) answers 401 in the error format without the token or
+/// with a wrong one, and runs with it; read routes and the demo's items CRUD stay open.
+#[actix_web::test]
+async fn mutating_routes_need_the_admin_token() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(no_grace(&env)).await;
+    let (id, _key, incident) = confirmed_incident(&env, &api).await;
+    let routes = [
+        format!("/items/{id}/refresh"),
+        format!("/items/debug/refresh/{id}"),
+        format!("/inconsistencies/{incident}/refresh"),
+    ];
+    let wrong = format!("Bearer {ADMIN_TOKEN}x");
+    let short = format!("Bearer {}", &ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]);
+    let basic = format!("Basic {ADMIN_TOKEN}");
+    for uri in &routes {
+        for (what, authorization) in [
+            ("no Authorization", None),
+            ("a wrong token", Some(wrong.as_str())),
+            ("a prefix of the token", Some(short.as_str())),
+            ("the token under another scheme", Some(basic.as_str())),
+            ("an empty bearer", Some("Bearer ")),
+        ] {
+            let mut req = TestRequest::post().uri(uri);
+            if let Some(value) = authorization {
+                req = req.insert_header((header::AUTHORIZATION, value));
+            }
+            let what = format!("POST {uri} with {what}");
+            let reply = api.send(req).await;
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"), "{what}");
+            let body = reply.expect(StatusCode::UNAUTHORIZED, &what);
+            assert_eq!(body["error"]["code"], "unauthorized", "{what}: {body}");
+            assert!(
+                !body.to_string().contains(ADMIN_TOKEN),
+                "{what}: the token is not echoed: {body}"
+            );
+        }
+        // A bad id is not even looked at before the token.
+        let bad_id = uri.replace(&id.to_string(), "not-a-uuid");
+        let bad_id = bad_id.replace(&format!("/{incident}/"), "/abc/");
+        expect_error(
+            &api,
+            &format!("POST {bad_id} without a token"),
+            TestRequest::post().uri(&bad_id),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+    }
+    // Nothing was refreshed: the incident is still open.
+    let one = api
+        .get(&format!("/inconsistencies/{incident}"))
+        .await
+        .expect(StatusCode::OK, "GET incident");
+    assert_eq!(one["state"], "confirmed", "{one}");
+
+    // With the token (the scheme in any case) each route runs.
+    let body = api
+        .send(
+            TestRequest::post()
+                .uri(&routes[2])
+                .insert_header((header::AUTHORIZATION, format!("bearer {ADMIN_TOKEN}"))),
+        )
+        .await
+        .expect(StatusCode::OK, "incident refresh with the token");
+    assert_eq!(body["state"], "resolved", "{body}");
+    for uri in &routes[..2] {
+        let body = api.post(uri).await.expect(StatusCode::OK, uri);
+        assert_eq!(body["refreshed"], true, "{body}");
+    }
+
+    // Read routes and the items CRUD need no token.
+    for uri in [
+        format!("/items/{id}"),
+        "/inconsistencies".to_string(),
+        format!("/inconsistencies/{incident}"),
+        "/items/inconsistencies/all".to_string(),
+        "/items/inconsistencies/active".to_string(),
+        "/healthz".to_string(),
+    ] {
+        api.get(&uri).await.expect(StatusCode::OK, &uri);
+    }
+    assert_eq!(api.get("/metrics").await.status, StatusCode::OK);
+    let created = api.create("open", json!({})).await;
+    let item = format!("/items/{}", id_of(&created));
+    api.put_json(&item, &json!({ "name": "still open" }))
+        .await
+        .expect(StatusCode::OK, "PUT without a token");
+    api.delete(&item)
+        .await
+        .expect(StatusCode::OK, "DELETE without a token");
+}
+
+/// A mutating route refuses a body that is not declared JSON, token or not: a cross-site
+/// `text/plain` form post never reaches it, even with `ADMIN_TOKEN=disabled`.
+#[actix_web::test]
+async fn a_refresh_refuses_a_non_json_body_and_disabled_leaves_it_open() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(Config {
+        admin_token: AdminToken::Disabled,
+        ..env.config()
+    })
+    .await;
+    let item = api.create("demo", json!({ "n": 1 })).await;
+    let uri = format!("/items/{}/refresh", id_of(&item));
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        for req in [
+            TestRequest::post().uri(&uri),
+            admin(TestRequest::post().uri(&uri)),
+        ] {
+            expect_error(
+                &api,
+                &format!("POST {uri} as {content_type}"),
+                req.insert_header((header::CONTENT_TYPE, content_type))
+                    .set_payload("refresh=1"),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            )
+            .await;
+        }
+    }
+    // Disabled: no token needed; a JSON content type is fine.
+    let body = api
+        .send(TestRequest::post().uri(&uri))
+        .await
+        .expect(StatusCode::OK, "refresh, token disabled");
+    assert_eq!(body["refreshed"], true);
+    let body = api
+        .send(
+            TestRequest::post()
+                .uri(&uri)
+                .insert_header(header::ContentType::json())
+                .set_payload("{}"),
+        )
+        .await
+        .expect(StatusCode::OK, "refresh with a JSON body");
+    assert_eq!(body["refreshed"], true);
+}
+
+/// Without ADMIN_TOKEN (neither a token nor `disabled`) the API does not start.
+#[actix_web::test]
+async fn the_api_does_not_start_without_an_admin_token() {
+    let env = TestEnv::new().await.unwrap();
+    let err = AppState::connect(Config {
+        admin_token: AdminToken::Unset,
+        ..env.config()
+    })
+    .await
+    .err()
+    .expect("started without ADMIN_TOKEN");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("ADMIN_TOKEN") && message.contains("disabled"),
+        "{message}"
     );
 }

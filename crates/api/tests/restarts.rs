@@ -87,9 +87,13 @@ impl Api {
             .await
     }
 
+    /// A POST to a mutating route (a refresh), with the admin token.
     async fn post(&self, uri: &str) -> Reply {
-        self.send(&format!("POST {uri}"), TestRequest::post().uri(uri))
-            .await
+        let req = TestRequest::post().uri(uri).insert_header((
+            actix_web::http::header::AUTHORIZATION,
+            format!("Bearer {}", stalewatch_testkit::ADMIN_TOKEN),
+        ));
+        self.send(&format!("POST {uri}"), req).await
     }
 
     /// Creates an item; returns its id.
@@ -162,6 +166,7 @@ async fn reads_succeed_on_the_first_try_after_a_postgres_restart() {
         database_pool_size: POOL_SIZE,
         redis_url: format!("redis://127.0.0.1:{redis_port}"),
         key_prefix: "sw_test:restarts:".into(),
+        admin_token: stalewatch_core::config::AdminToken::Disabled,
         ..Config::default()
     })
     .await;

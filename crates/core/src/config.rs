@@ -1,20 +1,471 @@
-//! One typed configuration, read from the environment once at start-up.
+//! One typed configuration, read from the environment (or the command line) once at start-up.
 //!
 //! Every variable has a default that suits a laptop with local PostgreSQL and Redis;
 //! a value that does not parse stops the process with a message naming the variable.
+//!
+//! [`SETTINGS`] is the one list of the variables, their defaults and their help: the
+//! binaries' command lines are built from it ([`Settings`], a `clap::Args`: every variable is
+//! also a flag, `DATABASE_URL` / `--database-url`), [`Config::from_lookup`] takes its
+//! defaults from it, and a test holds the README's table to it.
 
-use std::{collections::HashMap, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{SocketAddr, ToSocketAddrs},
+    str::FromStr,
+    time::Duration,
+};
 
-use crate::compare::CachePolicy;
+use crate::{compare::CachePolicy, redact};
+
+/// How a setting's value is shown in the start-up log and in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// As it is.
+    Plain,
+    /// A URL: its password masked.
+    Url,
+    /// Not at all: `***` when set.
+    Secret,
+}
+
+/// One configuration variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The environment variable; the flag is its kebab-case spelling (`--database-url`).
+    pub var: &'static str,
+    /// The default, as the variable would spell it; `None`: no value (see `help`).
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+    pub shown: Shown,
+}
+
+impl Setting {
+    /// `DATABASE_URL` -> `database-url`.
+    pub fn flag(&self) -> String {
+        self.var.to_ascii_lowercase().replace('_', "-")
+    }
+}
+
+const fn setting(var: &'static str, default: &'static str, help: &'static str) -> Setting {
+    Setting {
+        var,
+        default: Some(default),
+        help,
+        shown: Shown::Plain,
+    }
+}
+
+/// Every variable of both binaries, in the README's order.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        shown: Shown::Url,
+        ..setting(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/stalewatch",
+            "PostgreSQL",
+        )
+    },
+    setting("DATABASE_POOL_SIZE", "16", "connections per process"),
+    Setting {
+        shown: Shown::Url,
+        ..setting(
+            "REDIS_URL",
+            "redis://127.0.0.1:6379",
+            "Redis (cache and queues)",
+        )
+    },
+    setting(
+        "KEY_PREFIX",
+        "stalewatch:",
+        "prefix of every Redis key, queues included",
+    ),
+    setting(
+        "GRACE_PERIOD_MS",
+        "2000",
+        "time from detection to confirmation",
+    ),
+    setting(
+        "SWEEP_INTERVAL_MS",
+        "5000",
+        "pause between sweep passes; 0 disables the sweep",
+    ),
+    setting("SWEEP_BATCH", "1000", "rows per sweep batch"),
+    setting(
+        "CACHE_TTL_SECS",
+        "3600",
+        "TTL of cached items (the demo API's, and of refreshed items)",
+    ),
+    setting(
+        "CACHE_POLICY",
+        "cache_aside",
+        "the built-in items entity's policy: cache_aside or write_through (also dual_write)",
+    ),
+    Setting {
+        default: None,
+        ..setting(
+            "IGNORE_FIELDS",
+            "",
+            "comma-separated fields (dotted paths allowed) the built-in items entity leaves out of comparison [default: none]",
+        )
+    },
+    setting(
+        "HTTP_ADDR",
+        "127.0.0.1:8080",
+        "API listen address: host:port, the host an IP address or a name",
+    ),
+    setting(
+        "METRICS_ADDR",
+        "127.0.0.1:9091",
+        "worker /metrics and /healthz: host:port; port 0 takes a free port (logged)",
+    ),
+    setting("LOG_FORMAT", "text", "text or json"),
+    setting(
+        "FAILURE_MODE",
+        "off",
+        "failure injection: off, delay, drop or stale_read",
+    ),
+    setting("FAILURE_DELAY_MS", "2000", "delay of the injected failures"),
+    setting(
+        "POST_WRITE_CHECK_MS",
+        "3000",
+        "when the second check after a write runs",
+    ),
+    setting(
+        "REPAIR_POLICY",
+        "off",
+        "off or confirmed: rewrite a key from PostgreSQL once its incident is confirmed",
+    ),
+    setting(
+        "CONFIRM_BACKSTOP_MS",
+        "5000",
+        "how often the worker confirms Detected incidents whose confirmation is overdue",
+    ),
+    setting(
+        "INCIDENT_RETENTION",
+        "30d",
+        "resolved and transient incidents older than this are deleted (30d, 12h, 90m, ...)",
+    ),
+    setting(
+        "DEAD_JOB_RETENTION",
+        "7d",
+        "jobs that used up every attempt are removed after this",
+    ),
+    Setting {
+        default: None,
+        ..setting(
+            "ENTITIES",
+            "",
+            "the TOML file describing the watched tables and keys [default: the built-in items file]",
+        )
+    },
+    setting(
+        "CHANGE_CAPTURE",
+        "logical",
+        "logical (a replication slot), outbox (triggers and an outbox table) or off",
+    ),
+    setting(
+        "CHANGE_SETTLE_MS",
+        "100",
+        "how long a changed key waits before its check",
+    ),
+    setting(
+        "CAPTURE_SLOT",
+        "stalewatch",
+        "the logical replication slot the worker creates and reads",
+    ),
+    setting(
+        "CAPTURE_PUBLICATION",
+        "stalewatch",
+        "the publication of the watched tables the worker creates",
+    ),
+    setting(
+        "KEYSPACE_NOTIFICATIONS",
+        "on",
+        "on or off: check a watched key within milliseconds of any write, delete or expiry",
+    ),
+    Setting {
+        default: None,
+        shown: Shown::Secret,
+        ..setting(
+            "ADMIN_TOKEN",
+            "",
+            "bearer token of the API's refresh routes (16+ characters), or `disabled` (demo only); the API refuses to start without it",
+        )
+    },
+    setting("RUST_LOG", "info", "log filter"),
+];
+
+/// The setting of `var`. Panics on a name missing from [`SETTINGS`]: a bug, caught by the
+/// tests, which read every variable.
+pub fn setting_of(var: &str) -> &'static Setting {
+    setting_of_opt(var).unwrap_or_else(|| panic!("{var} is not in SETTINGS"))
+}
+
+fn setting_of_opt(var: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.var == var)
+}
+
+/// A value's rendering in the start-up log: the password of a URL and secrets masked.
+pub fn shown(setting: &Setting, value: &str) -> String {
+    match setting.shown {
+        Shown::Plain => value.to_string(),
+        Shown::Url => redact::url(value),
+        Shown::Secret if value == "disabled" || value.is_empty() => value.to_string(),
+        Shown::Secret => redact::MASK.to_string(),
+    }
+}
+
+/// The variables as given, on the command line or in the environment: what the binaries'
+/// command lines parse into (`#[command(flatten)]`), before [`Settings::config`] checks and
+/// types them. clap does only the gathering (flag over environment, `--help` with every
+/// default); the values are checked once, by [`Config::from_lookup`], so a bad one gets the
+/// same message however it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    given: BTreeMap<&'static str, String>,
+}
+
+impl Settings {
+    /// A value given for `var` (flag or environment), if any.
+    pub fn get(&self, var: &str) -> Option<&str> {
+        self.given.get(var).map(String::as_str)
+    }
+
+    /// The typed configuration.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| self.given.get(k).cloned())
+    }
+
+    /// Every variable with its effective value (given, else default), secrets masked, on one
+    /// line: for the start-up log.
+    pub fn effective(&self) -> String {
+        SETTINGS
+            .iter()
+            .map(|s| {
+                let value = self
+                    .given
+                    .get(s.var)
+                    .map(String::as_str)
+                    .filter(|v| !v.trim().is_empty())
+                    .or(s.default)
+                    .unwrap_or("");
+                let value = shown(s, value);
+                if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == '"') {
+                    format!("{}={value:?}", s.var)
+                } else {
+                    format!("{}={value}", s.var)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The secrets among the values (passwords in URLs, the admin token), to scrub from an
+    /// error message before it is printed.
+    pub fn secrets(&self) -> Vec<String> {
+        SETTINGS
+            .iter()
+            .filter_map(|s| {
+                let value = self.given.get(s.var)?;
+                match s.shown {
+                    Shown::Plain => None,
+                    Shown::Url => redact::password_of(value),
+                    Shown::Secret => (value != "disabled").then(|| value.clone()),
+                }
+            })
+            .collect()
+    }
+}
+
+impl clap::FromArgMatches for Settings {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut settings = Settings::default();
+        settings.update_from_arg_matches(matches)?;
+        Ok(settings)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for s in SETTINGS {
+            // Defaults stay out: `from_lookup` applies them, from the same table.
+            if matches.value_source(s.var) == Some(clap::parser::ValueSource::DefaultValue) {
+                continue;
+            }
+            if let Some(value) = matches.get_one::<String>(s.var) {
+                self.given.insert(s.var, value.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for Settings {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.args(SETTINGS.iter().map(|s| {
+            let arg = clap::Arg::new(s.var)
+                .long(s.flag())
+                .env(s.var)
+                .value_name("VALUE")
+                .help(s.help)
+                .global(true)
+                .help_heading("Configuration (flag or environment variable)")
+                // `--help` does not print the environment's values: some are secrets.
+                .hide_env_values(true);
+            match s.default {
+                Some(default) => arg.default_value(default),
+                None => arg,
+            }
+        }))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// A listen address: `host:port`, the host an IP address (`[::1]` for IPv6) or a name,
+/// resolved when binding (a name may give several addresses: all are bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    host: String,
+    port: u16,
+}
+
+impl ListenAddr {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = || {
+            "host:port, the host an IP address ([::1] for IPv6) or a name, the port 0 to 65535"
+                .to_string()
+        };
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(addr.into());
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(expected)?;
+        let port: u16 = port.parse().map_err(|_| expected())?;
+        let name = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !name {
+            return Err(expected());
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl ToSocketAddrs for ListenAddr {
+    type Iter = std::vec::IntoIter<SocketAddr>;
+    fn to_socket_addrs(&self) -> std::io::Result<Self::Iter> {
+        (self.host.as_str(), self.port).to_socket_addrs()
+    }
+}
+
+/// A value that is never shown: its `Debug` is `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(redact::MASK)
+    }
+}
+
+/// Who may use the API's mutating routes (the refreshes).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AdminToken {
+    /// Not configured: the API refuses to start, and the routes refuse every request.
+    #[default]
+    Unset,
+    /// `ADMIN_TOKEN=disabled`: anyone who reaches the API may use them. For demos.
+    Disabled,
+    /// Requests must carry `Authorization: Bearer <token>`.
+    Bearer(Secret),
+}
+
+impl FromStr for AdminToken {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "disabled" {
+            return Ok(Self::Disabled);
+        }
+        if s.len() >= 16 && s.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(Self::Bearer(Secret::new(s)))
+        } else {
+            Err("`disabled`, or a token of at least 16 visible ASCII characters without spaces (e.g. from `openssl rand -hex 32`)".into())
+        }
+    }
+}
 
 /// What went wrong reading the environment; the message names the variable to fix.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid {var}={value:?}: {expected}")]
+#[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
     pub var: &'static str,
+    /// Empty: the variable is not set and must be.
     pub value: String,
     pub expected: String,
 }
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (var, expected) = (self.var, &self.expected);
+        let value = match setting_of_opt(var) {
+            Some(s) if s.shown == Shown::Secret => redact::MASK.to_string(),
+            Some(s) if s.shown == Shown::Url => redact::url(&self.value),
+            _ => self.value.clone(),
+        };
+        if self.value.is_empty() {
+            write!(f, "{var} is not set: expected {expected}")
+        } else {
+            write!(f, "invalid {var}={value:?}: {expected}")
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Inconsistency injected on purpose, for demos and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -138,8 +589,8 @@ pub struct Config {
     pub cache_policy: CachePolicy,
     /// JSON fields left out of content comparison (dotted paths allowed).
     pub ignore_fields: Vec<String>,
-    pub http_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
+    pub http_addr: ListenAddr,
+    pub metrics_addr: ListenAddr,
     pub log_format: LogFormat,
     pub failure_mode: FailureMode,
     pub failure_delay: Duration,
@@ -163,6 +614,8 @@ pub struct Config {
     /// The logical replication slot and the publication stalewatch creates and reads.
     pub capture_slot: String,
     pub capture_publication: String,
+    /// Who may use the API's mutating routes.
+    pub admin_token: AdminToken,
 }
 
 impl Default for Config {
@@ -182,44 +635,56 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
         Ok(Self {
-            database_url: env.string(
-                "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/stalewatch",
-            ),
-            database_pool_size: env.positive("DATABASE_POOL_SIZE", 16)?,
-            redis_url: env.string("REDIS_URL", "redis://127.0.0.1:6379"),
-            key_prefix: env.string("KEY_PREFIX", "stalewatch:"),
-            grace_period: env.millis("GRACE_PERIOD_MS", 2000)?,
-            sweep_interval: env.millis("SWEEP_INTERVAL_MS", 5000)?,
-            sweep_batch: env.positive("SWEEP_BATCH", 1000)?,
-            cache_ttl: Duration::from_secs(env.positive("CACHE_TTL_SECS", 3600)? as u64),
-            cache_policy: env.parse("CACHE_POLICY", CachePolicy::CacheAside)?,
+            database_url: env.string("DATABASE_URL"),
+            database_pool_size: env.positive("DATABASE_POOL_SIZE")?,
+            redis_url: env.string("REDIS_URL"),
+            key_prefix: env.string("KEY_PREFIX"),
+            grace_period: env.millis("GRACE_PERIOD_MS")?,
+            sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
+            sweep_batch: env.positive("SWEEP_BATCH")?,
+            cache_ttl: Duration::from_secs(env.positive("CACHE_TTL_SECS")? as u64),
+            cache_policy: env.parse("CACHE_POLICY")?,
             ignore_fields: env
-                .string("IGNORE_FIELDS", "")
+                .string("IGNORE_FIELDS")
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
-            http_addr: env.parse("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
-            metrics_addr: env.parse("METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9091)))?,
-            log_format: env.parse("LOG_FORMAT", LogFormat::Text)?,
-            failure_mode: env.parse("FAILURE_MODE", FailureMode::Off)?,
-            failure_delay: env.millis("FAILURE_DELAY_MS", 2000)?,
-            post_write_check: env.millis("POST_WRITE_CHECK_MS", 3000)?,
-            repair_policy: env.parse("REPAIR_POLICY", RepairPolicy::Off)?,
-            confirm_backstop: Duration::from_millis(
-                env.positive("CONFIRM_BACKSTOP_MS", 5000)? as u64
-            ),
-            incident_retention: env.duration("INCIDENT_RETENTION", "30d")?,
-            dead_job_retention: env.duration("DEAD_JOB_RETENTION", "7d")?,
+            http_addr: env.parse("HTTP_ADDR")?,
+            metrics_addr: env.parse("METRICS_ADDR")?,
+            log_format: env.parse("LOG_FORMAT")?,
+            failure_mode: env.parse("FAILURE_MODE")?,
+            failure_delay: env.millis("FAILURE_DELAY_MS")?,
+            post_write_check: env.millis("POST_WRITE_CHECK_MS")?,
+            repair_policy: env.parse("REPAIR_POLICY")?,
+            confirm_backstop: Duration::from_millis(env.positive("CONFIRM_BACKSTOP_MS")? as u64),
+            incident_retention: env.duration("INCIDENT_RETENTION")?,
+            dead_job_retention: env.duration("DEAD_JOB_RETENTION")?,
             entities: env.raw("ENTITIES").map(std::path::PathBuf::from),
-            keyspace_notifications: env.parse("KEYSPACE_NOTIFICATIONS", OnOff(true))?.0,
-            change_capture: env.parse("CHANGE_CAPTURE", ChangeCapture::Logical)?,
-            change_settle: env.millis("CHANGE_SETTLE_MS", 100)?,
-            capture_slot: env.identifier("CAPTURE_SLOT", "stalewatch")?,
-            capture_publication: env.identifier("CAPTURE_PUBLICATION", "stalewatch")?,
+            keyspace_notifications: env.parse::<OnOff>("KEYSPACE_NOTIFICATIONS")?.0,
+            change_capture: env.parse("CHANGE_CAPTURE")?,
+            change_settle: env.millis("CHANGE_SETTLE_MS")?,
+            capture_slot: env.identifier("CAPTURE_SLOT")?,
+            capture_publication: env.identifier("CAPTURE_PUBLICATION")?,
+            admin_token: match env.raw("ADMIN_TOKEN") {
+                None => AdminToken::Unset,
+                Some(_) => env.parse("ADMIN_TOKEN")?,
+            },
         })
+    }
+
+    /// For a process that serves the mutating routes: ADMIN_TOKEN must be set, to a token
+    /// or explicitly to `disabled`.
+    pub fn require_admin_token(&self) -> Result<(), ConfigError> {
+        match self.admin_token {
+            AdminToken::Unset => Err(ConfigError {
+                var: "ADMIN_TOKEN",
+                value: String::new(),
+                expected: "a token of at least 16 characters for the refresh routes (e.g. `openssl rand -hex 32`), or `disabled` to leave them open (demo only)".into(),
+            }),
+            AdminToken::Disabled | AdminToken::Bearer(_) => Ok(()),
+        }
     }
 
     /// The text of the entities file: `ENTITIES`, or the built-in one.
@@ -261,42 +726,40 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         (self.0)(var).filter(|v| !v.trim().is_empty())
     }
 
-    fn string(&self, var: &str, default: &str) -> String {
-        self.raw(var).unwrap_or_else(|| default.to_string())
+    /// The value given, else the default of [`SETTINGS`] (empty when it has none).
+    fn string(&self, var: &str) -> String {
+        self.raw(var)
+            .unwrap_or_else(|| setting_of(var).default.unwrap_or("").to_string())
     }
 
-    fn parse<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError>
+    /// A typed value: the value given, else the table's default, parsed the same way.
+    fn parse<T: FromStr>(&self, var: &'static str) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
-        match self.raw(var) {
-            None => Ok(default),
-            Some(value) => value.trim().parse().map_err(|e: T::Err| ConfigError {
+        let value = self.string(var);
+        value.trim().parse().map_err(|e: T::Err| ConfigError {
+            var,
+            value,
+            expected: e.to_string(),
+        })
+    }
+
+    fn positive(&self, var: &'static str) -> Result<usize, ConfigError> {
+        let value = self.string(var);
+        match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ConfigError {
                 var,
                 value,
-                expected: e.to_string(),
+                expected: "a whole number greater than 0".into(),
             }),
         }
     }
 
-    fn positive(&self, var: &'static str, default: usize) -> Result<usize, ConfigError> {
-        let n: usize = self.parse(var, default).map_err(|e| ConfigError {
-            expected: "a whole number greater than 0".into(),
-            ..e
-        })?;
-        if n == 0 {
-            return Err(ConfigError {
-                var,
-                value: "0".into(),
-                expected: "a whole number greater than 0".into(),
-            });
-        }
-        Ok(n)
-    }
-
     /// A duration with a unit, as in `30d`, `12h`, `90s` or `1h 30m`.
-    fn duration(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
-        let value = self.string(var, default);
+    fn duration(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        let value = self.string(var);
         humantime::parse_duration(value.trim()).map_err(|_| ConfigError {
             var,
             value,
@@ -306,8 +769,8 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
 
     /// A replication slot or publication name: PostgreSQL allows lower-case letters, digits
     /// and underscores in slot names, so both are held to that.
-    fn identifier(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
-        let value = self.string(var, default);
+    fn identifier(&self, var: &'static str) -> Result<String, ConfigError> {
+        let value = self.string(var);
         let ok = !value.is_empty()
             && value.len() <= 63
             && value
@@ -324,10 +787,12 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         }
     }
 
-    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        let ms: u64 = self.parse(var, default).map_err(|e| ConfigError {
+    fn millis(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        let value = self.string(var);
+        let ms: u64 = value.trim().parse().map_err(|_| ConfigError {
+            var,
+            value: value.clone(),
             expected: "a whole number of milliseconds".into(),
-            ..e
         })?;
         Ok(Duration::from_millis(ms))
     }
@@ -414,10 +879,167 @@ mod tests {
             ("CHANGE_CAPTURE", "trigger"),
             ("CAPTURE_SLOT", "My-Slot"),
             ("CHANGE_SETTLE_MS", "fast"),
+            ("METRICS_ADDR", "host name:80"),
+            ("HTTP_ADDR", "::1:8080"),
+            ("HTTP_ADDR", "localhost:65536"),
+            ("ADMIN_TOKEN", "short"),
+            ("ADMIN_TOKEN", "sixteen chars with spaces"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn every_default_of_the_table_parses_and_reads_as_documented() {
+        let c = Config::default();
+        assert_eq!(
+            c.http_addr.to_string(),
+            setting_of("HTTP_ADDR").default.unwrap()
+        );
+        assert_eq!(
+            c.metrics_addr.to_string(),
+            setting_of("METRICS_ADDR").default.unwrap()
+        );
+        assert_eq!(c.database_url, setting_of("DATABASE_URL").default.unwrap());
+        assert_eq!(c.admin_token, AdminToken::Unset);
+        assert!(c.require_admin_token().is_err());
+        assert_eq!(c.entities, None);
+        assert!(c.keyspace_notifications);
+        for s in SETTINGS {
+            assert!(
+                s.var.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
+                "{}",
+                s.var
+            );
+        }
+    }
+
+    #[test]
+    fn listen_addresses_take_names_and_port_zero() {
+        for (value, host, port) in [
+            ("localhost:8080", "localhost", 8080),
+            ("127.0.0.1:0", "127.0.0.1", 0),
+            ("[::1]:9091", "::1", 9091),
+            ("0.0.0.0:9000", "0.0.0.0", 9000),
+            ("api.internal.example:443", "api.internal.example", 443),
+        ] {
+            let c = with(&[("HTTP_ADDR", value), ("METRICS_ADDR", value)]).unwrap();
+            assert_eq!((c.http_addr.host(), c.http_addr.port()), (host, port));
+            assert_eq!(c.metrics_addr.to_string(), value);
+        }
+        let resolved: Vec<SocketAddr> = "localhost:0"
+            .parse::<ListenAddr>()
+            .unwrap()
+            .to_socket_addrs()
+            .unwrap()
+            .collect();
+        assert!(
+            resolved.iter().all(|a| a.ip().is_loopback()),
+            "{resolved:?}"
+        );
+    }
+
+    #[test]
+    fn the_admin_token_is_a_token_or_disabled_and_never_shown() {
+        let c = with(&[("ADMIN_TOKEN", "disabled")]).unwrap();
+        assert_eq!(c.admin_token, AdminToken::Disabled);
+        assert!(c.require_admin_token().is_ok());
+        let token = "0123456789abcdef0123";
+        let c = with(&[("ADMIN_TOKEN", token)]).unwrap();
+        assert_eq!(c.admin_token, AdminToken::Bearer(Secret::new(token)));
+        assert!(c.require_admin_token().is_ok());
+        assert!(!format!("{c:?}").contains(token));
+        let err = with(&[("ADMIN_TOKEN", "short secret")]).unwrap_err();
+        assert_eq!(err.var, "ADMIN_TOKEN");
+        assert!(!err.to_string().contains("short secret"), "{err}");
+        let err = with(&[]).unwrap().require_admin_token().unwrap_err();
+        assert!(err.to_string().contains("ADMIN_TOKEN"), "{err}");
+    }
+
+    fn parse_cli(args: &[&str]) -> Result<Settings, clap::Error> {
+        use clap::{Args, FromArgMatches};
+        let cmd = Settings::augment_args(clap::Command::new("t"));
+        let matches = cmd.try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))?;
+        Settings::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn every_variable_is_a_flag_whose_value_is_checked_like_the_variable() {
+        let settings = parse_cli(&[
+            "--grace-period-ms",
+            "250",
+            "--http-addr",
+            "localhost:9000",
+            "--database-url",
+            "postgres://app:hunter22@db/x",
+            "--admin-token",
+            "0123456789abcdef0123",
+        ])
+        .unwrap();
+        let c = settings.config().unwrap();
+        assert_eq!(c.grace_period, Duration::from_millis(250));
+        assert_eq!(c.http_addr.host(), "localhost");
+        let line = settings.effective();
+        assert!(line.contains("GRACE_PERIOD_MS=250"), "{line}");
+        assert!(
+            line.contains("DATABASE_URL=postgres://app:***@db/x"),
+            "{line}"
+        );
+        assert!(line.contains("ADMIN_TOKEN=***"), "{line}");
+        assert!(line.contains("SWEEP_BATCH=1000"), "defaults shown: {line}");
+        assert!(!line.contains("hunter22") && !line.contains("0123456789abcdef"));
+        let secrets = settings.secrets();
+        assert!(secrets.contains(&"hunter22".to_string()), "{secrets:?}");
+
+        let bad = parse_cli(&["--grace-period-ms", "soon"]).unwrap().config();
+        assert_eq!(bad.unwrap_err().var, "GRACE_PERIOD_MS");
+        assert!(parse_cli(&["--no-such-flag", "1"]).is_err());
+
+        // Every setting has a flag, and --help shows each default.
+        use clap::Args;
+        let mut cmd = Settings::augment_args(clap::Command::new("t"));
+        let help = cmd.render_long_help().to_string();
+        for s in SETTINGS {
+            assert!(help.contains(&format!("--{}", s.flag())), "{}", s.var);
+            assert!(help.contains(&format!("env: {}", s.var)), "{}", s.var);
+            if let Some(default) = s.default {
+                assert!(help.contains(&format!("default: {default}")), "{}", s.var);
+            }
+        }
+    }
+
+    /// The README's configuration table lists exactly these variables, with these defaults.
+    #[test]
+    fn the_readme_table_matches_the_settings() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("a Configuration section");
+        let section = section.split("\n## ").next().unwrap();
+        let rows: Vec<(String, Option<String>)> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split(" | ").collect();
+                let var = cells[0]
+                    .trim_start_matches("| ")
+                    .trim_matches('`')
+                    .to_string();
+                let default = cells[1].trim();
+                let code = default.len() > 1
+                    && default.starts_with('`')
+                    && default.ends_with('`')
+                    && default.matches('`').count() == 2;
+                (var, code.then(|| default.trim_matches('`').to_string()))
+            })
+            .collect();
+        let expected: Vec<(String, Option<String>)> = SETTINGS
+            .iter()
+            .map(|s| (s.var.to_string(), s.default.map(String::from)))
+            .collect();
+        assert_eq!(rows, expected);
     }
 }

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod capture;
 pub mod check;
+pub mod cli;
 pub mod column;
 pub mod compare;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pgoutput;
 pub mod queue;
+pub mod redact;
 pub mod repair;
 pub mod rows;
 pub mod track;

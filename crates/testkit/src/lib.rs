@@ -55,6 +55,9 @@ fn template_name() -> String {
     format!("stalewatch_tpl_{}", env!("MIGRATIONS_HASH"))
 }
 
+/// The admin token of the API under test (`TestEnv::config`, `TestEnv::env_vars`).
+pub const ADMIN_TOKEN: &str = "stalewatch-test-admin-token";
+
 /// One test's private database and Redis prefix.
 pub struct TestEnv {
     /// The database on the shared server this test made and drops; None for a database on
@@ -170,9 +173,13 @@ impl TestEnv {
         })
     }
 
-    /// The configuration a binary under test should run with.
+    /// The configuration a binary under test should run with. The API's mutating routes
+    /// need [`ADMIN_TOKEN`] (`Authorization: Bearer ...`).
     pub fn config(&self) -> Config {
         Config {
+            admin_token: stalewatch_core::config::AdminToken::Bearer(
+                stalewatch_core::config::Secret::new(ADMIN_TOKEN),
+            ),
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
             key_prefix: self.prefix.clone(),
@@ -191,6 +198,7 @@ impl TestEnv {
             ("KEY_PREFIX".into(), self.prefix.clone()),
             // As in `config`: a test that captures changes sets CHANGE_CAPTURE=logical.
             ("CHANGE_CAPTURE".into(), "off".into()),
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
         ]
     }
 

@@ -1,27 +1,106 @@
 //! stalewatch-worker: runs the check and confirm jobs, the backup sweep and queue upkeep.
 //!
 //! ```text
-//! stalewatch-worker              run until SIGTERM
-//! stalewatch-worker migrate      apply database migrations and exit
-//! stalewatch-worker sweep --once compare every item once, print a summary, exit
+//! stalewatch-worker [run]                  run until SIGTERM
+//! stalewatch-worker migrate                apply database migrations and exit
+//! stalewatch-worker sweep --once           compare every item once, print a summary, exit
+//! stalewatch-worker entities check [FILE]  check an entities file against the live tables
 //! ```
+//!
+//! Every setting is a flag or an environment variable (`--help` lists them with their
+//! defaults). Exit codes: 0 done, 1 a runtime error, 2 a usage error.
+
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context};
-use stalewatch_core::{config::Config, db, logging, watch::Watched};
+use clap::{Parser, Subcommand};
+use stalewatch_core::{
+    cli,
+    config::{Config, Settings},
+    db, logging,
+    watch::{WatchError, Watched},
+};
 use stalewatch_worker::{app, sweep};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+const BIN: &str = "stalewatch-worker";
+
+/// Finds divergences between PostgreSQL rows and their Redis copies: runs the check and
+/// confirm jobs, change capture, the backup sweep and the queue upkeep.
+#[derive(Parser)]
+#[command(name = BIN, version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run until SIGTERM or Ctrl-C (the default).
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Compare every watched row and key once at full speed, print a summary, exit.
+    Sweep {
+        /// Required: one pass, then exit (the periodic sweep runs under `run`).
+        #[arg(long, required = true)]
+        once: bool,
+    },
+    /// The entities file.
+    Entities {
+        #[command(subcommand)]
+        command: EntitiesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EntitiesCommand {
+    /// Check FILE (else ENTITIES, else the built-in file) against the live tables: prints the
+    /// model, or every mistake and exit code 1. For a team's CI.
+    Check { file: Option<PathBuf> },
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = cli::parse();
+    let secrets = cli.settings.secrets();
+    let config = match cli.settings.config() {
+        Ok(config) => config,
+        Err(e) => return cli::fail(BIN, cli::USAGE, &e.to_string(), &secrets),
+    };
+    if let Some(filter) = cli.settings.get("RUST_LOG") {
+        // `--rust-log`: read by the log filter. No other thread runs yet.
+        std::env::set_var("RUST_LOG", filter);
+    }
     logging::init(config.log_format);
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return cli::fail(BIN, cli::RUNTIME, &format!("starting tokio: {e}"), &[]),
+    };
+    let command = cli.command.unwrap_or(Command::Run);
+    match runtime.block_on(run(command, config, &cli.settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(BIN, cli::RUNTIME, &format!("{e:#}"), &secrets),
+    }
+}
+
+async fn run(command: Command, config: Config, settings: &Settings) -> anyhow::Result<()> {
+    if let Command::Run = command {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %settings.effective(),
+            "stalewatch-worker configuration"
+        );
+    }
     let applied = db::migrate(&config.database_url)
         .await
         .context("applying migrations")?;
-    match args.as_slice() {
-        [] | ["run"] => app::run(config).await,
-        ["migrate"] => {
+    match command {
+        Command::Run => app::run(config).await,
+        Command::Migrate => {
             println!(
                 "applied {} migration(s): {}",
                 applied.len(),
@@ -29,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ["sweep", "--once"] => {
+        Command::Sweep { .. } => {
             let ctx = app::connect(&config).await?;
             let summary = app::sweeper(&ctx, &config).once().await?;
             println!(
@@ -43,16 +122,13 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
-        ["entities", "check", rest @ ..] => {
-            // The file given, else ENTITIES, else the built-in one; checked against the live
-            // tables. For a team's CI: exits non-zero on any mistake.
-            let config = match rest {
-                [] => config,
-                [file] => Config {
-                    entities: Some(file.into()),
-                    ..config
-                },
-                _ => bail!("usage: stalewatch-worker entities check [FILE]"),
+        Command::Entities {
+            command: EntitiesCommand::Check { file },
+        } => {
+            // The file given, else ENTITIES, else the built-in one.
+            let config = Config {
+                entities: file.or(config.entities),
+                ..config
             };
             let pool = db::pool(&config.database_url, 1)?;
             match Watched::configured(&config, &pool).await {
@@ -60,11 +136,15 @@ async fn main() -> anyhow::Result<()> {
                     print!("{}", watched.describe());
                     Ok(())
                 }
+                // The report: every mistake on a line of its own, then the one-line error.
+                Err(WatchError::Model(mistakes)) => {
+                    for mistake in &mistakes {
+                        eprintln!("{mistake}");
+                    }
+                    bail!("the entities file has {} mistake(s)", mistakes.len())
+                }
                 Err(e) => bail!("{e}"),
             }
-        }
-        _ => {
-            bail!("usage: stalewatch-worker [run | migrate | sweep --once | entities check [FILE]]")
         }
     }
 }

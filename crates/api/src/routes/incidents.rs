@@ -12,7 +12,7 @@ use stalewatch_core::{
     incident::State,
 };
 
-use crate::{error::ApiError, state::AppState};
+use crate::{auth::Admin, error::ApiError, state::AppState};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
@@ -191,6 +191,7 @@ pub async fn list(
 /// it: a match resolves the incident with cause `refresh`. Returns the incident as it then is.
 #[post("/inconsistencies/{id}/refresh")]
 pub async fn refresh(
+    _admin: Admin,
     state: web::Data<AppState>,
     id: web::Path<i64>,
 ) -> Result<HttpResponse, ApiError> {

@@ -11,7 +11,7 @@ use stalewatch_core::{
 };
 use uuid::Uuid;
 
-use crate::{error::ApiError, state::AppState};
+use crate::{auth::Admin, error::ApiError, state::AppState};
 
 const MAX_NAME_LEN: usize = 200;
 
@@ -271,6 +271,7 @@ async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiErr
 
 #[post("/items/debug/refresh/{id}")]
 pub async fn refresh_debug(
+    _admin: Admin,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
@@ -279,6 +280,7 @@ pub async fn refresh_debug(
 
 #[post("/items/{id}/refresh")]
 pub async fn refresh(
+    _admin: Admin,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
