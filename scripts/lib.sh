@@ -96,3 +96,12 @@ ensure_database() {
     psql "$url" -qc "CREATE DATABASE $name" >/dev/null
   fi
 }
+
+# promtool (config and rule checks) and the Prometheus server the end-to-end metrics test runs
+# both come with Debian's prometheus package. Only the binaries are used: the package's own
+# service is not started.
+ensure_prometheus() {
+  if command -v promtool >/dev/null && command -v prometheus >/dev/null; then return 0; fi
+  log "installing Prometheus (promtool and the server)"
+  apt_install prometheus
+}
