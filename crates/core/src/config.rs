@@ -180,6 +180,11 @@ pub const SETTINGS: &[Setting] = &[
         "the publication of the watched tables the worker creates",
     ),
     setting(
+        "SLO_WINDOWS",
+        crate::slo::DEFAULT_WINDOWS,
+        "the consistency SLO's windows: each changed key is probed this long after its commit",
+    ),
+    setting(
         "KEYSPACE_NOTIFICATIONS",
         "on",
         "on or off: check a watched key within milliseconds of any write, delete or expiry",
@@ -614,6 +619,8 @@ pub struct Config {
     /// The logical replication slot and the publication stalewatch creates and reads.
     pub capture_slot: String,
     pub capture_publication: String,
+    /// After how long each changed key is probed for the consistency SLO (`crate::slo`).
+    pub slo_windows: Vec<Duration>,
     /// Who may use the API's mutating routes.
     pub admin_token: AdminToken,
 }
@@ -667,6 +674,7 @@ impl Config {
             change_settle: env.millis("CHANGE_SETTLE_MS")?,
             capture_slot: env.identifier("CAPTURE_SLOT")?,
             capture_publication: env.identifier("CAPTURE_PUBLICATION")?,
+            slo_windows: env.windows("SLO_WINDOWS")?,
             admin_token: match env.raw("ADMIN_TOKEN") {
                 None => AdminToken::Unset,
                 Some(_) => env.parse("ADMIN_TOKEN")?,
@@ -767,6 +775,15 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         })
     }
 
+    fn windows(&self, var: &'static str) -> Result<Vec<Duration>, ConfigError> {
+        let value = self.string(var);
+        crate::slo::parse_windows(&value).map_err(|expected| ConfigError {
+            var,
+            value,
+            expected,
+        })
+    }
+
     /// A replication slot or publication name: PostgreSQL allows lower-case letters, digits
     /// and underscores in slot names, so both are held to that.
     fn identifier(&self, var: &'static str) -> Result<String, ConfigError> {
@@ -829,6 +846,7 @@ mod tests {
         assert_eq!(c.change_capture, ChangeCapture::Logical);
         assert_eq!(c.change_settle, Duration::from_millis(100));
         assert_eq!(c.capture_slot, "stalewatch");
+        assert_eq!(c.slo_windows.len(), 3);
         assert_eq!(c.capture_publication, "stalewatch");
     }
 
@@ -879,6 +897,7 @@ mod tests {
             ("CHANGE_CAPTURE", "trigger"),
             ("CAPTURE_SLOT", "My-Slot"),
             ("CHANGE_SETTLE_MS", "fast"),
+            ("SLO_WINDOWS", "1s,later"),
             ("METRICS_ADDR", "host name:80"),
             ("HTTP_ADDR", "::1:8080"),
             ("HTTP_ADDR", "localhost:65536"),

@@ -25,5 +25,6 @@ pub mod queue;
 pub mod redact;
 pub mod repair;
 pub mod rows;
+pub mod slo;
 pub mod track;
 pub mod watch;

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub capture_slot_lost: IntCounter,
     /// 1 while this process reads the slot.
     pub capture_active: IntGauge,
+    /// Changed keys probed for the consistency SLO, by entity, window and result
+    /// (consistent, inconsistent).
+    pub slo_changes: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -202,6 +205,11 @@ impl Metrics {
                 "1 while this process reads the replication slot",
             ),
             capture_slot_lost,
+            slo_changes: counter(
+                "stalewatch_slo_changes_total",
+                "Changed keys probed a window after their change, by whether the cache agreed",
+                &["entity", "window", "result"],
+            ),
             cache_requests: counter(
                 "stalewatch_cache_requests_total",
                 "Cache-aside reads by result",

@@ -9,7 +9,7 @@ use stalewatch_core::{
     check::Checker,
     config::{ChangeCapture, Config},
     db,
-    jobs::{CheckJob, ConfirmJob},
+    jobs::{CheckJob, ConfirmJob, SloJob},
     keys::Keys,
     metrics::Metrics,
     queue,
@@ -51,6 +51,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
         queue_conn,
         db_slots: Arc::new(tokio::sync::Semaphore::new(config.job_db_slots())),
         check_wake: Arc::new(tokio::sync::Notify::new()),
+        slo_windows: config.slo_windows.clone(),
     })
 }
 
@@ -107,6 +108,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ctx.clone(),
         shutdown.clone(),
         handlers::check,
+    ));
+    tasks.spawn(supervise::run::<SloJob, _, _>(
+        ctx.clone(),
+        shutdown.clone(),
+        handlers::slo,
     ));
     tasks.spawn(supervise::run::<ConfirmJob, _, _>(
         ctx.clone(),

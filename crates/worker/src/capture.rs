@@ -34,7 +34,7 @@ use stalewatch_core::{
     config::Config,
     entity::quote_ident,
     incident::Source,
-    jobs::{CheckJob, Job},
+    jobs::{CheckJob, Job, SloJob},
     lease::Lease,
     pgoutput::{self, Message, Relations, PG_EPOCH_UNIX_US},
     queue,
@@ -392,9 +392,11 @@ pub(crate) fn report_unmapped(ctx: &Ctx, router: &Router, unmapped: &mut Vec<Unm
 pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Result<()> {
     let mut jobs = Vec::new();
     let mut counts = Vec::new();
+    let mut slo_keys = Vec::new();
     for (entity, keys) in due.by_entity {
         let name = router.entity(entity);
         counts.push((name, keys.len() as u64));
+        slo_keys.push((name, keys.clone()));
         for chunk in keys.chunks(KEYS_PER_JOB) {
             let job = CheckJob {
                 entity: name.to_string(),
@@ -409,6 +411,31 @@ pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Re
     queue::push(&mut conn, ctx.keys(), jobs)
         .await
         .context("queueing checks of captured changes")?;
+    // The SLO probes of the same keys, one job per window, due that long after the latest
+    // commit among them (keys pushed together committed within the settle delay). Queued
+    // with the checks, before the slot is acknowledged: a change is probed at least once.
+    if let Some(&latest_us) = due.commit_us.iter().max() {
+        let committed = chrono::DateTime::from_timestamp_micros(latest_us + PG_EPOCH_UNIX_US)
+            .unwrap_or_else(chrono::Utc::now);
+        let mut probes = Vec::new();
+        for window in &ctx.slo_windows {
+            let due_at = committed + chrono::Duration::from_std(*window).unwrap_or_default();
+            for (name, keys) in &slo_keys {
+                for chunk in keys.chunks(KEYS_PER_JOB) {
+                    let job = SloJob {
+                        entity: name.to_string(),
+                        keys: chunk.to_vec(),
+                        window_ms: window.as_millis() as u64,
+                        due_at,
+                    };
+                    probes.push((job, Some(due_at)));
+                }
+            }
+        }
+        queue::push(&mut conn, ctx.keys(), probes)
+            .await
+            .context("queueing SLO probes of captured changes")?;
+    }
     // Counted once queued, so a reader that died before this counted nothing.
     let metrics = ctx.metrics();
     metrics

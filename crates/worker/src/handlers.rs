@@ -6,9 +6,10 @@ use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
 use stalewatch_core::{
     check::Checker,
-    jobs::{CheckJob, ConfirmJob, Job},
+    jobs::{CheckJob, ConfirmJob, Job, SloJob},
     keys::Keys,
     metrics::Metrics,
+    slo,
 };
 use tokio::sync::Semaphore;
 
@@ -23,6 +24,8 @@ pub struct Ctx {
     /// Wakes this process's check worker at once, when this process queued checks (change
     /// capture) and the next poll would only add latency.
     pub check_wake: Arc<tokio::sync::Notify>,
+    /// `SLO_WINDOWS`: the probes each captured change gets.
+    pub slo_windows: Vec<std::time::Duration>,
 }
 
 impl Ctx {
@@ -81,6 +84,32 @@ pub async fn confirm(job: ConfirmJob, ctx: Data<Ctx>) -> Result<(), BoxDynError>
         }
         Err(e) => {
             ctx.count::<ConfirmJob>("error");
+            Err(e.into())
+        }
+    }
+}
+
+pub async fn slo(job: SloJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
+    // apalis schedules in whole seconds, rounding down: never probe before the window ends.
+    if let Ok(early) = (job.due_at - Utc::now()).to_std() {
+        tokio::time::sleep(early).await;
+    }
+    let _slot = ctx.db_slots.acquire().await?;
+    match slo::probe(&ctx.checker, &job.entity, &job.keys).await {
+        Ok(agreement) => {
+            let window = slo::window_label(std::time::Duration::from_millis(job.window_ms));
+            let counter = &ctx.metrics().slo_changes;
+            counter
+                .with_label_values(&[job.entity.as_str(), &window, "consistent"])
+                .inc_by(agreement.consistent);
+            counter
+                .with_label_values(&[job.entity.as_str(), &window, "inconsistent"])
+                .inc_by(agreement.inconsistent);
+            ctx.count::<SloJob>("ok");
+            Ok(())
+        }
+        Err(e) => {
+            ctx.count::<SloJob>("error");
             Err(e.into())
         }
     }

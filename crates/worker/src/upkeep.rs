@@ -7,7 +7,7 @@ use redis::aio::ConnectionManager;
 use stalewatch_core::{
     config::Config,
     db::{incidents, PgPool},
-    jobs::{CheckJob, ConfirmJob, Job},
+    jobs::{CheckJob, ConfirmJob, Job, SloJob},
     keys::Keys,
     metrics::Metrics,
     queue, track,
@@ -70,6 +70,7 @@ impl Upkeep {
             for result in [
                 self.tend::<CheckJob>().await,
                 self.tend::<ConfirmJob>().await,
+                self.tend::<SloJob>().await,
             ] {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "queue upkeep failed; retrying next tick");
@@ -90,6 +91,7 @@ impl Upkeep {
                 for result in [
                     self.dead::<CheckJob>().await,
                     self.dead::<ConfirmJob>().await,
+                    self.dead::<SloJob>().await,
                 ] {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "dead-job upkeep failed");

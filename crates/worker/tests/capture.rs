@@ -461,3 +461,42 @@ async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window() {
+    let app = App::new().await;
+    app.add_accounts(1..=2).await;
+    let (w, port) = app.worker(&[("SLO_WINDOWS", "1s,2s")]);
+    app.reading(port, &w).await;
+
+    // One change the application caches at once, one it never caches.
+    app.sql("UPDATE accounts SET balance = 7, version = 2 WHERE id = 1")
+        .await;
+    app.cache(&1, &1).await;
+    app.sql("UPDATE accounts SET balance = 9, version = 2 WHERE id = 2")
+        .await;
+
+    for window in ["1s", "2s"] {
+        let (consistent, inconsistent) = eventually(
+            scaled(Duration::from_secs(20)),
+            &format!("both changes probed in the {window} window"),
+            || async {
+                let count = |result: &'static str| {
+                    let labels = [
+                        "entity=\"account\"".to_string(),
+                        format!("window=\"{window}\""),
+                        format!("result=\"{result}\""),
+                    ];
+                    async move {
+                        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                        metric(port, "stalewatch_slo_changes_total", &labels).await
+                    }
+                };
+                let (c, i) = (count("consistent").await, count("inconsistent").await);
+                (c + i >= 2.0).then_some((c, i))
+            },
+        )
+        .await;
+        assert_eq!((consistent, inconsistent), (1.0, 1.0), "window {window}");
+    }
+}
