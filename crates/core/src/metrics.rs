@@ -2,8 +2,8 @@
 //! (`_total` counters, base units); the README lists each one.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, proto::MetricType, Encoder, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// All of stalewatch's metrics, registered in their own registry.
@@ -285,6 +285,82 @@ impl Metrics {
         }
     }
 
+    /// The name of every series these metrics can export: a histogram's `_bucket`, `_sum` and
+    /// `_count`, every other family's own name. [`render`](Self::render) cannot tell: a labelled
+    /// family nobody has touched yet has no series, so the text output leaves it out.
+    pub fn names(&self) -> Vec<String> {
+        // Exhaustive on purpose: a new metric does not compile until it is listed here.
+        let Metrics {
+            registry: _,
+            cache_requests,
+            transitions,
+            open_incidents,
+            checks,
+            time_to_confirm,
+            incident_duration,
+            sweep_items,
+            sweep_duration,
+            sweep_position,
+            jobs,
+            worker_restarts,
+            queue_depth,
+            dead_jobs,
+            refused,
+            sweep_age,
+            repairs,
+            incidents_deleted,
+            notifications,
+            notify_gaps,
+            capture_changes,
+            capture_keys,
+            capture_unmapped,
+            capture_delay,
+            capture_retained_wal,
+            capture_slot_lost,
+            capture_active,
+            slo_changes,
+        } = self;
+        let collectors: [&dyn Collector; 27] = [
+            cache_requests,
+            transitions,
+            open_incidents,
+            checks,
+            time_to_confirm,
+            incident_duration,
+            sweep_items,
+            sweep_duration,
+            sweep_position,
+            jobs,
+            worker_restarts,
+            queue_depth,
+            dead_jobs,
+            refused,
+            sweep_age,
+            repairs,
+            incidents_deleted,
+            notifications,
+            notify_gaps,
+            capture_changes,
+            capture_keys,
+            capture_unmapped,
+            capture_delay,
+            capture_retained_wal,
+            capture_slot_lost,
+            capture_active,
+            slo_changes,
+        ];
+        let mut names = Vec::new();
+        for family in collectors.iter().flat_map(|c| c.collect()) {
+            let name = family.name();
+            if family.get_field_type() == MetricType::HISTOGRAM {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            } else {
+                names.push(name.to_string());
+            }
+        }
+        names
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -312,5 +388,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE stalewatch_incident_transitions_total counter"));
+    }
+
+    #[test]
+    fn names_include_untouched_labelled_families_and_histogram_series() {
+        let m = Metrics::new();
+        let names = m.names();
+        let text = m.render();
+        assert!(!text.contains("stalewatch_jobs_total"), "untouched: {text}");
+        for name in [
+            "stalewatch_jobs_total",
+            "stalewatch_sweep_age_seconds",
+            "stalewatch_incident_duration_seconds_bucket",
+            "stalewatch_time_to_confirm_seconds_count",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+        }
+        let base = "stalewatch_time_to_confirm_seconds";
+        assert!(!names.iter().any(|n| n == base), "{names:?}");
     }
 }
