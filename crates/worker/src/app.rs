@@ -25,14 +25,12 @@ use crate::{
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
     let keys = Keys::new(config.key_prefix.clone());
-    let cache_conn = cache::connect(&config.redis_url)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to Redis at {}",
-                stalewatch_core::redact::url(&config.redis_url)
-            )
-        })?;
+    let cache_conn = cache::connect(&config.redis_url).await.with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            stalewatch_core::redact::url(&config.redis_url)
+        )
+    })?;
     let cache = Cache::new(cache_conn, keys.clone());
     let queue_conn = queue::connect(&config.redis_url).await?;
     let watched = Watched::configured(config, &pool)
