@@ -180,6 +180,16 @@ pub const SETTINGS: &[Setting] = &[
         "the publication of the watched tables the worker creates",
     ),
     setting(
+        "INVALIDATION_CONSUMERS",
+        "1",
+        "invalidation consumers per worker (entities with on_change = \"invalidate\"); 0: none",
+    ),
+    setting(
+        "INVALIDATION_CLAIM_IDLE_MS",
+        "10000",
+        "an invalidation left unacknowledged this long by its consumer is taken over by another",
+    ),
+    setting(
         "SLO_WINDOWS",
         crate::slo::DEFAULT_WINDOWS,
         "the consistency SLO's windows: each changed key is probed this long after its commit",
@@ -621,6 +631,10 @@ pub struct Config {
     pub capture_publication: String,
     /// After how long each changed key is probed for the consistency SLO (`crate::slo`).
     pub slo_windows: Vec<Duration>,
+    /// Invalidation stream consumers per worker process (`crate::invalidation`).
+    pub invalidation_consumers: usize,
+    /// How long an entry stays pending with its consumer before another claims it.
+    pub invalidation_claim_idle: Duration,
     /// Who may use the API's mutating routes.
     pub admin_token: AdminToken,
 }
@@ -675,6 +689,8 @@ impl Config {
             capture_slot: env.identifier("CAPTURE_SLOT")?,
             capture_publication: env.identifier("CAPTURE_PUBLICATION")?,
             slo_windows: env.windows("SLO_WINDOWS")?,
+            invalidation_consumers: env.parse("INVALIDATION_CONSUMERS")?,
+            invalidation_claim_idle: env.millis("INVALIDATION_CLAIM_IDLE_MS")?,
             admin_token: match env.raw("ADMIN_TOKEN") {
                 None => AdminToken::Unset,
                 Some(_) => env.parse("ADMIN_TOKEN")?,

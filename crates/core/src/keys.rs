@@ -110,6 +110,16 @@ impl Keys {
         format!("{}capture:{slot}:position", self.prefix)
     }
 
+    /// The invalidation stream (`crate::invalidation`).
+    pub fn invalidations(&self) -> String {
+        format!("{}invalidations", self.prefix)
+    }
+
+    /// Where unreadable or undeliverable invalidation entries go, with the reason.
+    pub fn invalidations_dead(&self) -> String {
+        format!("{}invalidations:dead", self.prefix)
+    }
+
     /// When the last sweep pass completed (Unix milliseconds).
     pub fn sweep_done_at(&self) -> String {
         format!("{}sweep:done_at", self.prefix)

@@ -66,6 +66,19 @@ pub struct Metrics {
     /// Changed keys probed for the consistency SLO, by entity, window and result
     /// (consistent, inconsistent).
     pub slo_changes: IntCounterVec,
+    /// Invalidation entries appended to the stream by the capture reader.
+    pub invalidations_published: IntCounter,
+    /// Keys deleted by invalidation consumers.
+    pub keys_invalidated: IntCounter,
+    /// Commit of a change to its keys' UNLINK.
+    pub invalidation_delay: Histogram,
+    /// Entries claimed from a consumer that left them pending.
+    pub invalidations_reclaimed: IntCounter,
+    /// Entries moved to the dead-letter stream.
+    pub invalidations_dead: IntCounter,
+    /// The invalidation stream's length and the group's pending entries (consumer lag).
+    pub invalidation_stream_length: IntGauge,
+    pub invalidations_pending: IntGauge,
 }
 
 impl Default for Metrics {
@@ -122,6 +135,13 @@ impl Metrics {
         registry
             .register(Box::new(queue_depth.clone()))
             .expect("unique metric");
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -192,8 +212,8 @@ impl Metrics {
                 "stalewatch_capture_delay_seconds",
                 "Commit of a change to its check being queued, settle delay included",
                 vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.11, 0.125, 0.15, 0.2, 0.5,
-                    1.0, 2.5, 10.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.11, 0.125, 0.15, 0.2, 0.5, 1.0,
+                    2.5, 10.0,
                 ],
             ),
             capture_retained_wal: gauge(
@@ -205,6 +225,37 @@ impl Metrics {
                 "1 while this process reads the replication slot",
             ),
             capture_slot_lost,
+            invalidations_published: plain_counter(
+                "stalewatch_invalidations_published_total",
+                "Invalidation entries appended to the stream",
+            ),
+            keys_invalidated: plain_counter(
+                "stalewatch_keys_invalidated_total",
+                "Keys deleted by invalidation consumers",
+            ),
+            invalidation_delay: plain_histogram(
+                "stalewatch_invalidation_delay_seconds",
+                "Commit of a change to its keys being deleted",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            invalidations_reclaimed: plain_counter(
+                "stalewatch_invalidations_reclaimed_total",
+                "Invalidation entries claimed from a consumer that left them pending",
+            ),
+            invalidations_dead: plain_counter(
+                "stalewatch_invalidations_dead_total",
+                "Invalidation entries moved to the dead-letter stream",
+            ),
+            invalidation_stream_length: gauge(
+                "stalewatch_invalidation_stream_length",
+                "Entries in the invalidation stream",
+            ),
+            invalidations_pending: gauge(
+                "stalewatch_invalidations_pending",
+                "Invalidation entries read but not yet acknowledged",
+            ),
             slo_changes: counter(
                 "stalewatch_slo_changes_total",
                 "Changed keys probed a window after their change, by whether the cache agreed",
@@ -319,8 +370,15 @@ impl Metrics {
             capture_slot_lost,
             capture_active,
             slo_changes,
+            invalidations_published,
+            keys_invalidated,
+            invalidation_delay,
+            invalidations_reclaimed,
+            invalidations_dead,
+            invalidation_stream_length,
+            invalidations_pending,
         } = self;
-        let collectors: [&dyn Collector; 27] = [
+        let collectors: [&dyn Collector; 34] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -348,6 +406,13 @@ impl Metrics {
             capture_slot_lost,
             capture_active,
             slo_changes,
+            invalidations_published,
+            keys_invalidated,
+            invalidation_delay,
+            invalidations_reclaimed,
+            invalidations_dead,
+            invalidation_stream_length,
+            invalidations_pending,
         ];
         let mut names = Vec::new();
         for family in collectors.iter().flat_map(|c| c.collect()) {

@@ -75,7 +75,12 @@ pub async fn probe(
         .await?;
     let mut out = Agreement::default();
     for ((key, found), cached) in keys.into_iter().zip(found).zip(cached) {
-        if checker.watched.evidence(rows, key, found, cached).kind.is_match() {
+        if checker
+            .watched
+            .evidence(rows, key, found, cached)
+            .kind
+            .is_match()
+        {
             out.consistent += 1;
         } else {
             out.inconsistent += 1;

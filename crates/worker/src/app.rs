@@ -9,6 +9,7 @@ use stalewatch_core::{
     check::Checker,
     config::{ChangeCapture, Config},
     db,
+    entity::OnChange,
     jobs::{CheckJob, ConfirmJob, SloJob},
     keys::Keys,
     metrics::Metrics,
@@ -18,8 +19,8 @@ use stalewatch_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backstop, capture, handlers, handlers::Ctx, notify, outbox, supervise, sweep::Sweeper,
-    upkeep::Upkeep,
+    backstop, capture, handlers, handlers::Ctx, invalidate, notify, outbox, supervise,
+    sweep::Sweeper, upkeep::Upkeep,
 };
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
@@ -137,6 +138,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 "CHANGE_CAPTURE=off: changes made outside stalewatch are seen by the sweep"
             )
         }
+    }
+    let invalidating = ctx
+        .checker
+        .watched
+        .sources()
+        .iter()
+        .any(|rows| rows.entity.on_change == OnChange::Invalidate);
+    if invalidating && config.invalidation_consumers > 0 {
+        tasks.spawn(invalidate::run(
+            ctx.clone(),
+            config.redis_url.clone(),
+            config.invalidation_consumers,
+            config.invalidation_claim_idle,
+            shutdown.clone(),
+        ));
     }
     if config.sweep_interval.is_zero() {
         tracing::info!("SWEEP_INTERVAL_MS=0: periodic sweep disabled");

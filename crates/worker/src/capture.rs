@@ -34,6 +34,7 @@ use stalewatch_core::{
     config::Config,
     entity::quote_ident,
     incident::Source,
+    invalidation::Entry,
     jobs::{CheckJob, Job, SloJob},
     lease::Lease,
     pgoutput::{self, Message, Relations, PG_EPOCH_UNIX_US},
@@ -132,6 +133,12 @@ struct Reader<'a> {
     settle: Settle,
     /// The keys of the transaction being read.
     txn: Option<Vec<Touched>>,
+    /// The commit LSN and time (PostgreSQL epoch) of the transaction being read.
+    begin: (u64, i64),
+    /// Invalidation entries of the transaction being read, then of every committed one not
+    /// yet in the stream.
+    txn_invalidations: Vec<Entry>,
+    invalidations: Vec<Entry>,
     unmapped: Vec<Unmapped>,
     /// Last position written down and sent.
     acked: u64,
@@ -168,6 +175,9 @@ impl<'a> Reader<'a> {
             relations: Relations::new(),
             settle: Settle::new(config.change_settle),
             txn: None,
+            begin: (0, 0),
+            txn_invalidations: Vec::new(),
+            invalidations: Vec::new(),
             unmapped: Vec::new(),
             acked: start,
             acked_at: Instant::now(),
@@ -218,7 +228,14 @@ impl<'a> Reader<'a> {
 
     async fn on_event(&mut self, event: ReplicationEvent) -> anyhow::Result<()> {
         match event {
-            ReplicationEvent::Begin { .. } => self.txn = Some(Vec::new()),
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.txn = Some(Vec::new());
+                self.begin = (final_lsn.as_u64(), commit_time_micros);
+            }
             ReplicationEvent::XLogData { data, .. } => {
                 let message = pgoutput::decode(&data)
                     .map_err(|e| anyhow::anyhow!("undecodable pgoutput message: {e}"))?;
@@ -230,6 +247,7 @@ impl<'a> Reader<'a> {
                 commit_time_micros,
             } => {
                 let keys = self.txn.take().unwrap_or_default();
+                self.invalidations.append(&mut self.txn_invalidations);
                 self.report_unmapped();
                 self.settle.add(
                     keys.into_iter().map(|t| (t.entity, t.key)),
@@ -244,7 +262,7 @@ impl<'a> Reader<'a> {
             // Nothing read is waiting: everything up to the server's end can go, so a slot
             // whose every change is filtered out does not hold WAL back.
             ReplicationEvent::KeepAlive { wal_end, .. }
-                if self.txn.is_none() && self.settle.is_idle() =>
+                if self.txn.is_none() && self.settle.is_idle() && self.invalidations.is_empty() =>
             {
                 self.ack(wal_end.as_u64(), true).await?;
             }
@@ -254,16 +272,16 @@ impl<'a> Reader<'a> {
     }
 
     async fn on_message(&mut self, message: Message) {
-        let (relation, old, new) = match message {
+        let (relation, old, new, op) = match message {
             Message::Relation(r) => {
                 self.relations.apply(r);
                 return;
             }
-            Message::Insert { relation, new } => (relation, None, Some(new)),
+            Message::Insert { relation, new } => (relation, None, Some(new), "insert"),
             Message::Update {
                 relation, old, new, ..
-            } => (relation, old, Some(new)),
-            Message::Delete { relation, old, .. } => (relation, Some(old), None),
+            } => (relation, old, Some(new), "update"),
+            Message::Delete { relation, old, .. } => (relation, Some(old), None, "delete"),
             Message::Truncate { relations, .. } => {
                 let names: Vec<String> = relations
                     .iter()
@@ -284,8 +302,31 @@ impl<'a> Reader<'a> {
             return;
         };
         let txn = self.txn.get_or_insert_with(Vec::new);
+        let first = txn.len();
         self.router
             .change(rel, old.as_ref(), new.as_ref(), txn, &mut self.unmapped);
+        // Keys of entities that invalidate: one stream entry per entity of this row.
+        let mut by_entity: Vec<(usize, Vec<String>)> = Vec::new();
+        for t in &txn[first..] {
+            if !self.router.invalidates(t.entity) {
+                continue;
+            }
+            match by_entity.iter_mut().find(|(e, _)| *e == t.entity) {
+                Some((_, keys)) => keys.push(t.key.clone()),
+                None => by_entity.push((t.entity, vec![t.key.clone()])),
+            }
+        }
+        let (commit_lsn, commit_time_us) = self.begin;
+        for (entity, keys) in by_entity {
+            self.txn_invalidations.push(Entry {
+                table: format!("{}.{}", rel.namespace, rel.name),
+                op: op.to_string(),
+                entity: self.router.entity(entity).to_string(),
+                keys,
+                commit_lsn: Lsn::from_u64(commit_lsn).to_pg_string(),
+                commit_time_us: commit_time_us + PG_EPOCH_UNIX_US,
+            });
+        }
         for &entity in self.router.entities_of(rel) {
             self.ctx
                 .metrics()
@@ -306,6 +347,10 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         self.flushed_at = now;
+        if !self.invalidations.is_empty() {
+            let entries = std::mem::take(&mut self.invalidations);
+            crate::invalidate::publish(self.ctx, &entries).await?;
+        }
         loop {
             let due = self.settle.due(now, FLUSH_LIMIT);
             if due.is_empty() {

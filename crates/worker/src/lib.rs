@@ -5,6 +5,7 @@ pub mod app;
 pub mod backstop;
 pub mod capture;
 pub mod handlers;
+pub mod invalidate;
 pub mod notify;
 pub mod outbox;
 pub mod supervise;

@@ -47,11 +47,15 @@ impl Drop for App {
 
 impl App {
     async fn new() -> App {
+        App::with_entities(ENTITIES).await
+    }
+
+    async fn with_entities(text: &str) -> App {
         let pg = PgServer::start(free_port()).await;
         let url = pg.create_database("app").await.unwrap();
         let env = TestEnv::on_database(&url).await.unwrap();
         let entities = std::env::temp_dir().join(format!("capture-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&entities, ENTITIES).unwrap();
+        std::fs::write(&entities, text).unwrap();
         let app = App {
             env,
             entities,
@@ -499,4 +503,194 @@ async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window
         .await;
         assert_eq!((consistent, inconsistent), (1.0, 1.0), "window {window}");
     }
+}
+
+/// The accounts again, with a second entity keyed by email that a change invalidates.
+const INVALIDATING: &str = r#"
+[[entity]]
+name = "account"
+table = "public.accounts"
+primary_key = ["id"]
+key = "${KEY_PREFIX}acct:{id}"
+representation = "json"
+columns = ["id", "email", "balance", "version"]
+version = "version"
+
+[[entity]]
+name = "account_by_email"
+table = "public.accounts"
+primary_key = ["id"]
+key = "${KEY_PREFIX}acct:email:{email}"
+representation = "string"
+value = "id"
+on_change = "invalidate"
+"#;
+
+impl App {
+    fn email_key(&self, email: &str) -> String {
+        format!("{}acct:email:{email}", self.env.prefix)
+    }
+
+    async fn set(&self, key: &str, value: &str) {
+        let mut redis = self.env.cache.connection();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    async fn exists(&self, key: &str) -> bool {
+        let mut redis = self.env.cache.connection();
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut redis)
+            .await
+            .unwrap()
+            == 1
+    }
+
+    async fn until_gone(&self, key: &str) {
+        eventually(
+            scaled(Duration::from_secs(20)),
+            &format!("{key} to be invalidated"),
+            || async { (!self.exists(key).await).then_some(()) },
+        )
+        .await;
+    }
+
+    async fn stream(&self, args: &[&str]) -> redis::Value {
+        let mut redis = self.env.cache.connection();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut redis).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_change_invalidates_the_old_and_the_new_keys_of_an_invalidating_entity() {
+    let app = App::with_entities(INVALIDATING).await;
+    // The old row whole in the stream: an email change names the old email's key.
+    app.sql("ALTER TABLE accounts REPLICA IDENTITY FULL").await;
+    app.add_accounts(1..=3).await;
+    for id in 1..=3 {
+        app.set(
+            &app.email_key(&format!("u{id}@example.com")),
+            &id.to_string(),
+        )
+        .await;
+    }
+    // A key some reader put back for the new email already (it will be stale too).
+    app.set(&app.email_key("new@example.com"), "1").await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    app.sql("UPDATE accounts SET email = 'new@example.com', version = 2 WHERE id = 1")
+        .await;
+    app.until_gone(&app.email_key("u1@example.com")).await;
+    app.until_gone(&app.email_key("new@example.com")).await;
+    app.sql("DELETE FROM accounts WHERE id = 2").await;
+    app.until_gone(&app.email_key("u2@example.com")).await;
+    app.set(&app.email_key("late@example.com"), "9").await;
+    app.sql("INSERT INTO accounts (id, email) VALUES (9, 'late@example.com')")
+        .await;
+    app.until_gone(&app.email_key("late@example.com")).await;
+
+    // Nothing else: account 3's keys and every id key stay.
+    assert!(app.exists(&app.email_key("u3@example.com")).await);
+    assert!(app.exists(&app.key(3)).await);
+    assert!(metric(port, "stalewatch_keys_invalidated_total", &[]).await >= 4.0);
+}
+
+#[tokio::test]
+async fn a_poison_entry_is_dead_lettered_and_the_group_goes_on() {
+    let app = App::with_entities(INVALIDATING).await;
+    app.add_accounts(1..=2).await;
+    app.set(&app.email_key("u2@example.com"), "2").await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+    let stream = format!("{}invalidations", app.env.prefix);
+    let dead = format!("{}invalidations:dead", app.env.prefix);
+    app.stream(&["XADD", &stream, "*", "change", "{not json"])
+        .await;
+
+    eventually(
+        scaled(Duration::from_secs(20)),
+        "the dead letter",
+        || async {
+            match app.stream(&["XLEN", &dead]).await {
+                redis::Value::Int(n) if n >= 1 => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // The group is not stuck behind it.
+    app.sql("UPDATE accounts SET balance = 3 WHERE id = 2")
+        .await;
+    app.until_gone(&app.email_key("u2@example.com")).await;
+    assert_eq!(
+        metric(port, "stalewatch_invalidations_dead_total", &[]).await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn entries_a_dead_consumer_left_pending_are_claimed_by_another() {
+    let app = App::with_entities(INVALIDATING).await;
+    app.add_accounts(1..=5).await;
+    for id in 1..=5 {
+        app.set(
+            &app.email_key(&format!("u{id}@example.com")),
+            &id.to_string(),
+        )
+        .await;
+    }
+    // A worker that publishes but consumes nothing.
+    let (w, port) = app.worker(&[("INVALIDATION_CONSUMERS", "0")]);
+    app.reading(port, &w).await;
+    let stream = format!("{}invalidations", app.env.prefix);
+    app.stream(&["XGROUP", "CREATE", &stream, "stalewatch", "0", "MKSTREAM"])
+        .await;
+    app.sql("UPDATE accounts SET balance = balance + 1").await;
+    eventually(
+        scaled(Duration::from_secs(20)),
+        "5 entries published",
+        || async {
+            (metric(port, "stalewatch_invalidations_published_total", &[]).await >= 5.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // A consumer reads them all and dies before acknowledging any.
+    app.stream(&[
+        "XREADGROUP",
+        "GROUP",
+        "stalewatch",
+        "ghost",
+        "COUNT",
+        "100",
+        "STREAMS",
+        &stream,
+        ">",
+    ])
+    .await;
+    for id in 1..=5 {
+        assert!(
+            app.exists(&app.email_key(&format!("u{id}@example.com")))
+                .await
+        );
+    }
+
+    // A worker with a consumer takes them over once they are idle long enough.
+    let (_w2, port2) = app.worker(&[("INVALIDATION_CLAIM_IDLE_MS", "500")]);
+    wait_http(&format!("http://127.0.0.1:{port2}/healthz")).await;
+    for id in 1..=5 {
+        app.until_gone(&app.email_key(&format!("u{id}@example.com")))
+            .await;
+    }
+    assert!(metric(port2, "stalewatch_invalidations_reclaimed_total", &[]).await >= 5.0);
 }

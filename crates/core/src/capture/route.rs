@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::entity::{Entity, Table, Template};
+use crate::entity::{Entity, OnChange, Table, Template};
 use crate::pgoutput::{Relation, Tuple, Value};
 
 /// The entities of each watched table, by table.
@@ -16,6 +16,7 @@ pub struct Router {
 struct Target {
     entity: String,
     key: Template,
+    on_change: OnChange,
 }
 
 /// A cache key a change touched: `entity` indexes [`Router::entity`].
@@ -52,6 +53,7 @@ impl Router {
                 Target {
                     entity: e.name.clone(),
                     key: e.key.clone(),
+                    on_change: e.on_change,
                 }
             })
             .collect();
@@ -61,6 +63,11 @@ impl Router {
     /// The name of entity `i`.
     pub fn entity(&self, i: usize) -> &str {
         &self.targets[i].entity
+    }
+
+    /// Whether a change deletes entity `i`'s keys (`on_change = "invalidate"`).
+    pub fn invalidates(&self, i: usize) -> bool {
+        self.targets[i].on_change == OnChange::Invalidate
     }
 
     pub fn entity_count(&self) -> usize {

@@ -15,6 +15,8 @@
 //! version = "updated_at"         # json, hash: grows on every write; omit to compare content only
 //! policy = "cache_aside"         # or write_through (dual_write): a missing key is an incident
 //! ignore = ["profile.last_login"]  # json, hash: paths left out of content comparison
+//! on_change = "check"            # or invalidate: a change captured from PostgreSQL deletes
+//!                                # the row's keys (old and new) before they are checked
 //!
 //! [[entity]]                     # representation = "string": `value = "id"`, the column whose
 //!                                # text the key holds; representation = "set": the key holds
@@ -132,6 +134,28 @@ impl Representation {
     }
 }
 
+/// What a change captured from PostgreSQL does to an entity's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnChange {
+    /// Check them after the settle delay (detect only).
+    #[default]
+    Check,
+    /// Delete them at once (through the invalidation stream), then check them after the
+    /// settle delay.
+    Invalidate,
+}
+
+impl std::str::FromStr for OnChange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "check" => Ok(OnChange::Check),
+            "invalidate" => Ok(OnChange::Invalidate),
+            _ => Err(format!("{s:?} is not check or invalidate")),
+        }
+    }
+}
+
 /// One watched table and the keys its rows are cached under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entity {
@@ -146,6 +170,7 @@ pub struct Entity {
     /// The expiry a refresh or repair gives the keys it writes; `None`: a written key keeps
     /// the expiry it had (stalewatch does not know the application's).
     pub ttl: Option<std::time::Duration>,
+    pub on_change: OnChange,
     /// 1-based line of the entity's `[[entity]]` header.
     pub line: usize,
 }
@@ -326,6 +351,7 @@ struct RawEntity {
     policy: Option<Spanned<String>>,
     ignore: Option<Spanned<Vec<Spanned<String>>>>,
     ttl: Option<Spanned<String>>,
+    on_change: Option<Spanned<String>>,
 }
 
 /// Parses an ENTITIES file and checks everything that needs no database. `vars` gives the
@@ -644,6 +670,19 @@ impl Builder<'_> {
                 }),
         };
 
+        let on_change = match &raw.on_change {
+            None => Some(OnChange::default()),
+            Some(s) => self
+                .expand("on_change", s, false)
+                .and_then(|v| match v.parse() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        self.error(Some(s.span()), format!("on_change: {e}"));
+                        None
+                    }
+                }),
+        };
+
         let representation = self.representation(&raw);
         // The kind as written, even when the representation has errors of its own.
         let kind = raw
@@ -723,6 +762,7 @@ impl Builder<'_> {
             policy: policy?,
             ignore,
             ttl: ttl?,
+            on_change: on_change?,
             line: self.header,
         })
     }
@@ -1108,6 +1148,7 @@ policy = "write_through"
                     policy: CachePolicy::CacheAside,
                     ignore: strings(&["profile.last_login"]),
                     ttl: None,
+                    on_change: OnChange::Check,
                     line: 1,
                 },
                 Entity {
@@ -1120,6 +1161,7 @@ policy = "write_through"
                     policy: CachePolicy::CacheAside,
                     ignore: vec![],
                     ttl: None,
+                    on_change: OnChange::Check,
                     line: 12,
                 },
                 Entity {
@@ -1134,6 +1176,7 @@ policy = "write_through"
                     policy: CachePolicy::CacheAside,
                     ignore: vec![],
                     ttl: None,
+                    on_change: OnChange::Check,
                     line: 20,
                 },
                 Entity {
@@ -1148,6 +1191,7 @@ policy = "write_through"
                     policy: CachePolicy::WriteThrough,
                     ignore: vec![],
                     ttl: None,
+                    on_change: OnChange::Check,
                     line: 28,
                 },
             ]
