@@ -694,3 +694,46 @@ async fn entries_a_dead_consumer_left_pending_are_claimed_by_another() {
     }
     assert!(metric(port2, "stalewatch_invalidations_reclaimed_total", &[]).await >= 5.0);
 }
+
+#[tokio::test]
+async fn an_invalidation_resolves_the_open_incident_of_its_key() {
+    let app = App::with_entities(INVALIDATING).await;
+    app.add_accounts(1..=1).await;
+    let (w, port) = app.worker(&[("KEYSPACE_NOTIFICATIONS", "on")]);
+    app.reading(port, &w).await;
+    // A wrong value for the email key, seen at once by the keyspace notification.
+    let key = app.email_key("u1@example.com");
+    eventually(
+        scaled(Duration::from_secs(20)),
+        "the wrong value detected",
+        || async {
+            app.set(&key, "99").await;
+            let open = incidents_of(&app.env, &key).await;
+            open.into_iter().next().map(|_| ())
+        },
+    )
+    .await;
+    eventually(
+        scaled(Duration::from_secs(20)),
+        "the incident confirmed",
+        || async {
+            let newest = incidents_of(&app.env, &key).await.into_iter().next()?;
+            (newest.state == "confirmed").then_some(())
+        },
+    )
+    .await;
+
+    app.sql("UPDATE accounts SET balance = 5, version = 2 WHERE id = 1")
+        .await;
+    let resolution = eventually(
+        scaled(Duration::from_secs(20)),
+        "the incident resolved",
+        || async {
+            let newest = incidents_of(&app.env, &key).await.into_iter().next()?;
+            (newest.state == "resolved").then_some(newest.resolution)
+        },
+    )
+    .await;
+    assert_eq!(resolution.as_deref(), Some("invalidation"));
+    assert!(!app.exists(&key).await);
+}
