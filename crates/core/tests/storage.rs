@@ -58,10 +58,13 @@ async fn migrations_started_together_do_not_race() {
     let env = TestEnv::new().await.unwrap();
     let mut conn = env.pool.get().await.unwrap();
     use diesel_async::RunQueryDsl;
-    diesel::sql_query("DROP TABLE inconsistencies, items, __diesel_schema_migrations")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    // Everything the migrations made, whatever a new one adds.
+    for statement in ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"] {
+        diesel::sql_query(statement)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
     drop(conn);
     let runs = (0..4).map(|_| db::migrate(&env.database_url));
     let results = futures::future::join_all(runs).await;
