@@ -20,7 +20,7 @@ use redis::aio::ConnectionManager;
 use crate::cache::{Cache, CacheError, Cached};
 use crate::compare::Kind;
 use crate::config::{Config, RepairPolicy};
-use crate::db::incidents::{self, Evidence};
+use crate::db::incidents::{self, Evidence, IncidentRow};
 use crate::db::{DbError, PgPool};
 use crate::incident::{Cause, Source, State};
 use crate::jobs::{ConfirmJob, ConfirmTarget, Job};
@@ -86,6 +86,8 @@ pub struct Page {
     keys: Vec<String>,
     found: Vec<Found>,
     cached: Vec<Cached>,
+    /// The open incidents of `keys`, read with the cached values.
+    open: HashMap<String, IncidentRow>,
     /// Rows read, with or without a key: fewer than asked for means the walk is over.
     pub len: usize,
     /// The walk columns' values of the last row read, where the next page starts.
@@ -221,15 +223,21 @@ impl Checker {
             .into_iter()
             .filter_map(|r| r.key.map(|k| (k, r.row)))
             .unzip();
-        let cached = self
-            .cache
-            .read_many(watch::shape(&rows.entity.representation), &keys)
-            .await?;
+        // The cached values and the keys' open incidents, in one round trip each, at once.
+        let conn: &AsyncPgConnection = conn;
+        let (cached, open) = futures::try_join!(
+            async {
+                let shape = watch::shape(&rows.entity.representation);
+                Ok::<_, CheckError>(self.cache.read_many(shape, &keys).await?)
+            },
+            async { Ok(incidents::open_for_keys(conn, &keys).await?) },
+        )?;
         Ok(Page {
             at,
             keys,
             found,
             cached,
+            open,
             len,
             last,
         })
@@ -247,6 +255,7 @@ impl Checker {
                 page.keys,
                 page.found,
                 page.cached,
+                Some(page.open),
                 &track::Context {
                     source: Source::Sweep,
                     cause: None,
@@ -319,11 +328,13 @@ impl Checker {
             grace: self.grace,
             confirming,
         };
-        self.record(conn, rows, keys, found, cached, &ctx).await
+        self.record(conn, rows, keys, found, cached, None, &ctx)
+            .await
     }
 
     /// Compares what was read for each key (its rows as of `ctx.at`, then its cached value)
-    /// and records the verdicts.
+    /// and records the verdicts; `open`: the keys' open incidents, when already read.
+    #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
         conn: &mut AsyncPgConnection,
@@ -331,6 +342,7 @@ impl Checker {
         keys: Vec<String>,
         found: Vec<Found>,
         cached: Vec<Cached>,
+        open: Option<HashMap<String, IncidentRow>>,
         ctx: &track::Context<'_>,
     ) -> Result<Outcome, CheckError> {
         let mut verdicts = HashMap::new();
@@ -344,7 +356,12 @@ impl Checker {
                 ev
             })
             .collect();
-        let batch = track::record_batch(conn, &self.metrics, ctx, evidence).await;
+        let batch = match open {
+            Some(open) => {
+                track::record_batch_with_open(conn, &self.metrics, ctx, evidence, open).await
+            }
+            None => track::record_batch(conn, &self.metrics, ctx, evidence).await,
+        };
         // Whatever committed gets its confirmation, even when a later key failed: the retry
         // of this batch would find those incidents already open and schedule nothing.
         self.schedule_confirmations(&batch.recorded).await;

@@ -91,7 +91,26 @@ pub async fn record_batch(
     evidence: Vec<Evidence>,
 ) -> Batch {
     let mut batch = Batch::default();
-    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence).await {
+    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence, None).await {
+        batch.error = Some(e);
+    }
+    batch
+}
+
+/// [`record_batch`] for keys whose open incidents the caller read already, with
+/// [`incidents::open_for_keys`], any time after the rows: a sweep reads them with the cached
+/// values, while it records the page before. Reading them earlier changes nothing: every
+/// write is conditional on the incident as read, and one that changed since takes the
+/// locked slow path, however long ago it was read.
+pub async fn record_batch_with_open(
+    conn: &mut AsyncPgConnection,
+    metrics: &Metrics,
+    ctx: &Context<'_>,
+    evidence: Vec<Evidence>,
+    open: HashMap<String, IncidentRow>,
+) -> Batch {
+    let mut batch = Batch::default();
+    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence, Some(open)).await {
         batch.error = Some(e);
     }
     batch
@@ -103,22 +122,33 @@ async fn record_into(
     metrics: &Metrics,
     ctx: &Context<'_>,
     evidence: Vec<Evidence>,
+    open: Option<HashMap<String, IncidentRow>>,
 ) -> Result<(), DbError> {
-    let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
     // Only a mismatch without an open incident needs the key's history: it may not open one
-    // if it was made before the last resolution. Both reads go out in one round trip, so the
-    // last resolution is read for every mismatch, open incident or not.
-    let mismatched: Vec<String> = evidence
-        .iter()
-        .filter(|e| !e.kind.is_match())
-        .map(|e| e.cache_key.clone())
-        .collect();
-    let (mut open, mut closed) = {
-        let conn: &AsyncPgConnection = conn;
-        futures::try_join!(
-            incidents::open_for_keys(conn, &keys),
-            incidents::latest_closed_for_keys(conn, &mismatched)
-        )?
+    // if it was made before the last resolution.
+    let mismatched = |open: Option<&HashMap<String, IncidentRow>>| -> Vec<String> {
+        evidence
+            .iter()
+            .filter(|e| !e.kind.is_match() && open.is_none_or(|o| !o.contains_key(&e.cache_key)))
+            .map(|e| e.cache_key.clone())
+            .collect()
+    };
+    let (mut open, mut closed) = match open {
+        Some(open) => {
+            let closed = incidents::latest_closed_for_keys(conn, &mismatched(Some(&open))).await?;
+            (open, closed)
+        }
+        None => {
+            // Both reads in one round trip, so the last resolution is read for every
+            // mismatch, open incident or not.
+            let keys: Vec<String> = evidence.iter().map(|e| e.cache_key.clone()).collect();
+            let mismatched = mismatched(None);
+            let conn: &AsyncPgConnection = conn;
+            futures::try_join!(
+                incidents::open_for_keys(conn, &keys),
+                incidents::latest_closed_for_keys(conn, &mismatched)
+            )?
+        }
     };
 
     let mut fold: Vec<(i64, &Evidence)> = Vec::new();
