@@ -3,7 +3,10 @@
 use std::{collections::hash_map::DefaultHasher, fs, hash::Hasher, path::Path};
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+    // Read when the script runs, not when it was compiled: a build script compiled for one
+    // checkout (say a git worktree sharing target/) must not look in that checkout.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("../../migrations");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut entries: Vec<_> = fs::read_dir(&dir)
         .expect("migrations/ exists")
