@@ -452,17 +452,13 @@ pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Re
         }
     }
     let pushed = jobs.len() as u64;
-    let mut conn = ctx.queue_conn.clone();
-    queue::push(&mut conn, ctx.keys(), jobs)
-        .await
-        .context("queueing checks of captured changes")?;
     // The SLO probes of the same keys, one job per window, due that long after the latest
     // commit among them (keys pushed together committed within the settle delay). Queued
     // with the checks, before the slot is acknowledged: a change is probed at least once.
+    let mut probes = Vec::new();
     if let Some(&latest_us) = due.commit_us.iter().max() {
         let committed = chrono::DateTime::from_timestamp_micros(latest_us + PG_EPOCH_UNIX_US)
             .unwrap_or_else(chrono::Utc::now);
-        let mut probes = Vec::new();
         for window in &ctx.slo_windows {
             let due_at = committed + chrono::Duration::from_std(*window).unwrap_or_default();
             for (name, keys) in &slo_keys {
@@ -477,10 +473,15 @@ pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Re
                 }
             }
         }
-        queue::push(&mut conn, ctx.keys(), probes)
-            .await
-            .context("queueing SLO probes of captured changes")?;
     }
+    // Both at once on the multiplexed connection: one round trip's wait, not two.
+    let (mut checks_conn, mut probes_conn) = (ctx.queue_conn.clone(), ctx.queue_conn.clone());
+    let (checks, probed) = tokio::join!(
+        queue::push(&mut checks_conn, ctx.keys(), jobs),
+        queue::push(&mut probes_conn, ctx.keys(), probes),
+    );
+    checks.context("queueing checks of captured changes")?;
+    probed.context("queueing SLO probes of captured changes")?;
     // Counted once queued, so a reader that died before this counted nothing.
     let metrics = ctx.metrics();
     metrics
