@@ -212,8 +212,8 @@ impl Metrics {
                 "stalewatch_capture_delay_seconds",
                 "Commit of a change to its check being queued, settle delay included",
                 vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.11, 0.125, 0.15, 0.2, 0.5, 1.0,
-                    2.5, 10.0,
+                    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.1025, 0.105,
+                    0.1075, 0.11, 0.125, 0.15, 0.2, 0.5, 1.0, 2.5, 10.0,
                 ],
             ),
             capture_retained_wal: gauge(

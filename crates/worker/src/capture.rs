@@ -56,8 +56,11 @@ pub(crate) const KEYS_PER_JOB: usize = 1000;
 pub(crate) const FLUSH_LIMIT: usize = 50 * KEYS_PER_JOB;
 /// Events taken without waiting, after one that was waited for, before the next flush.
 const DRAIN_MAX: usize = 10_000;
-/// The longest wait for more keys to fall due before a push (see `Reader::flush_every`).
+/// The longest and the shortest wait for more keys to fall due before a push (see
+/// `Reader::flush_every`). Even with no settle delay a millisecond's worth goes out together:
+/// a push per transaction at 1,000 transactions/s queued the pushes behind each other.
 const FLUSH_EVERY_MAX: Duration = Duration::from_millis(5);
+const FLUSH_EVERY_MIN: Duration = Duration::from_millis(1);
 /// How often the acknowledged position is written down and sent while busy.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -145,7 +148,7 @@ struct Reader<'a> {
     acked_at: Instant,
     /// Keys falling due within this of each other go out in one push: at 1,000 changes/s
     /// one push per key would be 1,000 pushes (and jobs) a second. A twentieth of the settle
-    /// delay, at most 5 ms; nothing with no delay.
+    /// delay, from 1 to 5 ms.
     flush_every: Duration,
     flushed_at: Instant,
 }
@@ -181,7 +184,7 @@ impl<'a> Reader<'a> {
             unmapped: Vec::new(),
             acked: start,
             acked_at: Instant::now(),
-            flush_every: (config.change_settle / 20).min(FLUSH_EVERY_MAX),
+            flush_every: (config.change_settle / 20).clamp(FLUSH_EVERY_MIN, FLUSH_EVERY_MAX),
             flushed_at: Instant::now(),
         })
     }
