@@ -108,22 +108,33 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
 /// Waits for the lease, then reads the slot until shutdown (Ok) or a failure (Err).
 async fn lead(ctx: &Ctx, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let key = ctx.keys().capture_lease(&config.capture_slot);
-    let lease = loop {
-        if let Some(lease) = Lease::try_acquire(&ctx.queue_conn, &key, LEASE_TTL).await? {
-            break lease;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(STANDBY_POLL) => {}
-        }
+    let Some(lease) = wait_for_lease(ctx, &key, shutdown).await? else {
+        return Ok(());
     };
-    let result = Reader::start(ctx, config).await;
-    let result = match result {
+    let result = match Reader::start(ctx, config).await {
         Ok(reader) => reader.read(&lease, shutdown).await,
         Err(e) => Err(e),
     };
     let _ = lease.release().await;
     result
+}
+
+/// Takes the reader lease `key` as soon as nobody holds it; None at shutdown. (Shared with the
+/// outbox reader: one reader at a time, whichever way changes are captured.)
+pub(crate) async fn wait_for_lease(
+    ctx: &Ctx,
+    key: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Lease>> {
+    loop {
+        if let Some(lease) = Lease::try_acquire(&ctx.queue_conn, key, LEASE_TTL).await? {
+            return Ok(Some(lease));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+        }
+    }
 }
 
 /// One open replication stream and what it has read but not yet handed over.

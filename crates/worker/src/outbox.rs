@@ -37,7 +37,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    capture::{push_due, report_unmapped, request_sweep, watched_router, FLUSH_LIMIT},
+    capture::{
+        push_due, report_unmapped, request_sweep, wait_for_lease, watched_router, FLUSH_LIMIT,
+    },
     handlers::Ctx,
     supervise,
 };
@@ -48,9 +50,8 @@ pub const CHANNEL: &str = "stalewatch_outbox";
 pub const ROW_TRIGGER: &str = "stalewatch_outbox_row";
 pub const TRUNCATE_TRIGGER: &str = "stalewatch_outbox_truncate";
 
-const LEASE_TTL: Duration = Duration::from_secs(5);
+/// Renewed well within the reader lease's time (`capture::wait_for_lease`).
 const LEASE_RENEW: Duration = Duration::from_secs(1);
-const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// The outbox is read at least this often, notified or not.
 const POLL: Duration = Duration::from_secs(1);
 /// Rows per read.
@@ -110,14 +111,8 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
 /// Waits for the lease, then reads the outbox until shutdown (Ok) or a failure (Err).
 async fn lead(ctx: &Ctx, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let key = ctx.keys().outbox_lease();
-    let lease = loop {
-        if let Some(lease) = Lease::try_acquire(&ctx.queue_conn, &key, LEASE_TTL).await? {
-            break lease;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(STANDBY_POLL) => {}
-        }
+    let Some(lease) = wait_for_lease(ctx, &key, shutdown).await? else {
+        return Ok(());
     };
     let result = match Reader::start(ctx, config).await {
         Ok(reader) => reader.read(&lease, shutdown).await,

@@ -460,7 +460,21 @@ async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
         scaled(Duration::from_secs(30)),
         "the retained WAL to be reported",
         || async {
-            (metric(port, "stalewatch_capture_retained_wal_bytes", &[]).await >= 0.0).then_some(())
+            // Present and not -1 (no slot): an absent metric would sum to -0.0, which is
+            // not below 0.0 either, so its line is looked for.
+            let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let value: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("stalewatch_capture_retained_wal_bytes "))?
+                .trim()
+                .parse()
+                .ok()?;
+            (value >= 0.0).then_some(())
         },
     )
     .await;
