@@ -79,6 +79,10 @@ pub struct Metrics {
     /// The invalidation stream's length and the group's pending entries (consumer lag).
     pub invalidation_stream_length: IntGauge,
     pub invalidations_pending: IntGauge,
+    /// Pattern deletes (`SCAN MATCH` then `UNLINK`) of invalidation rules, and the keys they
+    /// removed.
+    pub invalidation_pattern_scans: IntCounter,
+    pub invalidation_pattern_keys: IntCounter,
 }
 
 impl Default for Metrics {
@@ -256,6 +260,14 @@ impl Metrics {
                 "stalewatch_invalidations_pending",
                 "Invalidation entries read but not yet acknowledged",
             ),
+            invalidation_pattern_scans: plain_counter(
+                "stalewatch_invalidation_pattern_scans_total",
+                "Pattern deletes (SCAN MATCH, then UNLINK) done by invalidation consumers",
+            ),
+            invalidation_pattern_keys: plain_counter(
+                "stalewatch_invalidation_pattern_keys_total",
+                "Keys removed by pattern deletes of invalidation rules",
+            ),
             slo_changes: counter(
                 "stalewatch_slo_changes_total",
                 "Changed keys probed a window after their change, by whether the cache agreed",
@@ -377,8 +389,10 @@ impl Metrics {
             invalidations_dead,
             invalidation_stream_length,
             invalidations_pending,
+            invalidation_pattern_scans,
+            invalidation_pattern_keys,
         } = self;
-        let collectors: [&dyn Collector; 34] = [
+        let collectors: [&dyn Collector; 36] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -413,6 +427,8 @@ impl Metrics {
             invalidations_dead,
             invalidation_stream_length,
             invalidations_pending,
+            invalidation_pattern_scans,
+            invalidation_pattern_keys,
         ];
         let mut names = Vec::new();
         for family in collectors.iter().flat_map(|c| c.collect()) {

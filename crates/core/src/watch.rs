@@ -87,7 +87,12 @@ impl Watched {
     }
 
     pub async fn from_model(pool: &PgPool, model: Model) -> Result<Watched, WatchError> {
-        let mut tables: Vec<Table> = model.entities.iter().map(|e| e.table.clone()).collect();
+        let mut tables: Vec<Table> = model
+            .entities
+            .iter()
+            .map(|e| e.table.clone())
+            .chain(model.rules.iter().map(|r| r.table.clone()))
+            .collect();
         tables.sort_by_key(|t| t.to_string());
         tables.dedup();
         let catalog = {
@@ -106,6 +111,11 @@ impl Watched {
             sources,
             options,
         })
+    }
+
+    /// The `[[invalidate]]` rules (checked against their tables like the entities).
+    pub fn rules(&self) -> &[entity::Rule] {
+        &self.model.rules
     }
 
     pub fn sources(&self) -> &[Rows] {

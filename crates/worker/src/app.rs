@@ -144,7 +144,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .watched
         .sources()
         .iter()
-        .any(|rows| rows.entity.on_change == OnChange::Invalidate);
+        .any(|rows| rows.entity.on_change == OnChange::Invalidate)
+        || !ctx.checker.watched.rules().is_empty();
     if invalidating && config.invalidation_consumers > 0 {
         tasks.spawn(invalidate::run(
             ctx.clone(),

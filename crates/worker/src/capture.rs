@@ -34,7 +34,7 @@ use stalewatch_core::{
     config::Config,
     entity::quote_ident,
     incident::Source,
-    invalidation::Entry,
+    invalidation::{Batcher, Entry, Mode, Strategy},
     jobs::{CheckJob, Job, SloJob},
     lease::Lease,
     pgoutput::{self, Message, Relations, PG_EPOCH_UNIX_US},
@@ -149,10 +149,13 @@ struct Reader<'a> {
     txn: Option<Vec<Touched>>,
     /// The commit LSN and time (PostgreSQL epoch) of the transaction being read.
     begin: (u64, i64),
-    /// Invalidation entries of the transaction being read, then of every committed one not
-    /// yet in the stream.
-    txn_invalidations: Vec<Entry>,
+    /// Invalidation entries of the transaction being read (with their rule's strategy), then
+    /// of every committed one not yet in the stream; batched rules' changes wait in `batcher`.
+    txn_invalidations: Vec<(Entry, Strategy)>,
     invalidations: Vec<Entry>,
+    batcher: Batcher,
+    /// Rules whose key a change could not name, per rule: changes, missing columns.
+    rules_unmapped: BTreeMap<usize, (u64, Vec<String>)>,
     unmapped: Vec<Unmapped>,
     /// Last position written down and sent.
     acked: u64,
@@ -192,6 +195,8 @@ impl<'a> Reader<'a> {
             begin: (0, 0),
             txn_invalidations: Vec::new(),
             invalidations: Vec::new(),
+            batcher: Batcher::new(),
+            rules_unmapped: BTreeMap::new(),
             unmapped: Vec::new(),
             acked: start,
             acked_at: Instant::now(),
@@ -203,7 +208,11 @@ impl<'a> Reader<'a> {
     async fn read(mut self, lease: &Lease, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut renew = tokio::time::interval(LEASE_RENEW);
         loop {
-            let wake = self.settle.next_due().map_or_else(
+            let next = match (self.settle.next_due(), self.batcher.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wake = next.map_or_else(
                 || tokio::time::Instant::now() + ACK_EVERY,
                 |due| due.max(self.flushed_at + self.flush_every).into(),
             );
@@ -261,7 +270,10 @@ impl<'a> Reader<'a> {
                 commit_time_micros,
             } => {
                 let keys = self.txn.take().unwrap_or_default();
-                self.invalidations.append(&mut self.txn_invalidations);
+                let txn = std::mem::take(&mut self.txn_invalidations);
+                let now = self.batcher.add(lsn.as_u64(), txn, Instant::now());
+                self.invalidations.extend(now);
+                self.report_rules_unmapped();
                 self.report_unmapped();
                 self.settle.add(
                     keys.into_iter().map(|t| (t.entity, t.key)),
@@ -276,7 +288,10 @@ impl<'a> Reader<'a> {
             // Nothing read is waiting: everything up to the server's end can go, so a slot
             // whose every change is filtered out does not hold WAL back.
             ReplicationEvent::KeepAlive { wal_end, .. }
-                if self.txn.is_none() && self.settle.is_idle() && self.invalidations.is_empty() =>
+                if self.txn.is_none()
+                    && self.settle.is_idle()
+                    && self.invalidations.is_empty()
+                    && self.batcher.is_empty() =>
             {
                 self.ack(wal_end.as_u64(), true).await?;
             }
@@ -331,15 +346,40 @@ impl<'a> Reader<'a> {
             }
         }
         let (commit_lsn, commit_time_us) = self.begin;
+        let entry = |entity: &str, keys: Vec<String>, patterns: Vec<String>| Entry {
+            table: format!("{}.{}", rel.namespace, rel.name),
+            op: op.to_string(),
+            entity: entity.to_string(),
+            keys,
+            patterns,
+            strategy: Mode::Immediate,
+            commit_lsn: Lsn::from_u64(commit_lsn).to_pg_string(),
+            commit_time_us: commit_time_us + PG_EPOCH_UNIX_US,
+        };
         for (entity, keys) in by_entity {
-            self.txn_invalidations.push(Entry {
-                table: format!("{}.{}", rel.namespace, rel.name),
-                op: op.to_string(),
-                entity: self.router.entity(entity).to_string(),
-                keys,
-                commit_lsn: Lsn::from_u64(commit_lsn).to_pg_string(),
-                commit_time_us: commit_time_us + PG_EPOCH_UNIX_US,
-            });
+            let e = entry(self.router.entity(entity), keys, Vec::new());
+            self.txn_invalidations.push((e, Strategy::Immediate));
+        }
+        // The `[[invalidate]]` rules on this table: their keys and patterns, one entry each.
+        let mut hits = Vec::new();
+        self.router
+            .rule_change(rel, old.as_ref(), new.as_ref(), &mut hits);
+        for hit in hits {
+            if !hit.missing.is_empty() {
+                let seen = self.rules_unmapped.entry(hit.rule).or_default();
+                seen.0 += 1;
+                for m in hit.missing {
+                    if !seen.1.contains(&m) {
+                        seen.1.push(m);
+                    }
+                }
+            }
+            if hit.keys.is_empty() && hit.patterns.is_empty() {
+                continue;
+            }
+            let e = entry(self.router.rule(hit.rule), hit.keys, hit.patterns);
+            self.txn_invalidations
+                .push((e, self.router.rule_strategy(hit.rule)));
         }
         for &entity in self.router.entities_of(rel) {
             self.ctx
@@ -354,6 +394,25 @@ impl<'a> Reader<'a> {
         report_unmapped(self.ctx, &self.router, &mut self.unmapped);
     }
 
+    /// One log line per rule for the changes whose rule keys could not all be named.
+    fn report_rules_unmapped(&mut self) {
+        for (rule, (n, missing)) in std::mem::take(&mut self.rules_unmapped) {
+            let name = self.router.rule(rule);
+            self.ctx
+                .metrics()
+                .capture_unmapped
+                .with_label_values(&[name])
+                .inc_by(n);
+            tracing::warn!(
+                rule = name,
+                changes = n,
+                ?missing,
+                "changes whose invalidation rule keys the stream does not name (REPLICA \
+                 IDENTITY FULL on the table names them); those keys were not deleted"
+            );
+        }
+    }
+
     /// Queues the checks that are due, then acknowledges what is handed over.
     async fn flush(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
@@ -361,6 +420,8 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         self.flushed_at = now;
+        // Batches that are full or old enough go out with the immediate entries.
+        self.invalidations.extend(self.batcher.due(now));
         if !self.invalidations.is_empty() {
             let entries = std::mem::take(&mut self.invalidations);
             crate::invalidate::publish(self.ctx, &entries).await?;
@@ -373,6 +434,11 @@ impl<'a> Reader<'a> {
             self.push(due).await?;
         }
         if let Some(safe) = self.settle.safe_lsn() {
+            // Never past a transaction whose invalidations still wait in a batch.
+            let safe = self
+                .batcher
+                .oldest_lsn()
+                .map_or(safe, |held| safe.min(held));
             self.ack(safe, false).await?;
         }
         Ok(())
@@ -412,6 +478,7 @@ pub(crate) fn watched_router(ctx: &Ctx) -> Router {
             .map(|rows| rows.entity.clone())
             .collect::<Vec<_>>(),
     )
+    .with_rules(ctx.checker.watched.rules())
 }
 
 /// One log line per entity for the changes whose key could not be named (drains

@@ -8,6 +8,10 @@
 //!   that request paths use.
 //! - The incident of each key is noted as rewritten by an invalidation before the UNLINK, so
 //!   the check after the settle delay resolves it with cause `invalidation`.
+//! - An entry's patterns (rules whose key ends in `*`) are deleted with `SCAN MATCH` and
+//!   `UNLINK`, a page at a time, never `KEYS`: a scan does not block Redis, but it walks the
+//!   whole keyspace, so a pattern costs about as much as the database is large. Repeats in
+//!   one read are scanned once (a batched rule merges its changes' patterns too).
 //! - An entry pending longer than `claim_idle` (its consumer died between reading and
 //!   acknowledging) is claimed by another consumer; one delivered `MAX_DELIVERIES` times, or
 //!   unreadable, goes to `<prefix>invalidations:dead` with the reason, so the group never
@@ -36,6 +40,8 @@ const READ_COUNT: usize = 100;
 const BLOCK: Duration = Duration::from_secs(1);
 /// How often a consumer looks for entries left pending by others.
 const CLAIM_EVERY: Duration = Duration::from_secs(2);
+/// Keys a pattern delete asks SCAN for per call (a hint; it is also the most UNLINKed at once).
+const SCAN_COUNT: usize = 1000;
 
 /// Appends `entries` to the stream in one pipeline. Called by the capture reader before it
 /// acknowledges the slot.
@@ -186,7 +192,9 @@ async fn handle(
         }
         ids.push(record.id);
     }
-    let keys: Vec<String> = entries.iter().flat_map(|e| e.keys.clone()).collect();
+    let mut keys: Vec<String> = entries.iter().flat_map(|e| e.keys.clone()).collect();
+    keys.sort_unstable();
+    keys.dedup();
     if !keys.is_empty() {
         // Noted first, so whichever check sees the key gone credits the invalidation.
         let mut db = ctx.checker.pool.get().await?;
@@ -200,6 +208,15 @@ async fn handle(
                 .context("deleting invalidated keys")?;
         }
     }
+    let mut patterns: Vec<&str> = entries
+        .iter()
+        .flat_map(|e| e.patterns.iter().map(String::as_str))
+        .collect();
+    patterns.sort_unstable();
+    patterns.dedup();
+    for pattern in patterns {
+        delete_matching(ctx, pattern).await?;
+    }
     let _: () = conn
         .xack(stream, GROUP, &ids)
         .await
@@ -211,6 +228,44 @@ async fn handle(
         let delay = (now_us - e.commit_time_us).max(0) as f64 / 1e6;
         metrics.invalidation_delay.observe(delay);
     }
+    Ok(())
+}
+
+/// Deletes every key matching `pattern`: `SCAN MATCH` a page at a time, each page's keys
+/// noted on their open incidents (a pattern may cover tracked keys too) and `UNLINK`ed.
+async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
+    let mut cache = ctx.checker.cache.connection();
+    let mut cursor: u64 = 0;
+    let mut removed: u64 = 0;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut cache)
+            .await
+            .with_context(|| format!("scanning for {pattern}"))?;
+        if !found.is_empty() {
+            let mut db = ctx.checker.pool.get().await?;
+            incidents::mark_rewrite(&mut db, &found, Cause::Invalidation).await?;
+            drop(db);
+            let n: u64 = cache
+                .unlink(&found)
+                .await
+                .with_context(|| format!("deleting the keys of {pattern}"))?;
+            removed += n;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let metrics = ctx.metrics();
+    metrics.invalidation_pattern_scans.inc();
+    metrics.invalidation_pattern_keys.inc_by(removed);
+    metrics.keys_invalidated.inc_by(removed);
     Ok(())
 }
 

@@ -751,3 +751,213 @@ async fn an_invalidation_resolves_the_open_incident_of_its_key() {
     assert_eq!(resolution.as_deref(), Some("invalidation"));
     assert!(!app.exists(&key).await);
 }
+
+/// Products, whose pages and lists are cached under keys that are no entity's.
+const PRODUCTS: &str = "
+CREATE TABLE products (
+    id          bigint PRIMARY KEY,
+    category_id bigint NOT NULL,
+    name        text   NOT NULL
+)";
+
+/// The accounts, and `[[invalidate]]` rules on the products: a pattern, a key per row, a
+/// batched rule that waits for 3 changes or a minute, and one that waits for 1,000 or 400 ms.
+const RULES: &str = r#"
+[[entity]]
+name = "account"
+table = "public.accounts"
+primary_key = ["id"]
+key = "${KEY_PREFIX}acct:{id}"
+representation = "json"
+
+[[invalidate]]
+name = "category_pages"
+table = "public.products"
+keys = ["${KEY_PREFIX}category:{category_id}:products:*", "${KEY_PREFIX}product:{id}:html"]
+
+[[invalidate]]
+name = "by_count"
+table = "public.products"
+keys = ["${KEY_PREFIX}count:{id}"]
+strategy = "batched"
+batch_count = 3
+batch_time = "60s"
+
+[[invalidate]]
+name = "by_time"
+table = "public.products"
+keys = ["${KEY_PREFIX}time:{id}"]
+strategy = "batched"
+batch_time = "400ms"
+"#;
+
+impl App {
+    async fn with_products() -> App {
+        let app = App::with_entities(RULES).await;
+        app.sql(PRODUCTS).await;
+        // The old row whole in the stream: a product moved out of a category names it.
+        app.sql("ALTER TABLE products REPLICA IDENTITY FULL").await;
+        app.sql(
+            "INSERT INTO products (id, category_id, name) \
+             SELECT i, i % 3, 'p' || i FROM generate_series(1, 9) i",
+        )
+        .await;
+        app
+    }
+
+    fn p(&self, key: &str) -> String {
+        format!("{}{key}", self.env.prefix)
+    }
+
+    /// The keys the stream's entries name, every entry.
+    async fn streamed(&self) -> Vec<stalewatch_core::invalidation::Entry> {
+        let mut redis = self.env.cache.connection();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{}invalidations", self.env.prefix))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        reply
+            .ids
+            .iter()
+            .filter_map(|r| match r.map.get("change") {
+                Some(redis::Value::BulkString(b)) => {
+                    stalewatch_core::invalidation::Entry::from_json(b).ok()
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_pattern_rule_removes_every_matching_key_and_nothing_else() {
+    let app = App::with_products().await;
+    // Category 1's pages (three of them), and keys that must survive: another category's
+    // pages, a category whose id begins the same way, a key that only looks similar.
+    let doomed = [
+        "category:1:products:page:1",
+        "category:1:products:page:2",
+        "category:1:products:sorted:price",
+    ];
+    let survivors = [
+        "category:2:products:page:1",
+        "category:12:products:page:1",
+        "category:1:product_count",
+        "category:1:products",
+    ];
+    for k in doomed.iter().chain(&survivors) {
+        app.set(&app.p(k), "x").await;
+    }
+    app.set(&app.p("product:4:html"), "<p>").await;
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    // Product 4 is in category 1 (4 % 3).
+    app.sql("UPDATE products SET name = 'renamed' WHERE id = 4")
+        .await;
+    for k in doomed {
+        app.until_gone(&app.p(k)).await;
+    }
+    app.until_gone(&app.p("product:4:html")).await;
+    for k in survivors {
+        assert!(app.exists(&app.p(k)).await, "{k} must survive");
+    }
+    assert_eq!(
+        metric(port, "stalewatch_invalidation_pattern_keys_total", &[]).await,
+        3.0
+    );
+    assert!(metric(port, "stalewatch_invalidation_pattern_scans_total", &[]).await >= 1.0);
+    let entry = app
+        .streamed()
+        .await
+        .into_iter()
+        .find(|e| e.entity == "category_pages")
+        .expect("the rule's entry");
+    assert_eq!(
+        entry.patterns,
+        vec![app.p("category:1:products:*")],
+        "{entry:?}"
+    );
+
+    // A product moved to another category drops both categories' pages.
+    app.set(&app.p("category:1:products:page:1"), "x").await;
+    app.sql("UPDATE products SET category_id = 2 WHERE id = 4")
+        .await;
+    app.until_gone(&app.p("category:1:products:page:1")).await;
+    app.until_gone(&app.p("category:2:products:page:1")).await;
+    assert!(app.exists(&app.p("category:12:products:page:1")).await);
+}
+
+#[tokio::test]
+async fn a_batched_rule_flushes_on_count_and_on_time_and_never_holds_a_delete() {
+    let app = App::with_products().await;
+    for id in 1..=9 {
+        app.set(&app.p(&format!("product:{id}:html")), "x").await;
+        app.set(&app.p(&format!("count:{id}")), "x").await;
+        app.set(&app.p(&format!("time:{id}")), "x").await;
+    }
+    let (w, port) = app.worker(&[]);
+    app.reading(port, &w).await;
+
+    // Two changes of 3: the immediate rule's key, the witness that they were read and
+    // published, goes; the batch of 3 waits (its time is a minute).
+    for id in [1, 2] {
+        app.sql(&format!("UPDATE products SET name = 'a' WHERE id = {id}"))
+            .await;
+    }
+    app.until_gone(&app.p("product:2:html")).await;
+    assert!(app.exists(&app.p("count:1")).await);
+    assert!(app.exists(&app.p("count:2")).await);
+
+    // The third change fills it: the three go together, as one merged entry.
+    app.sql("UPDATE products SET name = 'a' WHERE id = 3").await;
+    for id in [1, 2, 3] {
+        app.until_gone(&app.p(&format!("count:{id}"))).await;
+    }
+    let merged: Vec<_> = app
+        .streamed()
+        .await
+        .into_iter()
+        .filter(|e| e.entity == "by_count")
+        .collect();
+    assert_eq!(merged.len(), 1, "{merged:?}");
+    assert_eq!(merged[0].op, "batch");
+    assert_eq!(merged[0].keys.len(), 3);
+
+    // The by_time batch went out on time: it held changes 1 to 3 for 400 ms at least, and
+    // the delay measured from the oldest commit says so.
+    for id in [1, 2, 3] {
+        app.until_gone(&app.p(&format!("time:{id}"))).await;
+    }
+    let timed: Vec<_> = app
+        .streamed()
+        .await
+        .into_iter()
+        .filter(|e| e.entity == "by_time")
+        .collect();
+    assert!(!timed.is_empty() && timed.iter().all(|e| e.op == "batch"));
+    assert_eq!(
+        timed.iter().map(|e| e.keys.len()).sum::<usize>(),
+        3,
+        "{timed:?}"
+    );
+    let slow = metric(
+        port,
+        "stalewatch_invalidation_delay_seconds_bucket",
+        &["le=\"0.25\""],
+    )
+    .await;
+    let all = metric(port, "stalewatch_invalidation_delay_seconds_count", &[]).await;
+    assert!(
+        all - slow >= 1.0,
+        "a batch held 400 ms: {slow} of {all} within 250 ms"
+    );
+
+    // A delete is never held, not even by a rule that waits a minute.
+    app.sql("DELETE FROM products WHERE id = 9").await;
+    app.until_gone(&app.p("count:9")).await;
+    assert!(app.exists(&app.p("count:8")).await);
+}

@@ -13,5 +13,5 @@
 mod route;
 mod settle;
 
-pub use route::{Router, Touched, Unmapped};
+pub use route::{Router, RuleHit, Touched, Unmapped};
 pub use settle::{Commit, Due, Settle};

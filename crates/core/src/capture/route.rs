@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use crate::entity::{Entity, OnChange, Table, Template};
+use crate::entity::{Entity, OnChange, Rule, RuleKey, Table, Template};
+use crate::invalidation::Strategy;
 use crate::pgoutput::{Relation, Tuple, Value};
 
 /// The entities of each watched table, by table.
@@ -10,6 +11,26 @@ use crate::pgoutput::{Relation, Tuple, Value};
 pub struct Router {
     by_table: HashMap<Table, Vec<usize>>,
     targets: Vec<Target>,
+    rules_by_table: HashMap<Table, Vec<usize>>,
+    rules: Vec<RuleTarget>,
+}
+
+#[derive(Debug, Clone)]
+struct RuleTarget {
+    name: String,
+    keys: Vec<RuleKey>,
+    strategy: Strategy,
+}
+
+/// What a change means for one `[[invalidate]]` rule: `rule` indexes [`Router::rule`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHit {
+    pub rule: usize,
+    /// Keys to delete, and globs of keys to delete, from the old row and the new one.
+    pub keys: Vec<String>,
+    pub patterns: Vec<String>,
+    /// Columns a template needed that the stream did not carry (as for [`Unmapped`]).
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +78,93 @@ impl Router {
                 }
             })
             .collect();
-        Router { by_table, targets }
+        Router {
+            by_table,
+            targets,
+            rules_by_table: HashMap::new(),
+            rules: Vec::new(),
+        }
+    }
+
+    /// The router with the `[[invalidate]]` rules too.
+    pub fn with_rules(mut self, rules: &[Rule]) -> Router {
+        for (i, r) in rules.iter().enumerate() {
+            self.rules_by_table
+                .entry(r.table.clone())
+                .or_default()
+                .push(self.rules.len() + i);
+        }
+        self.rules.extend(rules.iter().map(|r| RuleTarget {
+            name: r.name.clone(),
+            keys: r.keys.clone(),
+            strategy: r.strategy,
+        }));
+        self
+    }
+
+    /// The name of rule `i`.
+    pub fn rule(&self, i: usize) -> &str {
+        &self.rules[i].name
+    }
+
+    pub fn rule_strategy(&self, i: usize) -> Strategy {
+        self.rules[i].strategy
+    }
+
+    /// The keys and patterns each rule on `rel`'s table deletes for an insert (`old` None),
+    /// update or delete (`new` None): rendered from both rows, repeats removed. Pushes one
+    /// hit per rule that names anything (or misses a column) to `out`.
+    pub fn rule_change(
+        &self,
+        rel: &Relation,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        out: &mut Vec<RuleHit>,
+    ) {
+        let table = Table::new(rel.namespace.as_str(), rel.name.as_str());
+        for &rule in self
+            .rules_by_table
+            .get(&table)
+            .map_or(&[][..], Vec::as_slice)
+        {
+            let mut hit = RuleHit {
+                rule,
+                keys: Vec::new(),
+                patterns: Vec::new(),
+                missing: Vec::new(),
+            };
+            for key in &self.rules[rule].keys {
+                for (side, present) in [(Side::Old, old.is_some()), (Side::New, new.is_some())] {
+                    if !present {
+                        continue;
+                    }
+                    let rendered =
+                        key.render(|column| match value_of(rel, &side, old, new, column) {
+                            Lookup::Text(s) => Some(s),
+                            Lookup::Null => None,
+                            Lookup::Missing => {
+                                if !hit.missing.iter().any(|m| m == column) {
+                                    hit.missing.push(column.to_string());
+                                }
+                                None
+                            }
+                        });
+                    let list = if key.pattern {
+                        &mut hit.patterns
+                    } else {
+                        &mut hit.keys
+                    };
+                    if let Some(k) = rendered {
+                        if !list.contains(&k) {
+                            list.push(k);
+                        }
+                    }
+                }
+            }
+            if !(hit.keys.is_empty() && hit.patterns.is_empty() && hit.missing.is_empty()) {
+                out.push(hit);
+            }
+        }
     }
 
     /// The name of entity `i`.
@@ -76,8 +183,13 @@ impl Router {
 
     /// Every watched table, in a stable order (for the publication).
     pub fn tables(&self) -> Vec<&Table> {
-        let mut tables: Vec<&Table> = self.by_table.keys().collect();
+        let mut tables: Vec<&Table> = self
+            .by_table
+            .keys()
+            .chain(self.rules_by_table.keys())
+            .collect();
         tables.sort();
+        tables.dedup();
         tables
     }
 
@@ -328,5 +440,73 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["public.orders", "public.users"]
         );
+    }
+
+    fn products() -> Relation {
+        Relation {
+            id: 2,
+            namespace: "public".into(),
+            name: "products".into(),
+            replica_identity: b'f',
+            columns: ["id", "category_id"]
+                .iter()
+                .map(|n| RelColumn {
+                    key: true,
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn rule_router() -> Router {
+        let text = "[[entity]]\nname = \"user\"\ntable = \"users\"\nprimary_key = [\"id\"]\n\
+                    key = \"app:user:{id}\"\nrepresentation = \"json\"\n\
+                    [[invalidate]]\nname = \"pages\"\ntable = \"products\"\n\
+                    keys = [\"app:product:{id}:html\", \"app:cat:{category_id}:products:*\", \
+                    \"app:products:count\"]\nstrategy = \"batched\"\n";
+        let model = crate::entity::parse(text, &|_| None).expect("parses");
+        Router::new(&model.entities).with_rules(&model.rules)
+    }
+
+    #[test]
+    fn a_rule_names_keys_and_patterns_of_the_old_and_the_new_row() {
+        let router = rule_router();
+        let old = row(&[Some("5"), Some("1")]);
+        let new = row(&[Some("5"), Some("2")]);
+        let mut out = Vec::new();
+        router.rule_change(&products(), Some(&old), Some(&new), &mut out);
+        assert_eq!(
+            out,
+            [RuleHit {
+                rule: 0,
+                keys: vec!["app:product:5:html".into(), "app:products:count".into()],
+                patterns: vec!["app:cat:1:products:*".into(), "app:cat:2:products:*".into()],
+                missing: vec![],
+            }]
+        );
+        assert_eq!(router.rule(0), "pages");
+        assert!(matches!(router.rule_strategy(0), Strategy::Batched { .. }));
+        // The rule's table is published too; entities see nothing of it.
+        let tables: Vec<String> = router.tables().iter().map(|t| t.to_string()).collect();
+        assert_eq!(tables, ["public.products", "public.users"]);
+        assert!(router.entities_of(&products()).is_empty());
+        let mut none = Vec::new();
+        router.rule_change(&users(), None, Some(&row(&[Some("7")])), &mut none);
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_rule_reports_the_columns_a_delete_did_not_carry() {
+        let router = rule_router();
+        let mut rel = products();
+        rel.columns[1].key = false;
+        let old = row(&[Some("5"), None]);
+        let mut out = Vec::new();
+        router.rule_change(&rel, Some(&old), None, &mut out);
+        assert_eq!(out[0].keys, ["app:product:5:html", "app:products:count"]);
+        assert!(out[0].patterns.is_empty());
+        assert_eq!(out[0].missing, ["category_id"]);
     }
 }

@@ -21,6 +21,10 @@
 //! [[entity]]                     # representation = "string": `value = "id"`, the column whose
 //!                                # text the key holds; representation = "set": the key holds
 //!                                # `member = "{user_id}"` (a template) for each of its rows
+//!
+//! [[invalidate]]                 # keys that are not entities, deleted on every change of
+//! table = "public.products"      # the table (see the `rule` module)
+//! keys = ["app:category:{category_id}:products:*"]
 //! ```
 //!
 //! Every string value may use `${VAR}` for the variables the caller provides (the built-in
@@ -31,6 +35,7 @@
 //! How keys are read back into columns (the key-side pass) is described in [`Template`]'s
 //! module: a placeholder's value never contains the characters next to it in the template.
 
+mod rule;
 mod template;
 
 use std::collections::HashMap;
@@ -43,6 +48,7 @@ use toml::Spanned;
 
 use crate::compare::CachePolicy;
 
+pub use rule::{Rule, RuleKey};
 pub use template::Template;
 
 /// The built-in ENTITIES file: stalewatch's own `items` table, keyed `${KEY_PREFIX}item:{id}`.
@@ -217,6 +223,8 @@ fn push_unique<'a>(out: &mut Vec<&'a str>, c: &'a str) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     pub entities: Vec<Entity>,
+    /// The `[[invalidate]]` rules, in file order.
+    pub rules: Vec<Rule>,
 }
 
 impl Model {
@@ -282,6 +290,27 @@ impl Model {
             if !e.ignore.is_empty() {
                 let _ = writeln!(out, "  ignore   {}", e.ignore.join(", "));
             }
+        }
+        for r in &self.rules {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "invalidate {} (line {})", r.name, r.line);
+            let _ = writeln!(out, "  table    {}", r.table);
+            for k in &r.keys {
+                let how = if k.pattern {
+                    "every key with this prefix (SCAN, UNLINK)"
+                } else {
+                    "this key"
+                };
+                let _ = writeln!(out, "  deletes  {k}  ({how})");
+            }
+            let strategy = match r.strategy {
+                crate::invalidation::Strategy::Immediate => "immediate".to_string(),
+                crate::invalidation::Strategy::Batched { count, within } => format!(
+                    "batched: up to {count} changes or {} ms; deletes at once",
+                    within.as_millis()
+                ),
+            };
+            let _ = writeln!(out, "  strategy {strategy}");
         }
         out
     }
@@ -369,24 +398,35 @@ pub fn parse(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Model,
     };
     let mut errors = Vec::new();
     let mut entities: Vec<Entity> = Vec::new();
+    let mut rules: Vec<Rule> = Vec::new();
     for (key, value) in root.get_ref().iter() {
         let line = Some(line_of(text, key.span().start));
-        if key.get_ref().as_ref() != "entity" {
+        let top = key.get_ref().as_ref();
+        if top != "entity" && top != "invalidate" {
             errors.push(ModelError {
                 line,
                 entity: None,
                 reason: format!(
-                    "unknown top-level key {:?}: the file holds [[entity]] tables only",
-                    key.get_ref().as_ref()
+                    "unknown top-level key {top:?}: the file holds [[entity]] and \
+                     [[invalidate]] tables only"
                 ),
             });
             continue;
         }
+        let what = if top == "entity" {
+            "an entity"
+        } else {
+            "an invalidation rule"
+        };
         let Some(array) = value.get_ref().as_array() else {
             errors.push(ModelError {
                 line,
                 entity: None,
-                reason: "entities are written as [[entity]] tables".into(),
+                reason: if top == "entity" {
+                    "entities are written as [[entity]] tables".into()
+                } else {
+                    "invalidation rules are written as [[invalidate]] tables".into()
+                },
             });
             continue;
         };
@@ -396,7 +436,7 @@ pub fn parse(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Model,
                 errors.push(ModelError {
                     line: Some(header),
                     entity: None,
-                    reason: format!("an entity is a table, not {}", item.get_ref().type_str()),
+                    reason: format!("{what} is a table, not {}", item.get_ref().type_str()),
                 });
                 continue;
             };
@@ -404,28 +444,46 @@ pub fn parse(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Model,
                 .get("name")
                 .and_then(|v| v.get_ref().as_str())
                 .map(String::from);
-            match RawEntity::deserialize(ValueDeserializer::from(item.clone())) {
-                Err(e) => errors.push(ModelError {
-                    line: Some(e.span().map_or(header, |s| line_of(text, s.start))),
-                    entity: name,
-                    reason: e.message().trim_end().to_string(),
-                }),
-                Ok(raw) => {
-                    let mut b = Builder {
-                        text,
-                        vars,
-                        header,
-                        name,
-                        errors: &mut errors,
-                    };
-                    if let Some(entity) = b.build(raw) {
-                        entities.push(entity);
-                    }
+            let deserialize_error = |e: toml::de::Error, name: Option<String>| ModelError {
+                line: Some(e.span().map_or(header, |s| line_of(text, s.start))),
+                entity: name,
+                reason: e.message().trim_end().to_string(),
+            };
+            let mut b = Builder {
+                text,
+                vars,
+                header,
+                name: name.clone(),
+                errors: &mut errors,
+            };
+            if top == "entity" {
+                match RawEntity::deserialize(ValueDeserializer::from(item.clone())) {
+                    Err(e) => b.errors.push(deserialize_error(e, name)),
+                    Ok(raw) => entities.extend(b.build(raw)),
+                }
+            } else {
+                match rule::RawRule::deserialize(ValueDeserializer::from(item.clone())) {
+                    Err(e) => b.errors.push(deserialize_error(e, name)),
+                    Ok(raw) => rules.extend(b.build_rule(raw)),
                 }
             }
         }
     }
     cross_check(&entities, &mut errors);
+    for (i, r) in rules.iter().enumerate() {
+        let first = entities
+            .iter()
+            .map(|e| (&e.name, e.line))
+            .chain(rules[..i].iter().map(|f| (&f.name, f.line)))
+            .find(|(name, _)| **name == r.name);
+        if let Some((_, line)) = first {
+            errors.push(ModelError {
+                line: Some(r.line),
+                entity: Some(r.name.clone()),
+                reason: format!("the name is already used on line {line}"),
+            });
+        }
+    }
     if entities.is_empty() && errors.is_empty() {
         errors.push(ModelError {
             line: None,
@@ -434,7 +492,7 @@ pub fn parse(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Model,
         });
     }
     if errors.is_empty() {
-        Ok(Model { entities })
+        Ok(Model { entities, rules })
     } else {
         errors.sort_by_key(|e| e.line);
         Err(errors)
@@ -990,6 +1048,35 @@ pub fn validate(model: &Model, catalog: &Catalog) -> Result<(), Vec<ModelError>>
             }
         }
     }
+    for r in &model.rules {
+        let mut error = |reason: String| {
+            errors.push(ModelError {
+                line: Some(r.line),
+                entity: Some(r.name.clone()),
+                reason,
+            })
+        };
+        let Some(columns) = catalog.tables.get(&r.table) else {
+            let hint = suggest(
+                &r.table.to_string(),
+                catalog.tables.keys().map(|t| t.to_string()),
+            );
+            error(format!(
+                "table {} does not exist, or the database user cannot see it{hint}",
+                r.table
+            ));
+            continue;
+        };
+        for c in r.named_columns() {
+            if !columns.iter().any(|col| col.name == c) {
+                let hint = suggest(c, columns.iter().map(|c| c.name.clone()));
+                error(format!(
+                    "keys template names column {c:?}, which {} does not have{hint}",
+                    r.table
+                ));
+            }
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -1032,6 +1119,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidation::Strategy;
 
     const EXAMPLE: &str = r#"[[entity]]
 name = "user"                       # label in metrics, incidents and the API
@@ -1883,5 +1971,150 @@ representation = \"json\"
             .unwrap()
             .describe();
         assert!(one.starts_with("1 entity\n"), "{one}");
+    }
+
+    /// The minimal entity, then `rule` (line 7 on).
+    fn with_rule(rule: &str) -> String {
+        entity("representation = \"json\"\n") + rule
+    }
+
+    #[test]
+    fn invalidation_rules_parse_with_keys_patterns_and_strategies() {
+        let model = ok(&with_rule(
+            "[[invalidate]]\ntable = \"products\"\n\
+             keys = [\"app:product:{id}:html\", \"app:category:{category_id}:products:*\", \
+             \"app:products:count\"]\n\
+             \n[[invalidate]]\nname = \"lists\"\ntable = \"shop.products\"\n\
+             keys = [\"app:list:*\"]\nstrategy = \"batched\"\nbatch_time = \"20ms\"\n",
+        ));
+        assert_eq!(model.entities.len(), 1);
+        let [a, b] = &model.rules[..] else {
+            panic!("{:?}", model.rules)
+        };
+        assert_eq!((a.name.as_str(), a.line), ("invalidate_7", 7));
+        assert_eq!(a.table, Table::new("public", "products"));
+        assert_eq!(a.strategy, Strategy::Immediate);
+        let shown: Vec<String> = a.keys.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "app:product:{id}:html",
+                "app:category:{category_id}:products:*",
+                "app:products:count"
+            ]
+        );
+        assert_eq!(
+            a.keys.iter().map(|k| k.pattern).collect::<Vec<_>>(),
+            vec![false, true, false]
+        );
+        assert_eq!(a.named_columns(), vec!["id", "category_id"]);
+        // A pattern's values are glob-escaped, so one category's pattern is not another's.
+        let values = |c: &str| Some(if c == "category_id" { "1*" } else { "5" }.to_string());
+        assert_eq!(
+            a.keys[1].render(values).as_deref(),
+            Some("app:category:1\\*:products:*")
+        );
+        assert_eq!(
+            a.keys[2].render(|_| None).as_deref(),
+            Some("app:products:count")
+        );
+        assert_eq!((b.name.as_str(), b.line), ("lists", 11));
+        assert_eq!(
+            b.strategy,
+            Strategy::Batched {
+                count: 1000,
+                within: std::time::Duration::from_millis(20)
+            }
+        );
+        let text = model.describe();
+        assert!(text.contains("invalidate lists (line 11)"), "{text}");
+        assert!(
+            text.contains("batched: up to 1000 changes or 20 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn invalidation_rule_mistakes_have_their_line_and_reason() {
+        let rule = |body: &str| with_rule(&format!("[[invalidate]]\n{body}"));
+        one_error(&rule("keys = [\"a:{id}\"]\n"), 7, "table is missing");
+        one_error(&rule("table = \"t\"\n"), 7, "keys is missing");
+        one_error(&rule("table = \"t\"\nkeys = []\n"), 9, "keys is empty");
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"*\"]\n"),
+            9,
+            "would delete every key",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"a:*:{id}\"]\n"),
+            9,
+            "may only end a key",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"cat:{id}*\"]\n"),
+            9,
+            "between the last placeholder and '*'",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"ok:{id}\", \"a:{id\"]\n"),
+            9,
+            "never closed",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"a:{id}\"]\nstrategy = \"lazy\"\n"),
+            10,
+            "not immediate or batched",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"a:{id}\"]\nbatch_count = 5\n"),
+            10,
+            "applies to strategy = \"batched\" only",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"a:{id}\"]\nstrategy = \"batched\"\nbatch_count = 0\n"),
+            11,
+            "at least 1",
+        );
+        one_error(
+            &rule(
+                "table = \"t\"\nkeys = [\"a:{id}\"]\nstrategy = \"batched\"\nbatch_time = \"0s\"\n",
+            ),
+            11,
+            "from 1ms to 60s",
+        );
+        one_error(
+            &rule("table = \"t\"\nkeys = [\"a:{id}\"]\nttl = \"1h\"\n"),
+            10,
+            "ttl",
+        );
+        one_error(
+            &rule("name = \"user\"\ntable = \"t\"\nkeys = [\"a:{id}\"]\n"),
+            7,
+            "already used on line 1",
+        );
+        one_error(
+            &format!("invalidate = 3\n{}", entity("representation = \"json\"\n")),
+            1,
+            "written as [[invalidate]] tables",
+        );
+    }
+
+    #[test]
+    fn invalidation_rules_are_validated_against_the_table() {
+        let model = ok(&with_rule(
+            "[[invalidate]]\ntable = \"users\"\nkeys = [\"app:plan:{plann}:*\", \"x:{id}\"]\n\
+             \n[[invalidate]]\ntable = \"products\"\nkeys = [\"p:{id}\"]\n",
+        ));
+        let errors = validate(&model, &users_catalog()).unwrap_err();
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "ENTITIES line 7, entity \"invalidate_7\": keys template names column \"plann\", \
+                 which public.users does not have (did you mean \"plan\"?)",
+                "ENTITIES line 11, entity \"invalidate_11\": table public.products does not \
+                 exist, or the database user cannot see it",
+            ]
+        );
     }
 }

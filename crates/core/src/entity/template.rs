@@ -36,6 +36,21 @@ impl Template {
     /// empty `{}`, a placeholder name with surrounding spaces, two placeholders with no text
     /// between them, no placeholder at all.
     pub fn parse(s: &str) -> Result<Template, String> {
+        let t = Template::parse_text(s)?;
+        if t.columns().is_empty() {
+            return Err(
+                "no {column} placeholder: every row would get the same key, so a key could \
+                 not tell its row"
+                    .into(),
+            );
+        }
+        Ok(t)
+    }
+
+    /// As [`Template::parse`], but a template without placeholders (one fixed key) is
+    /// allowed: an invalidation rule may drop the same key on every change of its table,
+    /// and never reads a key back.
+    pub fn parse_text(s: &str) -> Result<Template, String> {
         let mut parts: Vec<Part> = Vec::new();
         let mut literal = String::new();
         let mut chars = s.char_indices().peekable();
@@ -101,13 +116,6 @@ impl Template {
         }
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
-        }
-        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
-            return Err(
-                "no {column} placeholder: every row would get the same key, so a key could \
-                 not tell its row"
-                    .into(),
-            );
         }
         Ok(Template {
             source: s.to_string(),
@@ -208,6 +216,25 @@ impl Template {
         out
     }
 
+    /// A Redis glob matching exactly the key `render` makes, with every glob character of the
+    /// literal text and of the values escaped: a value `1*` must not widen a pattern delete
+    /// to other rows' keys. None when a value is NULL.
+    pub fn render_glob(&self, mut value: impl FnMut(&str) -> Option<String>) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => glob_escape_into(&mut out, l),
+                Part::Column(c) => glob_escape_into(&mut out, &value(c)?),
+            }
+        }
+        Some(out)
+    }
+
+    /// Whether the template ends with a placeholder (no literal text after it).
+    pub fn ends_with_placeholder(&self) -> bool {
+        matches!(self.parts.last(), Some(Part::Column(_)))
+    }
+
     /// The literal text and placeholders with their names erased: two templates with the
     /// same shape make the same keys.
     pub(crate) fn shape(&self) -> Vec<Option<&str>> {
@@ -218,6 +245,15 @@ impl Template {
                 Part::Column(_) => None,
             })
             .collect()
+    }
+}
+
+fn glob_escape_into(out: &mut String, text: &str) {
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
     }
 }
 
@@ -250,6 +286,25 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn a_glob_escapes_literal_text_and_values_and_a_fixed_key_parses_as_text() {
+        let t = t("shop[1]:cat:{id}:");
+        assert_eq!(
+            t.render_glob(row(&[("id", "1*?")])).as_deref(),
+            Some("shop\\[1\\]:cat:1\\*\\?:")
+        );
+        assert_eq!(t.render_glob(|_| None), None);
+        assert!(!t.ends_with_placeholder());
+        assert!(Template::parse("products:all").is_err());
+        let fixed = Template::parse_text("products:all").unwrap();
+        assert!(fixed.columns().is_empty());
+        assert_eq!(fixed.render(|_| None).as_deref(), Some("products:all"));
+        assert!(Template::parse_text("a:{id}")
+            .unwrap()
+            .ends_with_placeholder());
+        assert!(Template::parse_text("a:{").is_err());
     }
 
     #[test]
