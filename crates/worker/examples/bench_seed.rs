@@ -7,17 +7,19 @@
 //! bench_seed push-checks <ids-per-job>      check jobs covering every item, in id order
 //! bench_seed mget-resp <keys-per-mget>      MGET commands over every item key, as RESP on
 //!                                           stdout (for `redis-cli --pipe`)
-//! bench_seed detect <k> <gap-ms> <wait-s>   k stale cache writes by "another client" and k
+//! bench_seed detect <k> <gap-ms> <wait-s> [api-url]
+//!                                           k stale cache writes by "another client" and k
 //!                                           plain-SQL changes nobody caches, gap-ms apart;
 //!                                           prints the Detected and Confirmed latencies
-//!                                           read from the incidents' timestamps
+//!                                           read from the incidents' timestamps and, with
+//!                                           an API, as seen over HTTP by a client polling it
 //! ```
 //!
 //! Reads DATABASE_URL, REDIS_URL, KEY_PREFIX and CACHE_TTL_SECS like the binaries. It truncates
 //! tables and writes keys, so it refuses to run unless the database name and the key prefix
 //! both start with "bench" (scripts/bench uses `stalewatch_bench` and `bench:`).
 
-use std::{io::Write, time::Instant};
+use std::{collections::HashMap, io::Write, time::Instant};
 
 use anyhow::{bail, Context};
 use diesel::sql_types::BigInt;
@@ -66,10 +68,16 @@ async fn main() -> anyhow::Result<()> {
         ["cache", pct] => write_cache(&config, pct.parse().context("stale percent")?).await,
         ["push-checks", per_job] => push_checks(&config, per_job.parse()?).await,
         ["mget-resp", per_cmd] => mget_resp(&config, per_cmd.parse()?).await,
-        ["detect", k, gap, wait] => detect(&config, k.parse()?, gap.parse()?, wait.parse()?).await,
+        ["detect", k, gap, wait] => {
+            detect(&config, k.parse()?, gap.parse()?, wait.parse()?, None).await
+        }
+        ["detect", k, gap, wait, api] => {
+            let api = Some(api.trim_end_matches('/').to_owned());
+            detect(&config, k.parse()?, gap.parse()?, wait.parse()?, api).await
+        }
         _ => bail!(
             "usage: bench_seed seed <items> <stale-percent> | cache <stale-percent> \
-             | push-checks <ids-per-job> | mget-resp <keys-per-mget> | detect <k> <gap-ms> <wait-s>"
+             | push-checks <ids-per-job> | mget-resp <keys-per-mget> | detect <k> <gap-ms> <wait-s> [api-url]"
         ),
     }
 }
@@ -258,8 +266,15 @@ struct Latency {
 /// stale SET by another Redis client (the cached copy one version old), and a plain-SQL
 /// UPDATE whose cache write never comes. Each one's start (the client's clock before the SET;
 /// PostgreSQL's clock inside the UPDATE, just before its commit; one host, one clock) is kept
-/// in `bench_t0`; after `wait_s` the incidents' own timestamps give the latencies.
-async fn detect(config: &Config, k: usize, gap_ms: u64, wait_s: u64) -> anyhow::Result<()> {
+/// in `bench_t0`; after `wait_s` the incidents' own timestamps give the latencies. With an
+/// API, a client polls it meanwhile, and what it saw gives the same latencies black box.
+async fn detect(
+    config: &Config,
+    k: usize,
+    gap_ms: u64,
+    wait_s: u64,
+    api: Option<String>,
+) -> anyhow::Result<()> {
     use diesel::sql_types::{Text, Uuid as SqlUuid};
     let mut conn = connect_pg(config).await?;
     diesel::sql_query(
@@ -280,6 +295,8 @@ async fn detect(config: &Config, k: usize, gap_ms: u64, wait_s: u64) -> anyhow::
     let pool = db::pool(&config.database_url, 2)?;
     let client = redis::Client::open(config.redis_url.as_str())?;
     let mut redis = client.get_multiplexed_async_connection().await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let watcher = api.map(|api| tokio::spawn(watch_http(api, stopped)));
     for i in 0..k {
         let cached = ids[2 * i * step];
         let item = items::get(&pool, cached).await?.context("item")?;
@@ -309,6 +326,11 @@ async fn detect(config: &Config, k: usize, gap_ms: u64, wait_s: u64) -> anyhow::
         tokio::time::sleep(std::time::Duration::from_millis(gap_ms)).await;
     }
     tokio::time::sleep(std::time::Duration::from_secs(wait_s)).await;
+    let _ = stop.send(());
+    let seen = match watcher {
+        Some(w) => Some(w.await??),
+        None => None,
+    };
     let rows: Vec<Latency> = diesel::sql_query(
         "SELECT t.cache_key, \
                 extract(epoch FROM min(i.first_seen_at) - t.t0)::float8 * 1000 AS detected_ms, \
@@ -318,45 +340,127 @@ async fn detect(config: &Config, k: usize, gap_ms: u64, wait_s: u64) -> anyhow::
     )
     .load(&mut conn)
     .await?;
-    let classes: Vec<(String, String)> = {
+    let classes: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = {
         #[derive(diesel::QueryableByName)]
         struct Class {
             #[diesel(sql_type = Text)]
             cache_key: String,
             #[diesel(sql_type = Text)]
             class: String,
+            #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+            t0: chrono::DateTime<chrono::Utc>,
         }
-        let c: Vec<Class> = diesel::sql_query("SELECT cache_key, class FROM bench_t0")
+        let c: Vec<Class> = diesel::sql_query("SELECT cache_key, class, t0 FROM bench_t0")
             .load(&mut conn)
             .await?;
-        c.into_iter().map(|c| (c.cache_key, c.class)).collect()
+        c.into_iter()
+            .map(|c| (c.cache_key, c.class, c.t0))
+            .collect()
+    };
+    let q = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+        }
     };
     for class in ["cache_write", "sql_change"] {
         let of_class: Vec<&Latency> = rows
             .iter()
-            .filter(|r| classes.iter().any(|(k, c)| k == &r.cache_key && c == class))
+            .filter(|r| {
+                classes
+                    .iter()
+                    .any(|(k, c, _)| k == &r.cache_key && c == class)
+            })
             .collect();
         let mut detected: Vec<f64> = of_class.iter().filter_map(|r| r.detected_ms).collect();
         let mut confirmed: Vec<f64> = of_class.iter().filter_map(|r| r.confirmed_ms).collect();
-        detected.sort_by(f64::total_cmp);
-        confirmed.sort_by(f64::total_cmp);
-        let q = |v: &[f64], p: f64| {
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-            }
-        };
-        println!(
+        print!(
             "detect class={class} n={} detected={} confirmed={} detected_p50_ms={:.0} detected_p99_ms={:.0} confirmed_p50_ms={:.0} confirmed_p99_ms={:.0}",
             of_class.len(),
             detected.len(),
             confirmed.len(),
-            q(&detected, 0.5),
-            q(&detected, 0.99),
-            q(&confirmed, 0.5),
-            q(&confirmed, 0.99),
+            q(&mut detected, 0.5),
+            q(&mut detected, 0.99),
+            q(&mut confirmed, 0.5),
+            q(&mut confirmed, 0.99),
         );
+        if let Some(seen) = &seen {
+            let since = |at: &HashMap<String, chrono::DateTime<chrono::Utc>>| -> Vec<f64> {
+                classes
+                    .iter()
+                    .filter(|(_, c, _)| c == class)
+                    .filter_map(|(k, _, t0)| at.get(k).map(|t| (*t - *t0).as_seconds_f64() * 1e3))
+                    .collect()
+            };
+            let (mut detected, mut confirmed) = (since(&seen.detected), since(&seen.confirmed));
+            print!(
+                " http_detected={} http_confirmed={} http_detected_p50_ms={:.0} http_detected_p99_ms={:.0} http_confirmed_p50_ms={:.0} http_confirmed_p99_ms={:.0} http_polls={} http_poll_p50_ms={:.1}",
+                detected.len(),
+                confirmed.len(),
+                q(&mut detected, 0.5),
+                q(&mut detected, 0.99),
+                q(&mut confirmed, 0.5),
+                q(&mut confirmed, 0.99),
+                seen.polls.len(),
+                q(&mut seen.polls.clone(), 0.5),
+            );
+        }
+        println!();
     }
     Ok(())
+}
+
+/// How often the black-box client asks: a user's dashboard would poll far less often, but the
+/// point is to see the detection latency, not the poll interval.
+const HTTP_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// What a client polling the API saw: when each key's open incident first appeared, and when
+/// it first appeared Confirmed (the client's clock when the answer arrived, an upper bound),
+/// plus each poll's round trip.
+struct Seen {
+    detected: HashMap<String, chrono::DateTime<chrono::Utc>>,
+    confirmed: HashMap<String, chrono::DateTime<chrono::Utc>>,
+    polls: Vec<f64>,
+}
+
+/// Polls `GET /inconsistencies` for open incidents, newest first, until `stop`.
+async fn watch_http(
+    api: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<Seen> {
+    let client = reqwest::Client::new();
+    let url = format!("{api}/inconsistencies?state=detected,confirmed,persistent&limit=500");
+    let mut seen = Seen {
+        detected: HashMap::new(),
+        confirmed: HashMap::new(),
+        polls: Vec::new(),
+    };
+    loop {
+        let asked = Instant::now();
+        let body: serde_json::Value = client
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let now = chrono::Utc::now();
+        seen.polls.push(asked.elapsed().as_secs_f64() * 1e3);
+        for incident in body["data"].as_array().context("no data in the listing")? {
+            let (Some(key), Some(state)) = (incident["key"].as_str(), incident["state"].as_str())
+            else {
+                bail!("an incident without key or state: {incident}");
+            };
+            seen.detected.entry(key.to_owned()).or_insert(now);
+            if state != "detected" {
+                seen.confirmed.entry(key.to_owned()).or_insert(now);
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return Ok(seen),
+            _ = tokio::time::sleep(HTTP_POLL) => {}
+        }
+    }
 }

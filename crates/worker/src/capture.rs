@@ -64,8 +64,51 @@ const FLUSH_EVERY_MIN: Duration = Duration::from_millis(1);
 /// How often the acknowledged position is written down and sent while busy.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
-/// Reads the slot whenever this worker holds the lease, until `shutdown`.
+/// Reads the slot whenever this worker holds the lease, until `shutdown`, on a thread and a
+/// Redis connection of its own.
+///
+/// Why not a task like the others: the commit-to-queued latency is decided by how soon the
+/// reader runs after a message arrives. On the worker's runtime it waited behind the very
+/// check jobs it had just queued (a batch of checks holds a thread for a millisecond or
+/// more), and its pushes queued behind their MGETs on the shared connection. On its own
+/// thread the operating system, not the runtime's queue, decides when it runs.
 pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
+    let thread = std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the capture runtime")?;
+            runtime.block_on(async move {
+                let mut ctx = ctx;
+                // Retried like any start-up failure of the reader would be.
+                let connect = || queue::connect(&config.redis_url);
+                ctx.queue_conn = connect
+                    .retry(supervise::restart_backoff())
+                    .when(|_| !shutdown.is_cancelled())
+                    .await
+                    .context("connecting the capture reader to Redis")?;
+                read_slot(ctx, config, shutdown).await;
+                anyhow::Ok(())
+            })
+        });
+    let joined = match thread {
+        Ok(thread) => tokio::task::spawn_blocking(move || thread.join()).await,
+        Err(e) => {
+            tracing::error!(error = %e, "change capture is off: could not start its thread");
+            return;
+        }
+    };
+    match joined {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = format!("{e:#}"), "change capture stopped"),
+        Ok(Err(_)) | Err(_) => tracing::error!("change capture stopped: its thread panicked"),
+    }
+}
+
+/// The reader's life on its thread: waits for the lease, reads, restarts after failures.
+async fn read_slot(ctx: Ctx, config: Config, shutdown: CancellationToken) {
     match wal_level(&ctx).await {
         Ok(level) if level == "logical" => {}
         Ok(level) => {
