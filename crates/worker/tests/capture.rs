@@ -961,3 +961,183 @@ async fn a_batched_rule_flushes_on_count_and_on_time_and_never_holds_a_delete() 
     app.until_gone(&app.p("count:9")).await;
     assert!(app.exists(&app.p("count:8")).await);
 }
+
+#[tokio::test]
+async fn a_capture_process_killed_mid_stream_publishes_every_commit_at_least_once() {
+    const N: i64 = 600;
+    let app = App::with_entities(INVALIDATING).await;
+    app.add_accounts(1..=N).await;
+    // Nobody consumes: the stream keeps every entry, to be counted.
+    let consumers = [("INVALIDATION_CONSUMERS", "0")];
+    let (mut w, port) = app.worker(&consumers);
+    app.reading(port, &w).await;
+
+    // N single-row transactions, paced so that the kill lands among them.
+    let pool = app.env.pool.clone();
+    let writer = tokio::spawn(async move {
+        for id in 1..=N {
+            let mut conn = pool.get().await.unwrap();
+            diesel::sql_query(format!(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = {id}"
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    eventually(
+        scaled(Duration::from_secs(30)),
+        "a first hundred entries published",
+        || async {
+            (metric(port, "stalewatch_invalidations_published_total", &[]).await >= 100.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!writer.is_finished(), "the kill must come mid-stream");
+    w.kill9();
+    writer.await.unwrap();
+
+    // The next reader goes on from the slot's acknowledged position.
+    let (w2, port2) = app.worker(&consumers);
+    app.reading(port2, &w2).await;
+    let wanted: std::collections::BTreeSet<String> = (1..=N)
+        .map(|id| app.email_key(&format!("u{id}@example.com")))
+        .collect();
+    let entries = eventually(
+        scaled(Duration::from_secs(60)),
+        "an entry for every commit",
+        || async {
+            let entries = app.streamed().await;
+            let seen: std::collections::BTreeSet<String> =
+                entries.iter().flat_map(|e| e.keys.clone()).collect();
+            wanted.is_subset(&seen).then_some(entries)
+        },
+    )
+    .await;
+    // At least once: a commit published by the dead reader after its last acknowledgement
+    // is published again, never lost.
+    let per_commit: std::collections::BTreeSet<&str> =
+        entries.iter().map(|e| e.commit_lsn.as_str()).collect();
+    assert_eq!(per_commit.len() as i64, N, "one commit LSN per transaction");
+    eprintln!(
+        "{} entries for {N} commits ({} published twice)",
+        entries.len(),
+        entries.len() as i64 - N
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_process_killed_between_read_and_ack_is_taken_over_by_another() {
+    let app = App::with_entities(INVALIDATING).await;
+    app.add_accounts(1..=5).await;
+    for id in 1..=5 {
+        app.set(
+            &app.email_key(&format!("u{id}@example.com")),
+            &id.to_string(),
+        )
+        .await;
+    }
+    let claim = [("INVALIDATION_CLAIM_IDLE_MS", "500")];
+    let (mut a, port) = app.worker(&claim);
+    app.reading(port, &a).await;
+
+    // The consumer's first step after reading is noting the invalidation on the incidents:
+    // with their table locked it reads, then waits there, before the UNLINK and the XACK.
+    let mut lock = app.env.pool.get().await.unwrap();
+    for q in ["BEGIN", "LOCK TABLE inconsistencies IN EXCLUSIVE MODE"] {
+        diesel::sql_query(q).execute(&mut lock).await.unwrap();
+    }
+    app.sql("UPDATE accounts SET balance = balance + 1").await;
+    let stream = format!("{}invalidations", app.env.prefix);
+    let pending = eventually(
+        scaled(Duration::from_secs(20)),
+        "entries read and not acknowledged",
+        || async {
+            match app.stream(&["XPENDING", &stream, "stalewatch"]).await {
+                redis::Value::Array(v) => match v.iter().next() {
+                    Some(redis::Value::Int(n)) if *n >= 1 => Some(*n),
+                    _ => None,
+                },
+                _ => None,
+            }
+        },
+    )
+    .await;
+    for id in 1..=5 {
+        assert!(
+            app.exists(&app.email_key(&format!("u{id}@example.com")))
+                .await
+        );
+    }
+    // SIGKILL while it waits: the entries stay pending under a consumer that is gone.
+    a.kill9();
+    diesel::sql_query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    drop(lock);
+
+    let (_b, port_b) = app.worker(&claim);
+    wait_http(&format!("http://127.0.0.1:{port_b}/healthz")).await;
+    for id in 1..=5 {
+        app.until_gone(&app.email_key(&format!("u{id}@example.com")))
+            .await;
+    }
+    eventually(
+        scaled(Duration::from_secs(20)),
+        "the dead consumer's entries claimed",
+        || async {
+            (metric(port_b, "stalewatch_invalidations_reclaimed_total", &[]).await
+                >= pending as f64)
+                .then_some(())
+        },
+    )
+    .await;
+    match app.stream(&["XPENDING", &stream, "stalewatch"]).await {
+        redis::Value::Array(v) => assert_eq!(v.iter().next(), Some(&redis::Value::Int(0))),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An account cached whole, invalidated on change (cache-aside).
+const INVALIDATED_ACCOUNTS: &str = r#"
+[[entity]]
+name = "account"
+table = "public.accounts"
+primary_key = ["id"]
+key = "${KEY_PREFIX}acct:{id}"
+representation = "json"
+columns = ["id", "email", "balance", "version"]
+version = "version"
+on_change = "invalidate"
+"#;
+
+#[tokio::test]
+async fn with_invalidation_on_a_slow_reader_putting_back_an_old_value_is_still_detected() {
+    let app = App::with_entities(INVALIDATED_ACCOUNTS).await;
+    app.add_accounts(1..=1).await;
+    let (w, port) = app.worker(&[("KEYSPACE_NOTIFICATIONS", "on")]);
+    app.reading(port, &w).await;
+
+    // A slow reader has read the row (version 1) for a cache-aside fill ...
+    let mut redis = app.env.cache.connection();
+    let copy: String = redis::cmd("GET")
+        .arg(app.key(1))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // ... the row changes, and the invalidation deletes the key ...
+    app.sql("UPDATE accounts SET balance = 50, version = 2 WHERE id = 1")
+        .await;
+    app.until_gone(&app.key(1)).await;
+    assert!(metric(port, "stalewatch_keys_invalidated_total", &[]).await >= 1.0);
+    // ... and then the reader writes its copy: the old version is back, after the
+    // invalidation. Invalidation cannot prevent this; detection sees it.
+    app.set(&app.key(1), &copy).await;
+    let kind = app
+        .until_state(1, "detected", Duration::from_secs(20))
+        .await;
+    assert_eq!(kind, "stale");
+}
