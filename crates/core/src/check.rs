@@ -215,9 +215,10 @@ impl Checker {
         conn: &mut AsyncPgConnection,
         rows: &Rows,
         cursor: Option<&[String]>,
+        until: Option<&[String]>,
         limit: i64,
     ) -> Result<Page, CheckError> {
-        let (at, page, last) = rows.page(conn, cursor, limit).await?;
+        let (at, page, last) = rows.page(conn, cursor, until, limit).await?;
         let len = page.len();
         let (keys, found): (Vec<String>, Vec<Found>) = page
             .into_iter()

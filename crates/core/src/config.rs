@@ -107,6 +107,16 @@ pub const SETTINGS: &[Setting] = &[
             "IGNORE_FIELDS",
             "",
             "comma-separated fields (dotted paths allowed) the built-in items entity leaves out of comparison [default: none]",
+    setting(
+        "SWEEP_SHARDS",
+        "8",
+        "primary-key ranges per entity in a sweep round; workers sweep different ones at once",
+    ),
+    setting(
+        "SWEEP_LEASE_MS",
+        "30000",
+        "how long a dead worker's sweep shard waits before another worker takes it over",
+    ),
         )
     },
     setting(
@@ -619,6 +629,10 @@ pub struct Config {
     /// Dead jobs (every attempt failed) are kept this long for people to look at.
     pub dead_job_retention: Duration,
     /// The file describing the watched entities; `None`: the built-in `items` entity.
+    /// Row ranges per entity in a sweep round (`crate::shards`).
+    pub sweep_shards: usize,
+    /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
+    pub sweep_lease: Duration,
     pub entities: Option<std::path::PathBuf>,
     /// Whether the worker subscribes to keyspace notifications of the watched keys.
     pub keyspace_notifications: bool,
@@ -689,6 +703,8 @@ impl Config {
             capture_slot: env.identifier("CAPTURE_SLOT")?,
             capture_publication: env.identifier("CAPTURE_PUBLICATION")?,
             slo_windows: env.windows("SLO_WINDOWS")?,
+            sweep_shards: env.positive("SWEEP_SHARDS")?,
+            sweep_lease: Duration::from_millis(env.positive("SWEEP_LEASE_MS")? as u64),
             invalidation_consumers: env.parse("INVALIDATION_CONSUMERS")?,
             invalidation_claim_idle: env.millis("INVALIDATION_CLAIM_IDLE_MS")?,
             admin_token: match env.raw("ADMIN_TOKEN") {
@@ -881,6 +897,8 @@ mod tests {
 
     #[test]
     fn values_are_read() {
+        assert_eq!(c.sweep_shards, 8);
+        assert_eq!(c.sweep_lease, Duration::from_secs(30));
         let c = with(&[
             ("GRACE_PERIOD_MS", "250"),
             ("FAILURE_MODE", "delay"),
@@ -957,6 +975,8 @@ mod tests {
             ("localhost:8080", "localhost", 8080),
             ("127.0.0.1:0", "127.0.0.1", 0),
             ("[::1]:9091", "::1", 9091),
+            ("SWEEP_SHARDS", "0"),
+            ("SWEEP_LEASE_MS", "0"),
             ("0.0.0.0:9000", "0.0.0.0", 9000),
             ("api.internal.example:443", "api.internal.example", 443),
         ] {

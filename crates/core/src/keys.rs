@@ -76,13 +76,29 @@ impl Keys {
         self.item.pattern(&self.prefix)
     }
 
-    /// Where the backup sweep keeps its position (entity, walk, cursor), so a restart goes on
-    /// from there.
-    pub fn sweep_cursor(&self) -> String {
-        format!("{}sweep:cursor", self.prefix)
+    /// The sweep round in progress (a hash, `crate::shards::Round`): its plan, and each
+    /// shard's cursor and row count, so a worker that takes a shard over goes on from there.
+    pub fn sweep_round(&self) -> String {
+        format!("{}sweep:round", self.prefix)
     }
 
-    /// The lease that lets one worker at a time sweep.
+    /// The last completed round, renamed from [`Keys::sweep_round`] as it completes.
+    pub fn sweep_last_round(&self) -> String {
+        format!("{}sweep:round:last", self.prefix)
+    }
+
+    /// The counter that numbers rounds.
+    pub fn sweep_rounds(&self) -> String {
+        format!("{}sweep:rounds", self.prefix)
+    }
+
+    /// The lease of shard `shard` of round `round`: one worker sweeps it at a time.
+    pub fn sweep_shard_lease(&self, round: u64, shard: usize) -> String {
+        format!("{}sweep:round:{round}:shard:{shard}", self.prefix)
+    }
+
+    /// The lease held while a round is planned (and by `sweep --once`), so one worker
+    /// plans it.
     pub fn sweep_lease(&self) -> String {
         format!("{}sweep:lease", self.prefix)
     }

@@ -26,6 +26,7 @@ pub mod queue;
 pub mod redact;
 pub mod repair;
 pub mod rows;
+pub mod shards;
 pub mod slo;
 pub mod track;
 pub mod watch;

@@ -24,9 +24,9 @@ pub struct Metrics {
     pub incident_duration: HistogramVec,
     /// Items compared by the sweep.
     pub sweep_items: IntCounterVec,
-    /// Duration of full sweep passes.
+    /// Duration of complete sweep rounds, observed by the worker that completed each.
     pub sweep_duration: Histogram,
-    /// The sweep's position: items compared in the current pass.
+    /// Rows counted so far in the deployment's sweep round in progress (read from Redis).
     pub sweep_position: IntGauge,
     /// Jobs by type and outcome (ok, error, retried).
     pub jobs: IntCounterVec,
@@ -41,6 +41,14 @@ pub struct Metrics {
     /// Seconds since the deployment last completed a sweep pass (read from Redis, so every
     /// worker reports the same; counted from the worker's start until a first pass ends).
     pub sweep_age: IntGauge,
+    /// Sweep rounds this process completed (it recorded the last shard's last page).
+    pub sweep_rounds: IntCounter,
+    /// When the deployment's sweep round in progress started (Unix seconds; 0: none is).
+    pub sweep_round_started: IntGauge,
+    /// The round in progress's shards, total and done: its coverage.
+    pub sweep_round_shards: IntGaugeVec,
+    /// Rows the last completed round counted, each once (read from Redis).
+    pub sweep_last_round_items: IntGauge,
     /// Cache keys rewritten from PostgreSQL by REPAIR_POLICY or a refresh, by outcome.
     pub repairs: IntCounterVec,
     /// Closed incidents deleted after INCIDENT_RETENTION.
@@ -182,7 +190,7 @@ impl Metrics {
             .expect("unique metric");
         let sweep_position = IntGauge::new(
             "stalewatch_sweep_position_items",
-            "Items compared so far in the current sweep pass",
+            "Rows counted so far in the deployment's sweep round in progress",
         )
         .expect("valid metric");
         registry
@@ -196,7 +204,31 @@ impl Metrics {
         registry
             .register(Box::new(capture_slot_lost.clone()))
             .expect("unique metric");
+        let sweep_round_shards = IntGaugeVec::new(
+            Opts::new(
+                "stalewatch_sweep_round_shards",
+                "Shards of the sweep round in progress, by state (total, done)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(sweep_round_shards.clone()))
+            .expect("unique metric");
         Self {
+            sweep_rounds: plain_counter(
+                "stalewatch_sweep_rounds_total",
+                "Sweep rounds this process completed",
+            ),
+            sweep_round_started: gauge(
+                "stalewatch_sweep_round_started_seconds",
+                "Unix time the sweep round in progress started; 0 when none is",
+            ),
+            sweep_round_shards,
+            sweep_last_round_items: gauge(
+                "stalewatch_sweep_last_round_items",
+                "Rows the last completed sweep round counted",
+            ),
             capture_changes: counter(
                 "stalewatch_capture_changes_total",
                 "Row changes of watched tables read from the replication slot",
@@ -306,7 +338,7 @@ impl Metrics {
             ),
             sweep_duration: plain_histogram(
                 "stalewatch_sweep_duration_seconds",
-                "Duration of full sweep passes",
+                "Duration of complete sweep rounds",
                 seconds,
             ),
             jobs: counter(
@@ -370,6 +402,10 @@ impl Metrics {
             dead_jobs,
             refused,
             sweep_age,
+            sweep_rounds,
+            sweep_round_started,
+            sweep_round_shards,
+            sweep_last_round_items,
             repairs,
             incidents_deleted,
             notifications,
@@ -430,8 +466,14 @@ impl Metrics {
             invalidation_pattern_scans,
             invalidation_pattern_keys,
         ];
+        let rounds: [&dyn Collector; 4] = [
+            sweep_rounds,
+            sweep_round_started,
+            sweep_round_shards,
+            sweep_last_round_items,
+        ];
         let mut names = Vec::new();
-        for family in collectors.iter().flat_map(|c| c.collect()) {
+        for family in collectors.iter().chain(&rounds).flat_map(|c| c.collect()) {
             let name = family.name();
             if family.get_field_type() == MetricType::HISTOGRAM {
                 names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));

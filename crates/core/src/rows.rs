@@ -100,8 +100,11 @@ pub struct Rows {
     by_key: String,
     /// Which keys have rows: the key-side sweep needs no documents.
     exists: String,
-    page_first: String,
-    page_after: String,
+    /// Sweep pages: `[after a cursor][up to a bound]` in the four combinations, indexed by
+    /// `(cursor.is_some(), until.is_some())`.
+    pages: [[String; 2]; 2],
+    /// A sample of the walk columns' values, sorted, to split the table into shards.
+    sample: String,
 }
 
 fn literal(text: &str) -> String {
@@ -190,19 +193,48 @@ impl Rows {
         } else {
             String::new()
         };
-        let page = |filter: String| {
+        // $1 the limit, then the cursor's values, then the bound's: a shard's range is
+        // (after, until] in walk order, and its pages go on from the cursor within it.
+        let bound = |first: usize| -> String {
+            walk_columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty))| format!("${}::{ty}", i + first))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let page = |after: bool, until: bool| {
+            let mut filters = Vec::new();
+            if after {
+                filters.push(format!("({}) > ({})", order.join(", "), cursor.join(", ")));
+            }
+            if until {
+                let first = 2 + if after { walk_columns.len() } else { 0 };
+                filters.push(format!("({}) <= ({})", order.join(", "), bound(first)));
+            }
+            let filter = if filters.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", filters.join(" AND "))
+            };
             format!(
                 "SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t{filter}{group} \
                  ORDER BY {} LIMIT $1",
                 order.join(", ")
             )
         };
-        let page_first = page(String::new());
-        let page_after = page(format!(
-            " WHERE ({}) > ({})",
-            order.join(", "),
-            cursor.join(", ")
-        ));
+        let pages = [
+            [page(false, false), page(false, true)],
+            [page(true, false), page(true, true)],
+        ];
+        // Whole pages of the table at random (SYSTEM), so a large table is not read; the
+        // sort is PostgreSQL's, the one the pages walk in.
+        let walked: Vec<&str> = walk_columns.iter().map(|(n, _)| n.as_str()).collect();
+        let sample = format!(
+            "SELECT {} AS keys FROM {table} AS t TABLESAMPLE SYSTEM ($1) ORDER BY {}",
+            object(&walked, true),
+            order.join(", ")
+        );
         let types = columns
             .iter()
             .map(|c| (c.name.clone(), ColumnType::from_pg(&c.type_name)))
@@ -214,8 +246,8 @@ impl Rows {
             walk_columns,
             by_key,
             exists,
-            page_first,
-            page_after,
+            pages,
+            sample,
         }
     }
 
@@ -291,12 +323,64 @@ impl Rows {
         Ok(found)
     }
 
+    /// The walk columns' values of a sample of the table's rows, in walk order: about
+    /// `wanted` rows, from PostgreSQL's estimate of the table's size (counted when it has
+    /// none, as before a first ANALYZE).
+    pub async fn sample(
+        &self,
+        conn: &mut AsyncPgConnection,
+        wanted: u64,
+    ) -> Result<Vec<Vec<String>>, DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Estimate {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            rows: f64,
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Raw {
+            #[diesel(sql_type = Jsonb)]
+            keys: RawJson,
+        }
+        let table = self.entity.table.sql();
+        let estimate = diesel::sql_query(format!(
+            "SELECT reltuples::float8 AS rows FROM pg_class WHERE oid = {}::regclass",
+            literal(&table)
+        ))
+        .get_result::<Estimate>(conn)
+        .await?;
+        let rows = if estimate.rows >= 0.0 {
+            estimate.rows
+        } else {
+            diesel::sql_query(format!("SELECT count(*)::float8 AS rows FROM {table}"))
+                .get_result::<Estimate>(conn)
+                .await?
+                .rows
+        };
+        let percent = crate::shards::sample_percent(rows, wanted);
+        let raws = diesel::sql_query(&self.sample)
+            .bind::<diesel::sql_types::Double, _>(percent)
+            .load::<Raw>(conn)
+            .await?;
+        Ok(raws
+            .into_iter()
+            .filter_map(|raw| {
+                let keys: Map<String, Value> = serde_json::from_slice(raw.keys.bytes()).ok()?;
+                self.walk_columns
+                    .iter()
+                    .map(|(name, _)| keys.get(name).and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .collect())
+    }
+
     /// The next `limit` keys of a sweep after `cursor` (the walk columns' values of the last
-    /// row of the previous page, as text), and the cursor of this page's last row.
+    /// row of the previous page, as text) and up to `until` (a shard's last values), and the
+    /// cursor of this page's last row.
     pub async fn page(
         &self,
         conn: &mut AsyncPgConnection,
         cursor: Option<&[String]>,
+        until: Option<&[String]>,
         limit: i64,
     ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
         #[derive(diesel::QueryableByName)]
@@ -306,12 +390,14 @@ impl Rows {
             #[diesel(sql_type = Jsonb)]
             doc: RawJson,
         }
-        let mut query = match cursor {
-            None => diesel::sql_query(&self.page_first).into_boxed(),
-            Some(_) => diesel::sql_query(&self.page_after).into_boxed(),
-        };
+        let statement = &self.pages[cursor.is_some() as usize][until.is_some() as usize];
+        let mut query = diesel::sql_query(statement).into_boxed();
         query = query.bind::<BigInt, _>(limit);
-        for value in cursor.unwrap_or_default() {
+        for value in cursor
+            .unwrap_or_default()
+            .iter()
+            .chain(until.unwrap_or_default())
+        {
             query = query.bind::<Text, _>(value.clone());
         }
         let conn: &AsyncPgConnection = conn;

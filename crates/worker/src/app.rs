@@ -60,6 +60,13 @@ pub fn sweeper(ctx: &Ctx, config: &Config) -> Sweeper {
         ctx: ctx.clone(),
         batch: config.sweep_batch,
     }
+        shards: config.sweep_shards,
+        lease_ttl: config.sweep_lease,
+        name: format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
 }
 
 #[get("/metrics")]

@@ -4,14 +4,18 @@
 //! what the write checks cannot see: a flushed Redis, a change made straight in SQL, a check
 //! job lost with its queue.
 //!
-//! A row pass cannot see a cached key whose row is gone (deleted in plain SQL), so each pass
-//! ends with a key-side pass: SCAN the item keys in batches and check them, which reports
+//! A row pass cannot see a cached key whose row is gone (deleted in plain SQL), so each
+//! entity also gets a key-side pass: SCAN its keys in batches and check them, which reports
 //! `orphan_in_cache` for keys without a row.
 //!
-//! Both positions (the last id, the SCAN cursor) are kept in Redis after every batch, so a
-//! restarted worker goes on from there; a lease makes sure only one worker sweeps at a time,
-//! and after a complete pass the deployment rests for SWEEP_INTERVAL_MS, however many workers
-//! take turns.
+//! The periodic sweep goes in rounds (`stalewatch_core::shards`): the first worker to find no
+//! round in progress plans one, splitting each entity's rows into SWEEP_SHARDS primary-key
+//! ranges plus its key-side pass, and every worker then leases shards one at a time, so N
+//! workers sweep N shards at once. Each page's count and the cursor after it are recorded
+//! together under the shard's lease (`crate::round`), so a shard whose worker died is taken
+//! over where it stopped once its lease expires, and every row is counted once per round.
+//! After a complete round the deployment rests for SWEEP_INTERVAL_MS, however many workers
+//! take part.
 
 use std::{
     collections::BTreeMap,
@@ -19,33 +23,45 @@ use std::{
 };
 
 use redis::aio::ConnectionManager;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use stalewatch_core::{
     check::{Checker, Outcome},
     compare::Kind,
     keys::Keys,
     lease::Lease,
     rows::Rows,
+    shards::{self, Checkpoint, Part, Round, Shard},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::handlers::Ctx;
+use crate::{
+    handlers::Ctx,
+    round::{self, Recorded, ShardLease},
+};
 
-/// Lease time; renewed after every batch, so it only has to outlast one batch.
+/// The planning lease (and `sweep --once`'s): renewed after every batch by `once`, so it only
+/// has to outlast one batch, or the planning of a round.
 const LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// How often an idle worker looks whether the deployment's rest is over.
+/// How often an idle worker looks whether the deployment's rest is over, or a shard is free.
 const POLL: Duration = Duration::from_millis(500);
 
 pub struct Sweeper {
     pub ctx: Ctx,
     pub conn: ConnectionManager,
     pub batch: usize,
+    /// Row ranges per entity in a round.
+    pub shards: usize,
+    /// A shard's lease: how long a dead worker's shard waits before another takes it.
+    pub lease_ttl: Duration,
+    /// This worker, as recorded with every page it records (process id and a random part).
+    pub name: String,
 }
 
-/// What a pass saw.
+/// What one worker saw: a whole pass (`once`), or its part of a round.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
+    /// Rows compared.
     pub items: u64,
     /// Keys the key-side pass looked at.
     pub keys_scanned: u64,
@@ -56,8 +72,22 @@ pub struct Summary {
     pub rows_seconds: f64,
     pub keys_seconds: f64,
     pub items_per_second: f64,
-    /// False when the pass stopped early (shutdown, lost lease).
+    /// The round swept in (periodic sweep), and how many of its shards this worker finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<u64>,
+    pub shards: u64,
+    /// `once`: the pass went through; a round: this worker completed the round.
     pub complete: bool,
+}
+
+/// How a walk records each page: under `once`'s lease (no position kept), or as a round's
+/// shard.
+enum Mode<'a> {
+    Once(&'a Lease),
+    Shard {
+        lease: &'a ShardLease,
+        rest: Duration,
+    },
 }
 
 impl Sweeper {
@@ -69,16 +99,16 @@ impl Sweeper {
         &self.ctx.checker
     }
 
-    /// Sweeps until `shutdown`: a pass whenever the deployment is not resting and no other
-    /// worker holds the lease; after a complete pass, a rest of `interval` for everyone.
+    /// Sweeps until `shutdown`: shards of the round in progress whenever there are free ones
+    /// (a round is started when none is in progress and the deployment is not resting).
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         loop {
             match self.resume(interval, &shutdown).await {
                 Ok(Some(s)) if s.complete => {
-                    tracing::debug!(items = s.items, seconds = s.seconds, "sweep pass done")
+                    tracing::debug!(items = s.items, round = ?s.round, "sweep round done")
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => tracing::trace!("resting, or another worker is sweeping"),
+                Ok(Some(s)) => tracing::debug!(items = s.items, shards = s.shards, "swept shards"),
+                Ok(None) => tracing::trace!("resting, or every shard is taken"),
                 Err(e) => tracing::warn!(error = %e, "sweep pass failed; will retry"),
             }
             tokio::select! {
@@ -88,52 +118,146 @@ impl Sweeper {
         }
     }
 
-    /// One pass from the saved position, unless the deployment is resting or another worker
-    /// holds the lease (`None` then). A complete pass starts the rest of `interval`.
+    /// Sweeps free shards of the round in progress, one after another, starting a round if
+    /// none is in progress, until no shard is left free. `None` when the deployment is
+    /// resting, another worker is planning, or every open shard is held by another worker.
+    /// The page that completes a round starts the rest of `interval`.
     pub async fn resume(
         &self,
         interval: Duration,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Summary>> {
         let mut conn = self.conn.clone();
+        let keys = self.keys();
         let resting: bool = redis::cmd("EXISTS")
-            .arg(self.keys().sweep_rest())
+            .arg(keys.sweep_rest())
             .query_async(&mut conn)
             .await?;
         if resting {
             return Ok(None);
         }
+        let round = match round::current(&mut conn, keys).await? {
+            Some(round) => round,
+            None => match self.start_round().await? {
+                Some(round) => round,
+                None => return Ok(None),
+            },
+        };
+        let started = Instant::now();
+        let mut summary = Summary {
+            round: Some(round.id),
+            ..Summary::default()
+        };
+        let offset = self.name.bytes().map(usize::from).sum();
+        let mut took = false;
+        for i in round.open(offset) {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let Some(lease) = round::take(&mut conn, keys, round.id, i, self.lease_ttl).await?
+            else {
+                continue;
+            };
+            // Read again under the lease: the shard may have been finished since the list
+            // was read, and a checkpoint recorded since is where to go on from.
+            let now = round::current(&mut conn, keys).await?;
+            let Some(now) = now.filter(|r| r.id == round.id) else {
+                // Completed by another worker meanwhile.
+                round::release(&mut conn, lease).await?;
+                break;
+            };
+            if now.progress[i].done {
+                round::release(&mut conn, lease).await?;
+                continue;
+            }
+            took = true;
+            let mode = Mode::Shard {
+                lease: &lease,
+                rest: interval,
+            };
+            match self.shard(&now, i, &mode, shutdown, &mut summary).await? {
+                Recorded::Going | Recorded::Lost => {
+                    round::release(&mut conn, lease).await?;
+                    return Ok(Some(self.finish(summary, started, false)));
+                }
+                Recorded::ShardDone => summary.shards += 1,
+                Recorded::RoundDone => {
+                    summary.shards += 1;
+                    self.round_done(&now);
+                    return Ok(Some(self.finish(summary, started, true)));
+                }
+            }
+        }
+        Ok(took.then(|| self.finish(summary, started, false)))
+    }
+
+    /// Plans and writes a round, unless another worker is planning one (`None`) or has
+    /// started one meanwhile (that one, then).
+    async fn start_round(&self) -> anyhow::Result<Option<Round>> {
         let Some(lease) =
             Lease::try_acquire(&self.conn, &self.keys().sweep_lease(), LEASE_TTL).await?
         else {
             return Ok(None);
         };
-        let summary = self.pass(&lease, true, shutdown).await;
-        if !interval.is_zero() && matches!(&summary, Ok(s) if s.complete) {
-            // Rest before the lease goes, so no other worker slips a pass in between.
-            redis::pipe()
-                .cmd("SET")
+        let started = async {
+            let mut conn = self.conn.clone();
+            // The round may have been completed, and the rest begun, since this worker looked.
+            let resting: bool = redis::cmd("EXISTS")
                 .arg(self.keys().sweep_rest())
-                .arg(1)
-                .arg("PX")
-                .arg(interval.as_millis().max(1) as u64)
-                .ignore()
-                .query_async::<()>(&mut conn)
+                .query_async(&mut conn)
                 .await?;
+            if resting {
+                return Ok(None);
+            }
+            let plan = self.plan().await?;
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let round = round::start(&mut conn, self.keys(), &plan, now_ms).await?;
+            if let Some(r) = &round {
+                tracing::info!(round = r.id, shards = r.shards.len(), "sweep round started");
+            }
+            anyhow::Ok(round)
         }
+        .await;
         let _ = lease.release().await;
-        summary.map(Some)
+        started
     }
 
-    /// Sweeps everything once from the start, at full speed, without touching the periodic
-    /// sweep's position. Waits up to a minute for a running pass to finish.
+    /// Every entity's shards: its rows split at the quantiles of a sample, then its keys.
+    async fn plan(&self) -> anyhow::Result<Vec<Shard>> {
+        let mut conn = self.checker().pool.get().await?;
+        let mut plan = Vec::new();
+        for rows in self.checker().watched.sources() {
+            let bounds = if self.shards > 1 {
+                let sample = rows
+                    .sample(&mut conn, shards::sample_size(self.shards))
+                    .await?;
+                shards::boundaries(&sample, self.shards)
+            } else {
+                Vec::new()
+            };
+            plan.extend(shards::entity_shards(&rows.entity.name, bounds));
+        }
+        Ok(plan)
+    }
+
+    fn round_done(&self, round: &Round) {
+        let metrics = &self.checker().metrics;
+        metrics.sweep_rounds.inc();
+        let seconds = (chrono::Utc::now().timestamp_millis() - round.started_ms).max(0) as f64;
+        metrics.sweep_duration.observe(seconds / 1000.0);
+        tracing::info!(round = round.id, "sweep round completed");
+    }
+
+    /// Sweeps everything once from the start, at full speed, outside the rounds (no shard is
+    /// taken, no position kept). Holds the planning lease meanwhile, so no round starts
+    /// during it; waits up to a minute for one being planned.
     pub async fn once(&self) -> anyhow::Result<Summary> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(lease) =
                 Lease::try_acquire(&self.conn, &self.keys().sweep_lease(), LEASE_TTL).await?
             {
-                let summary = self.pass(&lease, false, &CancellationToken::new()).await;
+                let summary = self.pass(&lease).await;
                 let _ = lease.release().await;
                 return summary;
             }
@@ -144,115 +268,137 @@ impl Sweeper {
         }
     }
 
-    /// One pass over every entity: its rows, then its keys. With `resume`, starts from and
-    /// saves the stored position.
-    async fn pass(
-        &self,
-        lease: &Lease,
-        resume: bool,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Summary> {
+    /// One pass over every entity: its rows, then its keys.
+    async fn pass(&self, lease: &Lease) -> anyhow::Result<Summary> {
         let started = Instant::now();
-        let metrics = &self.checker().metrics;
-        let position_key = self.keys().sweep_cursor();
-        let mut conn = self.conn.clone();
-        let saved: Option<Position> = if resume {
-            let stored: Option<String> = redis::cmd("GET")
-                .arg(&position_key)
-                .query_async(&mut conn)
-                .await?;
-            // A position this version cannot read (written by an older one) starts over.
-            stored.and_then(|s| serde_json::from_str(&s).ok())
-        } else {
-            None
-        };
-        if saved.is_none() {
-            metrics.sweep_position.set(0);
-        }
         let mut summary = Summary::default();
         let watched = self.checker().watched.clone();
-        let sources = watched.sources();
-        // Entities before the saved one are done for this pass.
-        let first = saved
-            .as_ref()
-            .and_then(|p| sources.iter().position(|s| s.entity.name == p.entity))
-            .unwrap_or(0);
-        let mut saved = saved.filter(|p| {
-            sources
-                .get(first)
-                .is_some_and(|s| s.entity.name == p.entity)
-        });
-        for rows in &sources[first..] {
-            let mut at = saved
-                .take()
-                .unwrap_or_else(|| Position::start(&rows.entity.name));
-            let phase = Instant::now();
-            let done = if at.phase == Phase::Rows {
-                let done = self
-                    .row_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
-                    .await?;
-                summary.rows_seconds += phase.elapsed().as_secs_f64();
-                done && {
-                    at = Position::keys(&rows.entity.name);
-                    self.save(resume, &at).await?;
-                    true
-                }
-            } else {
-                true
-            };
-            if !done {
-                return Ok(self.finish(summary, started, false));
-            }
+        let mode = Mode::Once(lease);
+        let none = CancellationToken::new();
+        for rows in watched.sources() {
             let phase = Instant::now();
             let done = self
-                .orphan_pass(rows, lease, resume, shutdown, &mut at, &mut summary)
+                .row_walk(rows, None, None, &mode, &none, &mut summary)
                 .await?;
+            summary.rows_seconds += phase.elapsed().as_secs_f64();
+            if done != Recorded::ShardDone {
+                return Ok(self.finish(summary, started, false));
+            }
+            let phase = Instant::now();
+            let done = self.key_walk(rows, 0, &mode, &none, &mut summary).await?;
             summary.keys_seconds += phase.elapsed().as_secs_f64();
-            if !done {
+            if done != Recorded::ShardDone {
                 return Ok(self.finish(summary, started, false));
             }
         }
-        if resume {
-            redis::cmd("DEL")
-                .arg(&position_key)
-                .query_async::<()>(&mut conn)
-                .await?;
-        }
-        metrics
+        self.checker()
+            .metrics
             .sweep_duration
             .observe(started.elapsed().as_secs_f64());
-        let now_ms = chrono::Utc::now().timestamp_millis();
         redis::cmd("SET")
             .arg(self.keys().sweep_done_at())
-            .arg(now_ms)
-            .query_async::<()>(&mut conn)
+            .arg(chrono::Utc::now().timestamp_millis())
+            .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(self.finish(summary, started, true))
     }
 
-    /// Walks the entity's rows from `at`. False when it stopped early (shutdown, lost lease).
+    /// Sweeps shard `i` of `round` from its checkpoint to its end, or until stopped.
+    async fn shard(
+        &self,
+        round: &Round,
+        i: usize,
+        mode: &Mode<'_>,
+        shutdown: &CancellationToken,
+        summary: &mut Summary,
+    ) -> anyhow::Result<Recorded> {
+        let shard = &round.shards[i];
+        let Some(rows) = self.checker().watched.source(&shard.entity) else {
+            // An entity no longer watched (the round was planned before a reconfiguration):
+            // nothing to sweep, but the round must still end.
+            return self.record(mode, &Checkpoint::default(), 0, true).await;
+        };
+        let phase = Instant::now();
+        match &shard.part {
+            Part::Rows { until, .. } => {
+                let from = round.resume_at(i);
+                let done = self
+                    .row_walk(rows, from, until.as_deref(), mode, shutdown, summary)
+                    .await;
+                summary.rows_seconds += phase.elapsed().as_secs_f64();
+                done
+            }
+            Part::Keys => {
+                let done = self
+                    .key_walk(rows, round.progress[i].at.scan, mode, shutdown, summary)
+                    .await;
+                summary.keys_seconds += phase.elapsed().as_secs_f64();
+                done
+            }
+        }
+    }
+
+    /// Records a page as `mode` says: `once` only renews its lease; a shard's page is
+    /// written with its count and checkpoint (see `crate::round`).
+    async fn record(
+        &self,
+        mode: &Mode<'_>,
+        at: &Checkpoint,
+        count: u64,
+        finished: bool,
+    ) -> anyhow::Result<Recorded> {
+        match mode {
+            Mode::Once(lease) => Ok(if !lease.renew().await? {
+                Recorded::Lost
+            } else if finished {
+                Recorded::ShardDone
+            } else {
+                Recorded::Going
+            }),
+            Mode::Shard { lease, rest } => {
+                let page = round::Page {
+                    at,
+                    count,
+                    by: &self.name,
+                    finished,
+                    rest: *rest,
+                };
+                Ok(round::record(&mut self.conn.clone(), self.keys(), lease, page).await?)
+            }
+        }
+    }
+
+    /// Walks the entity's rows after `from` and up to `until` (none: from the first row, to
+    /// the last), recording each page. Ends with the last page's [`Recorded`], or `Lost`
+    /// when it stopped early (shutdown, lost lease).
     ///
     /// The next page (its rows, then its cached values) is read while this one is compared
     /// and recorded: the two halves wait on different servers, and one at a time left both
-    /// PostgreSQL and the worker idle half the time. The position saved is always the last
-    /// page recorded, never the one read ahead.
-    async fn row_pass(
+    /// PostgreSQL and the worker idle half the time. The position recorded is always the
+    /// last page compared, never the one read ahead.
+    async fn row_walk(
         &self,
         rows: &Rows,
-        lease: &Lease,
-        resume: bool,
+        from: Option<Vec<String>>,
+        until: Option<&[String]>,
+        mode: &Mode<'_>,
         shutdown: &CancellationToken,
-        at: &mut Position,
         summary: &mut Summary,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Recorded> {
         let checker = self.checker();
         let limit = self.batch as i64;
         let mut reader = checker.pool.get().await?;
+        let mut at = Checkpoint {
+            cursor: from.unwrap_or_default(),
+            scan: 0,
+        };
         let cursor = (!at.cursor.is_empty()).then_some(at.cursor.as_slice());
-        let mut page = checker.read_page(&mut reader, rows, cursor, limit).await?;
+        let mut page = checker
+            .read_page(&mut reader, rows, cursor, until, limit)
+            .await?;
         loop {
-            if shutdown.is_cancelled() || !lease.renew().await? {
-                return Ok(false);
+            if shutdown.is_cancelled() {
+                return Ok(Recorded::Lost);
             }
             let n = page.len;
             let last = page.last.take();
@@ -260,7 +406,7 @@ impl Sweeper {
                 match &last {
                     Some(cursor) if n == self.batch => Some(
                         checker
-                            .read_page(&mut reader, rows, Some(cursor), limit)
+                            .read_page(&mut reader, rows, Some(cursor), until, limit)
                             .await,
                     ),
                     _ => None,
@@ -270,28 +416,28 @@ impl Sweeper {
             let outcome = outcome?;
             summary.items += n as u64;
             self.count(&rows.entity.name, summary, &outcome);
-            checker.metrics.sweep_position.add(n as i64);
-            let Some(next) = next else {
-                return Ok(true);
-            };
-            at.cursor = last.unwrap_or_default();
-            self.save(resume, at).await?;
-            page = next?;
+            if let Some(last) = last {
+                at.cursor = last;
+            }
+            let recorded = self.record(mode, &at, n as u64, next.is_none()).await?;
+            match (recorded, next) {
+                (Recorded::Going, Some(next)) => page = next?,
+                (recorded, _) => return Ok(recorded),
+            }
         }
     }
 
-    /// The key-side pass over the entity's keys: SCANs them and checks those with no row, so
-    /// a key whose row is gone is reported as an orphan. False when it stopped early. The
-    /// next SCAN runs while this batch is checked, as pages do in the row pass.
-    async fn orphan_pass(
+    /// The key-side pass over the entity's keys from SCAN cursor `from`: SCANs them and
+    /// checks those with no row, so a key whose row is gone is reported as an orphan. The
+    /// next SCAN runs while this batch is checked, as pages do in the row walk.
+    async fn key_walk(
         &self,
         rows: &Rows,
-        lease: &Lease,
-        resume: bool,
+        from: u64,
+        mode: &Mode<'_>,
         shutdown: &CancellationToken,
-        at: &mut Position,
         summary: &mut Summary,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Recorded> {
         let pattern = rows.entity.key.pattern();
         let conn = self.checker().cache.connection();
         let scan = |cursor: u64| {
@@ -308,12 +454,13 @@ impl Sweeper {
                     .await
             }
         };
-        let (mut next, mut keys) = scan(at.scan).await?;
+        let (mut next, mut keys) = scan(from).await?;
         loop {
-            if shutdown.is_cancelled() || !lease.renew().await? {
-                return Ok(false);
+            if shutdown.is_cancelled() {
+                return Ok(Recorded::Lost);
             }
-            summary.keys_scanned += keys.len() as u64;
+            let n = keys.len() as u64;
+            summary.keys_scanned += n;
             let ahead = async {
                 match next {
                     0 => None,
@@ -324,24 +471,16 @@ impl Sweeper {
                 tokio::join!(self.checker().check_orphans(rows, keys), ahead);
             let outcome = outcome?;
             self.count(&rows.entity.name, summary, &outcome);
-            let Some(following) = following else {
-                return Ok(true);
+            let at = Checkpoint {
+                cursor: Vec::new(),
+                scan: next,
             };
-            at.scan = next;
-            self.save(resume, at).await?;
-            (next, keys) = following?;
+            let recorded = self.record(mode, &at, n, following.is_none()).await?;
+            match (recorded, following) {
+                (Recorded::Going, Some(following)) => (next, keys) = following?,
+                (recorded, _) => return Ok(recorded),
+            }
         }
-    }
-
-    async fn save(&self, resume: bool, at: &Position) -> anyhow::Result<()> {
-        if resume {
-            redis::cmd("SET")
-                .arg(self.keys().sweep_cursor())
-                .arg(serde_json::to_string(at)?)
-                .query_async::<()>(&mut self.conn.clone())
-                .await?;
-        }
-        Ok(())
     }
 
     fn count(&self, entity: &str, summary: &mut Summary, outcome: &Outcome) {
@@ -365,44 +504,6 @@ impl Sweeper {
         };
         s.complete = complete;
         s
-    }
-}
-
-/// Where a pass is: which entity, which of its two walks, and how far.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
-    pub entity: String,
-    pub phase: Phase,
-    /// Rows: the walk columns' values of the last row done, as text (empty: from the start).
-    #[serde(default)]
-    pub cursor: Vec<String>,
-    /// Keys: the SCAN cursor (0: from the start).
-    #[serde(default)]
-    pub scan: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Rows,
-    Keys,
-}
-
-impl Position {
-    fn start(entity: &str) -> Position {
-        Position {
-            entity: entity.to_string(),
-            phase: Phase::Rows,
-            cursor: Vec::new(),
-            scan: 0,
-        }
-    }
-
-    fn keys(entity: &str) -> Position {
-        Position {
-            phase: Phase::Keys,
-            ..Position::start(entity)
-        }
     }
 }
 

@@ -14,6 +14,8 @@ use stalewatch_core::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::round;
+
 const TICK: Duration = Duration::from_millis(250);
 /// Finished jobs deleted per queue per tick: far more than a worker finishes in a tick.
 const DONE_PER_TICK: usize = 5000;
@@ -85,6 +87,9 @@ impl Upkeep {
                 }
                 if let Err(e) = self.sweep_age(started).await {
                     tracing::debug!(error = %e, "sweep-age gauge not refreshed");
+                }
+                if let Err(e) = self.sweep_round().await {
+                    tracing::debug!(error = %e, "sweep-round gauges not refreshed");
                 }
             }
             if n % 40 == 1 {
@@ -165,6 +170,29 @@ impl Upkeep {
             None => started.elapsed().as_secs() as i64,
         };
         self.metrics.sweep_age.set(age);
+        Ok(())
+    }
+
+    /// The deployment's sweep round in progress (start, shards done of total, rows so far)
+    /// and the last completed round's rows.
+    async fn sweep_round(&mut self) -> anyhow::Result<()> {
+        let m = &self.metrics;
+        let current = round::current(&mut self.conn, &self.keys).await?;
+        let (started, total, done, rows) = match &current {
+            Some(r) => (r.started_ms / 1000, r.shards.len(), r.done(), r.rows()),
+            None => (0, 0, 0, 0),
+        };
+        m.sweep_round_started.set(started);
+        m.sweep_round_shards
+            .with_label_values(&["total"])
+            .set(total as i64);
+        m.sweep_round_shards
+            .with_label_values(&["done"])
+            .set(done as i64);
+        m.sweep_position.set(rows as i64);
+        if let Some(last) = round::last(&mut self.conn, &self.keys).await? {
+            m.sweep_last_round_items.set(last.rows() as i64);
+        }
         Ok(())
     }
 }

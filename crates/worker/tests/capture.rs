@@ -1056,8 +1056,8 @@ async fn a_consumer_process_killed_between_read_and_ack_is_taken_over_by_another
         "entries read and not acknowledged",
         || async {
             match app.stream(&["XPENDING", &stream, "stalewatch"]).await {
-                redis::Value::Array(v) => match v.iter().next() {
-                    Some(redis::Value::Int(n)) if *n >= 1 => Some(*n),
+                redis::Value::Array(v) => match v.as_slice() {
+                    [redis::Value::Int(n), ..] if *n >= 1 => Some(*n),
                     _ => None,
                 },
                 _ => None,
@@ -1096,7 +1096,9 @@ async fn a_consumer_process_killed_between_read_and_ack_is_taken_over_by_another
     )
     .await;
     match app.stream(&["XPENDING", &stream, "stalewatch"]).await {
-        redis::Value::Array(v) => assert_eq!(v.iter().next(), Some(&redis::Value::Int(0))),
+        redis::Value::Array(v) => {
+            assert!(matches!(v.as_slice(), [redis::Value::Int(0), ..]), "{v:?}")
+        }
         other => panic!("{other:?}"),
     }
 }

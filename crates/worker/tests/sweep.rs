@@ -2,10 +2,14 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use common::*;
-use stalewatch_core::{config::Config, lease::Lease};
+use stalewatch_core::{
+    config::Config,
+    lease::Lease,
+    shards::{self, Round},
+};
 use stalewatch_testkit::TestEnv;
 use stalewatch_worker::{app, sweep::Sweeper};
 use tokio_util::sync::CancellationToken;
@@ -40,20 +44,26 @@ async fn a_full_sweep_compares_every_item_and_opens_an_incident_per_stale_key() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sweep_resumes_from_its_saved_position() {
+async fn a_sweep_resumes_a_shard_from_its_recorded_position() {
     let env = TestEnv::new().await.unwrap();
     let mut items = stale_items(&env, 40).await;
     items.sort_by_key(|i| i.id);
-    // As if a worker had finished the first 25 items and then died.
+    // As if a worker had recorded the first 25 items of a one-range round and then died
+    // (its shard lease expired).
     let mut conn = env.cache.connection();
-    let position = serde_json::json!({
-        "entity": "item",
-        "phase": "rows",
-        "cursor": [items[24].id.to_string()],
-    });
-    redis::cmd("SET")
-        .arg(env.keys().sweep_cursor())
-        .arg(position.to_string())
+    let plan = shards::entity_shards("item", vec![]);
+    let mut fields = Round::fields(1, chrono::Utc::now().timestamp_millis(), &plan);
+    fields.extend([
+        (
+            shards::at_field(0),
+            serde_json::json!({ "cursor": [items[24].id.to_string()] }).to_string(),
+        ),
+        (shards::items_field(0), "25".to_string()),
+        (shards::by_field(0), "a-dead-worker".to_string()),
+    ]);
+    redis::cmd("HSET")
+        .arg(env.keys().sweep_round())
+        .arg(fields)
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
@@ -63,8 +73,11 @@ async fn a_sweep_resumes_from_its_saved_position() {
         .await
         .unwrap()
         .unwrap();
-    assert!(summary.complete);
-    assert_eq!(summary.items, 15, "only the items after the saved position");
+    assert!(summary.complete, "this worker completed the round");
+    assert_eq!(
+        summary.items, 15,
+        "only the items after the recorded position"
+    );
     let swept: Vec<String> = all_incidents(&env)
         .await
         .into_iter()
@@ -77,19 +90,96 @@ async fn a_sweep_resumes_from_its_saved_position() {
             "item {n}"
         );
     }
-    // A finished pass forgets its position, so the next one starts from the beginning.
-    let cursor: Option<String> = redis::cmd("GET")
-        .arg(env.keys().sweep_cursor())
+    // The round's count is both workers' together, each row once.
+    let last: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(env.keys().sweep_last_round())
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(cursor, None);
+    let last = Round::parse(&last).unwrap();
+    assert_eq!((last.id, last.rows()), (1, 40));
+    // A completed round is no longer in progress, so the next one starts from the beginning.
+    let current: bool = redis::cmd("EXISTS")
+        .arg(env.keys().sweep_round())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!current);
     let next = s
         .resume(Duration::ZERO, &CancellationToken::new())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(next.items, 40);
+    assert!(next.complete);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_held_by_another_worker_is_left_alone_and_the_round_waits_for_it() {
+    let env = TestEnv::new().await.unwrap();
+    stale_items(&env, 30).await;
+    let config = Config {
+        sweep_batch: 10,
+        sweep_shards: 3,
+        ..env.config()
+    };
+    let ctx = app::connect(&config).await.unwrap();
+    let first = app::sweeper(&ctx, &config);
+    // Another worker holds the first range's shard (as if it were sweeping it).
+    let mut conn = env.cache.connection();
+    let planned = {
+        // Start the round with a sweeper that stops at once.
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        first.resume(Duration::ZERO, &stopped).await.unwrap();
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(env.keys().sweep_round())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        Round::parse(&fields).unwrap()
+    };
+    assert_eq!(
+        planned.shards.len(),
+        4,
+        "three ranges and the keys: {planned:?}"
+    );
+    let held = Lease::try_acquire(
+        &conn,
+        &env.keys().sweep_shard_lease(planned.id, 0),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .expect("the shard is free");
+    let summary = first
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!summary.complete, "the held shard is not done");
+    assert_eq!(summary.shards, 3);
+    assert!(summary.items > 0 && summary.items < 30, "{summary:?}");
+    assert!(
+        first
+            .resume(Duration::ZERO, &CancellationToken::new())
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing left to take"
+    );
+    held.release().await.unwrap();
+    let rest = first
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.complete);
+    assert_eq!(
+        summary.items + rest.items,
+        30,
+        "each item once in the round"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
