@@ -66,6 +66,14 @@ pub const SETTINGS: &[Setting] = &[
             "PostgreSQL",
         )
     },
+    Setting {
+        default: None,
+        ..setting(
+            "DATABASE_CA_FILE",
+            "",
+            "PEM file of the CA that PostgreSQL's certificate must chain to (sslrootcert) [default: the system's roots]",
+        )
+    },
     setting("DATABASE_POOL_SIZE", "16", "connections per process"),
     Setting {
         shown: Shown::Url,
@@ -73,6 +81,14 @@ pub const SETTINGS: &[Setting] = &[
             "REDIS_URL",
             "redis://127.0.0.1:6379",
             "Redis (cache and queues)",
+        )
+    },
+    Setting {
+        default: None,
+        ..setting(
+            "REDIS_CA_FILE",
+            "",
+            "PEM file of the CA that the certificate of a rediss:// Redis must chain to [default: the system's roots]",
         )
     },
     setting(
@@ -92,6 +108,16 @@ pub const SETTINGS: &[Setting] = &[
     ),
     setting("SWEEP_BATCH", "1000", "rows per sweep batch"),
     setting(
+        "SWEEP_SHARDS",
+        "8",
+        "primary-key ranges per entity in a sweep round; workers sweep different ones at once",
+    ),
+    setting(
+        "SWEEP_LEASE_MS",
+        "30000",
+        "how long a dead worker's sweep shard waits before another worker takes it over",
+    ),
+    setting(
         "CACHE_TTL_SECS",
         "3600",
         "TTL of cached items (the demo API's, and of refreshed items)",
@@ -107,22 +133,17 @@ pub const SETTINGS: &[Setting] = &[
             "IGNORE_FIELDS",
             "",
             "comma-separated fields (dotted paths allowed) the built-in items entity leaves out of comparison [default: none]",
-    setting(
-        "SWEEP_SHARDS",
-        "8",
-        "primary-key ranges per entity in a sweep round; workers sweep different ones at once",
-    ),
-    setting(
-        "SWEEP_LEASE_MS",
-        "30000",
-        "how long a dead worker's sweep shard waits before another worker takes it over",
-    ),
         )
     },
     setting(
         "HTTP_ADDR",
         "127.0.0.1:8080",
         "API listen address: host:port, the host an IP address or a name",
+    ),
+    setting(
+        "HTTP_CLIENT_TIMEOUT_MS",
+        "10000",
+        "API: how long a client may take to send a request's head, then its body, and how long an idle connection stays open",
     ),
     setting(
         "METRICS_ADDR",
@@ -601,20 +622,31 @@ impl FromStr for LogFormat {
 /// The whole configuration of both binaries. The README has a table of these variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// `DATABASE_URL`, with `DATABASE_CA_FILE` in it as `sslrootcert` (`crate::tls`).
     pub database_url: String,
     pub database_pool_size: usize,
     pub redis_url: String,
+    /// The CA of a `rediss://` Redis; `None`: the system's roots. See [`Config::redis`].
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
     pub key_prefix: String,
     pub grace_period: Duration,
     /// Pause between sweep passes; zero disables the periodic sweep.
     pub sweep_interval: Duration,
     pub sweep_batch: usize,
+    /// Row ranges per entity in a sweep round (`crate::shards`).
+    pub sweep_shards: usize,
+    /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
+    pub sweep_lease: Duration,
     pub cache_ttl: Duration,
     pub cache_policy: CachePolicy,
     /// JSON fields left out of content comparison (dotted paths allowed).
     pub ignore_fields: Vec<String>,
     pub http_addr: ListenAddr,
+    /// How long an API client may take to send a request's head, then its body (a body that
+    /// stalls gets a 408), and how long an idle kept-alive connection stays open: a client
+    /// that stops sending must not hold a connection.
+    pub http_client_timeout: Duration,
     pub metrics_addr: ListenAddr,
     pub log_format: LogFormat,
     pub failure_mode: FailureMode,
@@ -629,10 +661,6 @@ pub struct Config {
     /// Dead jobs (every attempt failed) are kept this long for people to look at.
     pub dead_job_retention: Duration,
     /// The file describing the watched entities; `None`: the built-in `items` entity.
-    /// Row ranges per entity in a sweep round (`crate::shards`).
-    pub sweep_shards: usize,
-    /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
-    pub sweep_lease: Duration,
     pub entities: Option<std::path::PathBuf>,
     /// Whether the worker subscribes to keyspace notifications of the watched keys.
     pub keyspace_notifications: bool,
@@ -670,13 +698,22 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
         Ok(Self {
-            database_url: env.string("DATABASE_URL"),
+            database_url: match env.raw("DATABASE_CA_FILE") {
+                Some(ca) => crate::tls::with_root_cert(
+                    &env.string("DATABASE_URL"),
+                    std::path::Path::new(ca.trim()),
+                ),
+                None => env.string("DATABASE_URL"),
+            },
             database_pool_size: env.positive("DATABASE_POOL_SIZE")?,
             redis_url: env.string("REDIS_URL"),
+            redis_ca_file: env.raw("REDIS_CA_FILE").map(|f| f.trim().into()),
             key_prefix: env.string("KEY_PREFIX"),
             grace_period: env.millis("GRACE_PERIOD_MS")?,
             sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
             sweep_batch: env.positive("SWEEP_BATCH")?,
+            sweep_shards: env.positive("SWEEP_SHARDS")?,
+            sweep_lease: Duration::from_millis(env.positive("SWEEP_LEASE_MS")? as u64),
             cache_ttl: Duration::from_secs(env.positive("CACHE_TTL_SECS")? as u64),
             cache_policy: env.parse("CACHE_POLICY")?,
             ignore_fields: env
@@ -687,6 +724,9 @@ impl Config {
                 .map(String::from)
                 .collect(),
             http_addr: env.parse("HTTP_ADDR")?,
+            http_client_timeout: Duration::from_millis(
+                env.positive("HTTP_CLIENT_TIMEOUT_MS")? as u64,
+            ),
             metrics_addr: env.parse("METRICS_ADDR")?,
             log_format: env.parse("LOG_FORMAT")?,
             failure_mode: env.parse("FAILURE_MODE")?,
@@ -703,8 +743,6 @@ impl Config {
             capture_slot: env.identifier("CAPTURE_SLOT")?,
             capture_publication: env.identifier("CAPTURE_PUBLICATION")?,
             slo_windows: env.windows("SLO_WINDOWS")?,
-            sweep_shards: env.positive("SWEEP_SHARDS")?,
-            sweep_lease: Duration::from_millis(env.positive("SWEEP_LEASE_MS")? as u64),
             invalidation_consumers: env.parse("INVALIDATION_CONSUMERS")?,
             invalidation_claim_idle: env.millis("INVALIDATION_CLAIM_IDLE_MS")?,
             admin_token: match env.raw("ADMIN_TOKEN") {
@@ -725,6 +763,12 @@ impl Config {
             }),
             AdminToken::Disabled | AdminToken::Bearer(_) => Ok(()),
         }
+    }
+
+    /// The Redis to connect to: `REDIS_URL`, checked against `REDIS_CA_FILE` when it is a
+    /// `rediss://` one.
+    pub fn redis(&self) -> Result<redis::ConnectionInfo, crate::tls::TlsError> {
+        crate::tls::redis(&self.redis_url, self.redis_ca_file.as_deref())
     }
 
     /// The text of the entities file: `ENTITIES`, or the built-in one.
@@ -865,6 +909,9 @@ mod tests {
         assert_eq!(c.grace_period, Duration::from_millis(2000));
         assert_eq!(c.sweep_interval, Duration::from_millis(5000));
         assert_eq!(c.sweep_batch, 1000);
+        assert_eq!(c.http_client_timeout, Duration::from_secs(10));
+        assert_eq!(c.sweep_shards, 8);
+        assert_eq!(c.sweep_lease, Duration::from_secs(30));
         assert_eq!(c.failure_mode, FailureMode::Off);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.post_write_check, Duration::from_millis(3000));
@@ -883,6 +930,27 @@ mod tests {
     }
 
     #[test]
+    fn the_ca_files_are_read() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.redis_ca_file, None);
+        assert_eq!(
+            c.database_url,
+            "postgres://postgres@127.0.0.1:5432/stalewatch"
+        );
+        let c = with(&[
+            ("DATABASE_URL", "postgres://db/x?sslmode=verify-full"),
+            ("DATABASE_CA_FILE", "/etc/pg-ca.pem"),
+            ("REDIS_CA_FILE", "/etc/redis-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.database_url,
+            "postgres://db/x?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
+        );
+        assert_eq!(c.redis_ca_file, Some("/etc/redis-ca.pem".into()));
+    }
+
+    #[test]
     fn durations_and_policies_are_read() {
         let c = with(&[
             ("INCIDENT_RETENTION", "12h"),
@@ -897,8 +965,6 @@ mod tests {
 
     #[test]
     fn values_are_read() {
-        assert_eq!(c.sweep_shards, 8);
-        assert_eq!(c.sweep_lease, Duration::from_secs(30));
         let c = with(&[
             ("GRACE_PERIOD_MS", "250"),
             ("FAILURE_MODE", "delay"),
@@ -922,6 +988,8 @@ mod tests {
             ("GRACE_PERIOD_MS", "2s"),
             ("SWEEP_BATCH", "0"),
             ("SWEEP_BATCH", "-3"),
+            ("SWEEP_SHARDS", "0"),
+            ("SWEEP_LEASE_MS", "0"),
             ("FAILURE_MODE", "sometimes"),
             ("HTTP_ADDR", "localhost"),
             ("LOG_FORMAT", "xml"),
@@ -975,8 +1043,6 @@ mod tests {
             ("localhost:8080", "localhost", 8080),
             ("127.0.0.1:0", "127.0.0.1", 0),
             ("[::1]:9091", "::1", 9091),
-            ("SWEEP_SHARDS", "0"),
-            ("SWEEP_LEASE_MS", "0"),
             ("0.0.0.0:9000", "0.0.0.0", 9000),
             ("api.internal.example:443", "api.internal.example", 443),
         ] {
