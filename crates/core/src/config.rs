@@ -66,14 +66,6 @@ pub const SETTINGS: &[Setting] = &[
             "PostgreSQL",
         )
     },
-    Setting {
-        default: None,
-        ..setting(
-            "DATABASE_CA_FILE",
-            "",
-            "PEM file of the CA that PostgreSQL's certificate must chain to (sslrootcert) [default: the system's roots]",
-        )
-    },
     setting("DATABASE_POOL_SIZE", "16", "connections per process"),
     Setting {
         shown: Shown::Url,
@@ -81,14 +73,6 @@ pub const SETTINGS: &[Setting] = &[
             "REDIS_URL",
             "redis://127.0.0.1:6379",
             "Redis (cache and queues)",
-        )
-    },
-    Setting {
-        default: None,
-        ..setting(
-            "REDIS_CA_FILE",
-            "",
-            "PEM file of the CA that the certificate of a rediss:// Redis must chain to [default: the system's roots]",
         )
     },
     setting(
@@ -139,11 +123,6 @@ pub const SETTINGS: &[Setting] = &[
         "HTTP_ADDR",
         "127.0.0.1:8080",
         "API listen address: host:port, the host an IP address or a name",
-    ),
-    setting(
-        "HTTP_CLIENT_TIMEOUT_MS",
-        "10000",
-        "API: how long a client may take to send a request's head, then its body, and how long an idle connection stays open",
     ),
     setting(
         "METRICS_ADDR",
@@ -622,12 +601,9 @@ impl FromStr for LogFormat {
 /// The whole configuration of both binaries. The README has a table of these variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// `DATABASE_URL`, with `DATABASE_CA_FILE` in it as `sslrootcert` (`crate::tls`).
     pub database_url: String,
     pub database_pool_size: usize,
     pub redis_url: String,
-    /// The CA of a `rediss://` Redis; `None`: the system's roots. See [`Config::redis`].
-    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
     pub key_prefix: String,
     pub grace_period: Duration,
@@ -643,10 +619,6 @@ pub struct Config {
     /// JSON fields left out of content comparison (dotted paths allowed).
     pub ignore_fields: Vec<String>,
     pub http_addr: ListenAddr,
-    /// How long an API client may take to send a request's head, then its body (a body that
-    /// stalls gets a 408), and how long an idle kept-alive connection stays open: a client
-    /// that stops sending must not hold a connection.
-    pub http_client_timeout: Duration,
     pub metrics_addr: ListenAddr,
     pub log_format: LogFormat,
     pub failure_mode: FailureMode,
@@ -698,16 +670,9 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
         Ok(Self {
-            database_url: match env.raw("DATABASE_CA_FILE") {
-                Some(ca) => crate::tls::with_root_cert(
-                    &env.string("DATABASE_URL"),
-                    std::path::Path::new(ca.trim()),
-                ),
-                None => env.string("DATABASE_URL"),
-            },
+            database_url: env.string("DATABASE_URL"),
             database_pool_size: env.positive("DATABASE_POOL_SIZE")?,
             redis_url: env.string("REDIS_URL"),
-            redis_ca_file: env.raw("REDIS_CA_FILE").map(|f| f.trim().into()),
             key_prefix: env.string("KEY_PREFIX"),
             grace_period: env.millis("GRACE_PERIOD_MS")?,
             sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
@@ -724,9 +689,6 @@ impl Config {
                 .map(String::from)
                 .collect(),
             http_addr: env.parse("HTTP_ADDR")?,
-            http_client_timeout: Duration::from_millis(
-                env.positive("HTTP_CLIENT_TIMEOUT_MS")? as u64,
-            ),
             metrics_addr: env.parse("METRICS_ADDR")?,
             log_format: env.parse("LOG_FORMAT")?,
             failure_mode: env.parse("FAILURE_MODE")?,
@@ -763,12 +725,6 @@ impl Config {
             }),
             AdminToken::Disabled | AdminToken::Bearer(_) => Ok(()),
         }
-    }
-
-    /// The Redis to connect to: `REDIS_URL`, checked against `REDIS_CA_FILE` when it is a
-    /// `rediss://` one.
-    pub fn redis(&self) -> Result<redis::ConnectionInfo, crate::tls::TlsError> {
-        crate::tls::redis(&self.redis_url, self.redis_ca_file.as_deref())
     }
 
     /// The text of the entities file: `ENTITIES`, or the built-in one.
@@ -909,7 +865,6 @@ mod tests {
         assert_eq!(c.grace_period, Duration::from_millis(2000));
         assert_eq!(c.sweep_interval, Duration::from_millis(5000));
         assert_eq!(c.sweep_batch, 1000);
-        assert_eq!(c.http_client_timeout, Duration::from_secs(10));
         assert_eq!(c.sweep_shards, 8);
         assert_eq!(c.sweep_lease, Duration::from_secs(30));
         assert_eq!(c.failure_mode, FailureMode::Off);
@@ -927,27 +882,6 @@ mod tests {
         assert_eq!(c.capture_slot, "stalewatch");
         assert_eq!(c.slo_windows.len(), 3);
         assert_eq!(c.capture_publication, "stalewatch");
-    }
-
-    #[test]
-    fn the_ca_files_are_read() {
-        let c = with(&[]).unwrap();
-        assert_eq!(c.redis_ca_file, None);
-        assert_eq!(
-            c.database_url,
-            "postgres://postgres@127.0.0.1:5432/stalewatch"
-        );
-        let c = with(&[
-            ("DATABASE_URL", "postgres://db/x?sslmode=verify-full"),
-            ("DATABASE_CA_FILE", "/etc/pg-ca.pem"),
-            ("REDIS_CA_FILE", "/etc/redis-ca.pem"),
-        ])
-        .unwrap();
-        assert_eq!(
-            c.database_url,
-            "postgres://db/x?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
-        );
-        assert_eq!(c.redis_ca_file, Some("/etc/redis-ca.pem".into()));
     }
 
     #[test]

@@ -26,15 +26,14 @@ use crate::{
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
     let keys = Keys::new(config.key_prefix.clone());
-    let redis = config.redis()?;
-    let cache_conn = cache::connect(&redis).await.with_context(|| {
+    let cache_conn = cache::connect(&config.redis_url).await.with_context(|| {
         format!(
             "connecting to Redis at {}",
             stalewatch_core::redact::url(&config.redis_url)
         )
     })?;
     let cache = Cache::new(cache_conn, keys.clone());
-    let queue_conn = queue::connect(&redis).await?;
+    let queue_conn = queue::connect(&config.redis_url).await?;
     let watched = Watched::configured(config, &pool)
         .await
         .context("reading the watched entities (ENTITIES)")?;
@@ -157,7 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if invalidating && config.invalidation_consumers > 0 {
         tasks.spawn(invalidate::run(
             ctx.clone(),
-            config.redis()?,
+            config.redis_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,
             shutdown.clone(),
