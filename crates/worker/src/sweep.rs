@@ -104,8 +104,9 @@ impl Sweeper {
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         loop {
             match self.resume(interval, &shutdown).await {
+                // "sweep pass done" with `seconds`: what scripts/bench soak reads.
                 Ok(Some(s)) if s.complete => {
-                    tracing::debug!(items = s.items, round = ?s.round, "sweep round done")
+                    tracing::debug!(items = s.items, seconds = s.seconds, round = ?s.round, "sweep pass done")
                 }
                 Ok(Some(s)) => tracing::debug!(items = s.items, shards = s.shards, "swept shards"),
                 Ok(None) => tracing::trace!("resting, or every shard is taken"),
