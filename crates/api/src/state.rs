@@ -36,8 +36,9 @@ impl AppState {
         config.require_admin_token()?;
         let pool = db::pool(&config.database_url, config.database_pool_size)?;
         let keys = Keys::new(config.key_prefix.clone());
+        let redis = config.redis()?;
         let cache = Cache::new(
-            cache::connect(&config.redis_url).await.with_context(|| {
+            cache::connect(&redis).await.with_context(|| {
                 format!(
                     "connecting to Redis at {}",
                     stalewatch_core::redact::url(&config.redis_url)
@@ -45,7 +46,7 @@ impl AppState {
             })?,
             keys.clone(),
         );
-        let queue_conn = stalewatch_core::queue::connect(&config.redis_url).await?;
+        let queue_conn = stalewatch_core::queue::connect(&redis).await?;
         let metrics = Metrics::new();
 
         let checks = CheckQueue::start(

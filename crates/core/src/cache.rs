@@ -22,9 +22,10 @@ pub enum CacheError {
 }
 
 /// Opens the shared connection. Commands time out after 2 s so a frozen Redis makes callers
-/// fall back instead of hanging; the manager reconnects by itself.
-pub async fn connect(redis_url: &str) -> Result<ConnectionManager, CacheError> {
-    let client = redis::Client::open(redis_url)?;
+/// fall back instead of hanging; the manager reconnects by itself. `redis` is a URL, or
+/// `Config::redis()` (`rediss://` with `REDIS_CA_FILE`).
+pub async fn connect(redis: impl crate::tls::RedisTarget) -> Result<ConnectionManager, CacheError> {
+    let client = crate::tls::redis_client(redis)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)))

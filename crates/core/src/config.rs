@@ -66,6 +66,14 @@ pub const SETTINGS: &[Setting] = &[
             "PostgreSQL",
         )
     },
+    Setting {
+        default: None,
+        ..setting(
+            "DATABASE_CA_FILE",
+            "",
+            "PEM file of the CA that PostgreSQL's certificate must chain to (sslrootcert) [default: the system's roots]",
+        )
+    },
     setting("DATABASE_POOL_SIZE", "16", "connections per process"),
     Setting {
         shown: Shown::Url,
@@ -73,6 +81,14 @@ pub const SETTINGS: &[Setting] = &[
             "REDIS_URL",
             "redis://127.0.0.1:6379",
             "Redis (cache and queues)",
+        )
+    },
+    Setting {
+        default: None,
+        ..setting(
+            "REDIS_CA_FILE",
+            "",
+            "PEM file of the CA that the certificate of a rediss:// Redis must chain to [default: the system's roots]",
         )
     },
     setting(
@@ -601,9 +617,12 @@ impl FromStr for LogFormat {
 /// The whole configuration of both binaries. The README has a table of these variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// `DATABASE_URL`, with `DATABASE_CA_FILE` in it as `sslrootcert` (`crate::tls`).
     pub database_url: String,
     pub database_pool_size: usize,
     pub redis_url: String,
+    /// The CA of a `rediss://` Redis; `None`: the system's roots. See [`Config::redis`].
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
     pub key_prefix: String,
     pub grace_period: Duration,
@@ -670,9 +689,16 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
         Ok(Self {
-            database_url: env.string("DATABASE_URL"),
+            database_url: match env.raw("DATABASE_CA_FILE") {
+                Some(ca) => crate::tls::with_root_cert(
+                    &env.string("DATABASE_URL"),
+                    std::path::Path::new(ca.trim()),
+                ),
+                None => env.string("DATABASE_URL"),
+            },
             database_pool_size: env.positive("DATABASE_POOL_SIZE")?,
             redis_url: env.string("REDIS_URL"),
+            redis_ca_file: env.raw("REDIS_CA_FILE").map(|f| f.trim().into()),
             key_prefix: env.string("KEY_PREFIX"),
             grace_period: env.millis("GRACE_PERIOD_MS")?,
             sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
@@ -725,6 +751,12 @@ impl Config {
             }),
             AdminToken::Disabled | AdminToken::Bearer(_) => Ok(()),
         }
+    }
+
+    /// The Redis to connect to: `REDIS_URL`, checked against `REDIS_CA_FILE` when it is a
+    /// `rediss://` one.
+    pub fn redis(&self) -> Result<redis::ConnectionInfo, crate::tls::TlsError> {
+        crate::tls::redis(&self.redis_url, self.redis_ca_file.as_deref())
     }
 
     /// The text of the entities file: `ENTITIES`, or the built-in one.
@@ -882,6 +914,27 @@ mod tests {
         assert_eq!(c.capture_slot, "stalewatch");
         assert_eq!(c.slo_windows.len(), 3);
         assert_eq!(c.capture_publication, "stalewatch");
+    }
+
+    #[test]
+    fn the_ca_files_are_read() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.redis_ca_file, None);
+        assert_eq!(
+            c.database_url,
+            "postgres://postgres@127.0.0.1:5432/stalewatch"
+        );
+        let c = with(&[
+            ("DATABASE_URL", "postgres://db/x?sslmode=verify-full"),
+            ("DATABASE_CA_FILE", "/etc/pg-ca.pem"),
+            ("REDIS_CA_FILE", "/etc/redis-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.database_url,
+            "postgres://db/x?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
+        );
+        assert_eq!(c.redis_ca_file, Some("/etc/redis-ca.pem".into()));
     }
 
     #[test]

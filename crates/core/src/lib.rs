@@ -28,5 +28,6 @@ pub mod repair;
 pub mod rows;
 pub mod shards;
 pub mod slo;
+pub mod tls;
 pub mod track;
 pub mod watch;

@@ -53,8 +53,11 @@ pub fn config<J: Job>(keys: &Keys, batch_size: usize) -> QueueConfig {
 
 /// A connection for apalis. Longer response timeout than the cache's: apalis-redis ends its
 /// worker on any Redis error, and a 2 s pause already killed it with the default 500 ms.
-pub async fn connect(redis_url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(redis_url)?;
+/// `redis` as for `cache::connect`.
+pub async fn connect(
+    redis: impl crate::tls::RedisTarget,
+) -> Result<ConnectionManager, redis::RedisError> {
+    let client = crate::tls::redis_client(redis)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));

@@ -157,6 +157,33 @@ impl PgServer {
         }
     }
 
+    /// Turns TLS on (`ssl = on`) with this certificate chain and key, and restarts. Plain
+    /// connections stay allowed: the client decides, with `sslmode`.
+    pub async fn use_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+            // PostgreSQL refuses a key that others may read.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+            if running_as_root() {
+                let status = std::process::Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .expect("running chown");
+                assert!(status.success(), "chown postgres {}", path.display());
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("reading postgresql.conf");
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("writing postgresql.conf");
+        self.restart().await;
+    }
+
     /// Creates database `name` with every migration applied; returns its URL.
     pub async fn create_database(&self, name: &str) -> Result<String> {
         let admin_url = self.url("postgres");

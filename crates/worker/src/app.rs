@@ -26,14 +26,15 @@ use crate::{
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
     let keys = Keys::new(config.key_prefix.clone());
-    let cache_conn = cache::connect(&config.redis_url).await.with_context(|| {
+    let redis = config.redis()?;
+    let cache_conn = cache::connect(&redis).await.with_context(|| {
         format!(
             "connecting to Redis at {}",
             stalewatch_core::redact::url(&config.redis_url)
         )
     })?;
     let cache = Cache::new(cache_conn, keys.clone());
-    let queue_conn = queue::connect(&config.redis_url).await?;
+    let queue_conn = queue::connect(&redis).await?;
     let watched = Watched::configured(config, &pool)
         .await
         .context("reading the watched entities (ENTITIES)")?;
@@ -156,7 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if invalidating && config.invalidation_consumers > 0 {
         tasks.spawn(invalidate::run(
             ctx.clone(),
-            config.redis_url.clone(),
+            config.redis()?,
             config.invalidation_consumers,
             config.invalidation_claim_idle,
             shutdown.clone(),

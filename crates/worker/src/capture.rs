@@ -14,7 +14,6 @@
 
 use std::{
     collections::BTreeMap,
-    str::FromStr,
     time::{Duration, Instant},
 };
 
@@ -25,7 +24,7 @@ use diesel_async::RunQueryDsl;
 use futures::FutureExt;
 use pgwire_replication::{
     client::{ReplicationClient, ReplicationEvent},
-    config::ReplicationConfig,
+    config::{ReplicationConfig, SslMode, TlsConfig},
     lsn::Lsn,
 };
 use redis::AsyncCommands;
@@ -83,7 +82,8 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
             runtime.block_on(async move {
                 let mut ctx = ctx;
                 // Retried like any start-up failure of the reader would be.
-                let connect = || queue::connect(&config.redis_url);
+                let redis = config.redis()?;
+                let connect = || queue::connect(&redis);
                 ctx.queue_conn = connect
                     .retry(supervise::restart_backoff())
                     .when(|_| !shutdown.is_cancelled())
@@ -627,7 +627,7 @@ pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Re
 
 /// The replication connection's settings, from DATABASE_URL.
 fn replication_config(config: &Config) -> anyhow::Result<ReplicationConfig> {
-    let pg = tokio_postgres::Config::from_str(&config.database_url)
+    let (pg, tls) = stalewatch_core::tls::postgres_settings(&config.database_url)
         .context("reading DATABASE_URL for the replication connection")?;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -642,6 +642,7 @@ fn replication_config(config: &Config) -> anyhow::Result<ReplicationConfig> {
         .unwrap_or_default();
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let database = pg.get_dbname().unwrap_or(&user).to_string();
+    let tls = replication_tls(&tls, &host);
     Ok(ReplicationConfig::new(
         host,
         user,
@@ -651,9 +652,35 @@ fn replication_config(config: &Config) -> anyhow::Result<ReplicationConfig> {
         config.capture_publication.clone(),
     )
     .with_port(port)
+    .with_tls(tls)
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(1))
     .with_application_name("stalewatch-capture"))
+}
+
+/// `sslmode` and `sslrootcert` for pgwire-replication's own TLS (`stalewatch_core::tls`).
+fn replication_tls(tls: &stalewatch_core::tls::PgTls, host: &str) -> TlsConfig {
+    use stalewatch_core::tls::SslMode as Mode;
+    let settings = stalewatch_core::tls::replication(tls);
+    let mode = match settings.mode {
+        Mode::Disable => SslMode::Disable,
+        Mode::Prefer => SslMode::Prefer,
+        Mode::Require => SslMode::Require,
+        Mode::VerifyCa => SslMode::VerifyCa,
+        Mode::VerifyFull => SslMode::VerifyFull,
+    };
+    let config = TlsConfig {
+        mode,
+        ca_pem_path: settings.ca,
+        ..TlsConfig::default()
+    };
+    // pgwire-replication refuses verify-full to an IP address without a name to check; the
+    // address itself is the name the other connections check (an IP SAN).
+    if mode == SslMode::VerifyFull && host.parse::<std::net::IpAddr>().is_ok() {
+        config.with_sni_hostname(host)
+    } else {
+        config
+    }
 }
 
 #[derive(QueryableByName)]

@@ -72,7 +72,7 @@ pub async fn publish(ctx: &Ctx, entries: &[Entry]) -> anyhow::Result<()> {
 /// Runs `consumers` consumers until `shutdown`, each restarted with backoff on failure.
 pub async fn run(
     ctx: Ctx,
-    redis_url: String,
+    redis: redis::ConnectionInfo,
     consumers: usize,
     claim_idle: Duration,
     shutdown: CancellationToken,
@@ -82,7 +82,7 @@ pub async fn run(
     let connection = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
-    let pool = Manager::new_with_config(redis_url.as_str(), connection)
+    let pool = Manager::new_with_config(redis, connection)
         .map_err(anyhow::Error::from)
         .and_then(|manager| {
             Pool::builder(manager)

@@ -33,7 +33,7 @@ use stalewatch_core::{
     pgoutput::{RelColumn, Relation, Tuple, Value},
 };
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -147,10 +147,11 @@ impl Drop for Reader<'_> {
 impl<'a> Reader<'a> {
     async fn start(ctx: &'a Ctx, config: &'a Config) -> anyhow::Result<Reader<'a>> {
         let router = watched_router(ctx);
-        let (client, mut connection) =
-            tokio_postgres::connect(&config.database_url, NoTls)
-                .await
-                .context("connecting to PostgreSQL to LISTEN for the outbox")?;
+        let (pg, tls) = stalewatch_core::tls::postgres(&config.database_url)?;
+        let (client, mut connection) = pg
+            .connect(tls)
+            .await
+            .context("connecting to PostgreSQL to LISTEN for the outbox")?;
         let notified = Arc::new(Notify::new());
         let driver = {
             let notified = notified.clone();

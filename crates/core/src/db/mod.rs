@@ -15,7 +15,7 @@ use diesel_async::{
     pooled_connection::{
         AsyncDieselConnectionManager, ManagerConfig, PoolError as ConnError, RecyclingMethod,
     },
-    AsyncConnection, AsyncPgConnection, RunQueryDsl,
+    AsyncPgConnection, RunQueryDsl,
 };
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
@@ -192,10 +192,40 @@ impl managed::Manager for Manager {
     }
 }
 
+/// One connection to `database_url`, over TLS as its `sslmode` and `sslrootcert` ask
+/// (`crate::tls`). Every PostgreSQL session of stalewatch but the replication one is opened
+/// here.
+pub async fn establish(database_url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel::ConnectionError::BadConnection;
+    let (config, tls) =
+        crate::tls::postgres(database_url).map_err(|e| BadConnection(e.to_string()))?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| {
+        // tokio-postgres keeps the cause (the server's message, the certificate's fault) out
+        // of its own message: the whole chain is what tells an operator what to fix.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        let message = crate::redact::url(&message);
+        BadConnection(if message.contains("invalid peer certificate") {
+            format!("{message} (the server's certificate is not trusted for this host name: set DATABASE_CA_FILE, or sslrootcert in DATABASE_URL, to the PEM file of its CA)")
+        } else {
+            message
+        })
+    })?;
+    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+}
+
 /// A pool that fails fast (5 s) when PostgreSQL is down instead of queueing callers forever.
+/// A `DATABASE_URL` whose TLS settings cannot work (a bad `sslmode`, an unreadable CA file)
+/// fails here, before any connection is tried.
 pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
+    crate::tls::postgres(database_url).map_err(|e| DbError::Unavailable(e.to_string()))?;
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(|url| Box::pin(establish(url)));
     let inner =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     managed::Pool::builder(Manager {
@@ -213,7 +243,7 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbError> {
 /// Applies pending migrations. Holds a PostgreSQL advisory lock meanwhile, so an API and a
 /// worker starting together don't both try to create the same tables.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, DbError> {
-    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    let mut conn = establish(database_url).await?;
     diesel::sql_query("SELECT pg_advisory_lock($1)")
         .bind::<BigInt, _>(MIGRATION_LOCK_ID)
         .execute(&mut conn)
