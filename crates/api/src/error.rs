@@ -29,6 +29,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// The client did not send its whole body in time (`crate::deadline`).
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     Invalid(String),
     /// The write collides with an existing row.
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Timeout(_) => "request_timeout",
             ApiError::Invalid(_) => "invalid",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
@@ -89,6 +93,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) | ApiError::Contended(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -112,8 +117,15 @@ impl ResponseError for ApiError {
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
         }
-        if let ApiError::Unauthorized(_) = self {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        match self {
+            ApiError::Unauthorized(_) => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            ApiError::Timeout(_) => {
+                response.insert_header((header::CONNECTION, "close"));
+            }
+            _ => {}
         }
         response.json(self.body())
     }
@@ -159,6 +171,9 @@ pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error
         JsonPayloadError::ContentType => {
             ApiError::BadRequest("expected Content-Type: application/json".into())
         }
+        JsonPayloadError::Payload(e) if crate::deadline::is_timeout(e) => {
+            ApiError::Timeout(e.to_string())
+        }
         JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::Invalid(e.to_string()),
         JsonPayloadError::Deserialize(e) => ApiError::BadRequest(format!("malformed JSON: {e}")),
         other => ApiError::BadRequest(other.to_string()),
@@ -174,9 +189,17 @@ pub fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Err
     ApiError::BadRequest(format!("bad query string: {err}")).into()
 }
 
+/// Longest part of a path quoted back in a 404: a 20 KB URL is not echoed whole.
+const QUOTED_PATH: usize = 200;
+
 /// Unknown routes answer in the same JSON shape.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())).error_response()
+    let path = req.path();
+    let path = match path.char_indices().nth(QUOTED_PATH) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &path[..cut], path.len()),
+        None => path.to_string(),
+    };
+    ApiError::NotFound(format!("no route for {} {path}", req.method())).error_response()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use actix_web::{App, HttpServer};
 use anyhow::Context;
 use clap::Parser;
-use stalewatch_api::{configure, state::AppState};
+use stalewatch_api::{configure, deadline, state::AppState};
 use stalewatch_core::{
     cli,
     config::{Config, Settings},
@@ -60,7 +60,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = config.http_addr.clone();
     let state = AppState::connect(config).await?;
     let failure_mode = state.config.failure_mode;
+    let client_timeout = state.config.http_client_timeout;
+    // actix's defaults leave a request head 5 s and an idle connection 5 s; HTTP_CLIENT_TIMEOUT_MS
+    // sets both, and the body's time (`deadline::BodyDeadline`, in `configure`).
     let server = HttpServer::new(move || App::new().configure(configure(state.clone())))
+        .client_request_timeout(client_timeout)
+        .keep_alive(client_timeout)
+        .client_disconnect_timeout(deadline::DISCONNECT_TIMEOUT)
         .bind(&addr)
         .with_context(|| format!("binding HTTP_ADDR={addr}"))?;
     tracing::info!(addr = ?server.addrs(), ?failure_mode, "stalewatch-api listening");

@@ -141,6 +141,11 @@ pub const SETTINGS: &[Setting] = &[
         "API listen address: host:port, the host an IP address or a name",
     ),
     setting(
+        "HTTP_CLIENT_TIMEOUT_MS",
+        "10000",
+        "API: how long a client may take to send a request's head, then its body, and how long an idle connection stays open",
+    ),
+    setting(
         "METRICS_ADDR",
         "127.0.0.1:9091",
         "worker /metrics and /healthz: host:port; port 0 takes a free port (logged)",
@@ -638,6 +643,10 @@ pub struct Config {
     /// JSON fields left out of content comparison (dotted paths allowed).
     pub ignore_fields: Vec<String>,
     pub http_addr: ListenAddr,
+    /// How long an API client may take to send a request's head, then its body (a body that
+    /// stalls gets a 408), and how long an idle kept-alive connection stays open: a client
+    /// that stops sending must not hold a connection.
+    pub http_client_timeout: Duration,
     pub metrics_addr: ListenAddr,
     pub log_format: LogFormat,
     pub failure_mode: FailureMode,
@@ -715,6 +724,9 @@ impl Config {
                 .map(String::from)
                 .collect(),
             http_addr: env.parse("HTTP_ADDR")?,
+            http_client_timeout: Duration::from_millis(
+                env.positive("HTTP_CLIENT_TIMEOUT_MS")? as u64,
+            ),
             metrics_addr: env.parse("METRICS_ADDR")?,
             log_format: env.parse("LOG_FORMAT")?,
             failure_mode: env.parse("FAILURE_MODE")?,
@@ -897,6 +909,7 @@ mod tests {
         assert_eq!(c.grace_period, Duration::from_millis(2000));
         assert_eq!(c.sweep_interval, Duration::from_millis(5000));
         assert_eq!(c.sweep_batch, 1000);
+        assert_eq!(c.http_client_timeout, Duration::from_secs(10));
         assert_eq!(c.sweep_shards, 8);
         assert_eq!(c.sweep_lease, Duration::from_secs(30));
         assert_eq!(c.failure_mode, FailureMode::Off);
