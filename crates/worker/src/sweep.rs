@@ -30,7 +30,7 @@ use stalewatch_core::{
     keys::Keys,
     lease::Lease,
     rows::Rows,
-    shards::{self, Checkpoint, Part, Round, Shard},
+    shards::{self, Checkpoint, Part, Round, RoundError, Shard},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -137,7 +137,20 @@ impl Sweeper {
         if resting {
             return Ok(None);
         }
-        let round = match round::current(&mut conn, keys).await? {
+        let current = match round::current(&mut conn, keys).await {
+            Err(e) if e.downcast_ref::<RoundError>().is_some() => {
+                // Written by another version, or damaged: a record no worker can read would
+                // stop the sweep for good, so it is dropped and a new round starts.
+                tracing::warn!(error = %e, "unreadable sweep round record; starting a new round");
+                redis::cmd("DEL")
+                    .arg(keys.sweep_round())
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                None
+            }
+            other => other?,
+        };
+        let round = match current {
             Some(round) => round,
             None => match self.start_round().await? {
                 Some(round) => round,

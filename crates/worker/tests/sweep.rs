@@ -206,3 +206,25 @@ async fn no_sweep_starts_while_another_holds_the_lease() {
         .expect("lease free again");
     assert_eq!(summary.items, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_round_record_is_replaced_by_a_new_round() {
+    let env = TestEnv::new().await.unwrap();
+    stale_items(&env, 5).await;
+    let mut conn = env.cache.connection();
+    redis::cmd("HSET")
+        .arg(env.keys().sweep_round())
+        .arg("id")
+        .arg("not a number")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let summary = sweeper(&env, 10)
+        .await
+        .resume(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap()
+        .expect("a new round");
+    assert!(summary.complete);
+    assert_eq!(summary.items, 5);
+}
