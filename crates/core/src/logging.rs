@@ -1,12 +1,13 @@
 //! Structured logs through `tracing`, as text for people or JSON for collectors.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, io::IsTerminal};
 
 use tracing::{
     field::{Field, Visit},
     Event, Level, Metadata, Subscriber,
 };
 use tracing_subscriber::{
+    field::MakeExt,
     filter::filter_fn,
     fmt,
     layer::{Context, SubscriberExt},
@@ -27,7 +28,8 @@ const CONNECTION_ERROR: &str = "stream error: ";
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let output = match format {
-        LogFormat::Text => fmt::layer().with_target(false).boxed(),
+        // Colour codes only for a terminal: in a file or a collector they are noise.
+        LogFormat::Text => text(std::io::stdout, std::io::stdout().is_terminal()),
         LogFormat::Json => fmt::layer()
             .with_target(false)
             .json()
@@ -40,6 +42,55 @@ pub fn init(format: LogFormat) {
         .with(output.with_filter(filter_fn(|m| !from_dispatcher(m))))
         .with(ClientFaults)
         .try_init();
+}
+
+/// The text format, every field value and message escaped ([`escape`]).
+fn text<S, W>(writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fields = fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        match field.name() {
+            "message" => write!(w, "{}", escape(&text)),
+            name => write!(w, "{name}={}", escape(&text)),
+        }
+    })
+    .delimited(" ");
+    fmt::layer()
+        .with_target(false)
+        .with_ansi(ansi)
+        .fmt_fields(fields)
+        .with_writer(writer)
+        .boxed()
+}
+
+/// `s` with control characters and invisible format characters (bidirectional overrides,
+/// zero-width spaces, line separators) escaped as Rust does (`\n`, `\u{1b}`).
+///
+/// Logged values carry text clients chose (cache keys built from row ids, keys seen in
+/// Redis, request paths): a newline in one must not start a forged log line, nor an escape
+/// byte reach the terminal. `key` fields logged with `?` or as `&str` are quoted and escaped
+/// by `Debug` already; this covers `%` (Display) fields and messages too. The JSON format
+/// escapes by itself.
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    fn needs(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    }
+    if !s.chars().any(needs) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if c.is_control() => out.extend(c.escape_debug()),
+            c if needs(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 /// An ERROR of actix-http's connection handling: [`ClientFaults`] logs it again.
@@ -81,5 +132,47 @@ impl Visit for Message {
         if field.name() == "message" {
             let _ = write!(self.0, "{value:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a text subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn client_chosen_text_cannot_forge_a_text_log_line() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(text(move || out.clone(), false));
+        let key =
+            "app:user:1\n2026-11-24T00:00:00Z ERROR FORGED log line admin=true\u{1b}[31m\u{202e}";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(key = %key, path = key, "incident transition {key}");
+        });
+        let written = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(written.lines().count(), 1, "{written}");
+        assert!(
+            !written.contains('\u{1b}') && !written.contains('\u{202e}'),
+            "{written:?}"
+        );
+        assert!(written.contains(r"app:user:1\n2026"), "{written}");
+        assert!(written.contains(r"\u{1b}[31m"), "{written}");
+        assert!(written.contains("INFO"), "{written}");
     }
 }
