@@ -725,7 +725,7 @@ impl Config {
                 .collect(),
             http_addr: env.parse("HTTP_ADDR")?,
             http_client_timeout: Duration::from_millis(
-                env.positive("HTTP_CLIENT_TIMEOUT_MS")? as u64,
+                env.positive("HTTP_CLIENT_TIMEOUT_MS")? as u64
             ),
             metrics_addr: env.parse("METRICS_ADDR")?,
             log_format: env.parse("LOG_FORMAT")?,

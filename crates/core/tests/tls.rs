@@ -1,79 +1,14 @@
 //! TLS to PostgreSQL and Redis, against servers of the test's own whose certificates the test
 //! makes: a CA, and server certificates it signs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use diesel::{sql_types::Bool, QueryableByName};
 use diesel_async::RunQueryDsl;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use stalewatch_core::{
-    cache, config::Config, db, incident::Source, jobs::CheckJob, keys::Keys, queue, tls,
+    cache, config::Config, db, incident::Source, jobs::CheckJob, keys::Keys, queue,
 };
-use stalewatch_testkit::{free_port, wait_port, PgServer, Proc};
-
-/// A CA, a server certificate it signed for `names`, and a CA nobody used: in a temporary
-/// directory removed with it.
-struct Pki {
-    dir: PathBuf,
-    /// The test CA's certificate (PEM file).
-    ca: PathBuf,
-    /// Another CA's: the server certificate does not chain to it.
-    other_ca: PathBuf,
-    cert: String,
-    key: String,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-}
-
-impl Pki {
-    fn new(names: &[&str]) -> Pki {
-        let dir = std::env::temp_dir().join(format!("stalewatch-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir(&dir).unwrap();
-        let ca_params = |cn: &str| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params
-        };
-        let (ca_key, other_key) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
-        let ca_cert = ca_params("stalewatch test CA")
-            .self_signed(&ca_key)
-            .unwrap();
-        let other_cert = ca_params("another CA").self_signed(&other_key).unwrap();
-        let issuer = Issuer::new(ca_params("stalewatch test CA"), ca_key);
-
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "stalewatch test server");
-        let server_key = KeyPair::generate().unwrap();
-        let server_cert = params.signed_by(&server_key, &issuer).unwrap();
-
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).unwrap();
-            path
-        };
-        let (cert, key) = (server_cert.pem(), server_key.serialize_pem());
-        Pki {
-            ca: write("ca.pem", &ca_cert.pem()),
-            other_ca: write("other-ca.pem", &other_cert.pem()),
-            cert_file: write("server.crt", &cert),
-            key_file: write("server.key", &key),
-            cert,
-            key,
-            dir,
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use stalewatch_testkit::{free_port, tls::Pki, PgServer};
 
 fn config(vars: &[(&str, &str)]) -> Config {
     Config::from_lookup(|k| {
@@ -173,30 +108,8 @@ async fn postgres_over_tls_is_checked_against_the_given_ca() {
 #[tokio::test]
 async fn rediss_is_checked_against_the_given_ca() {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
-    let port = free_port().to_string();
-    let _server = Proc::spawn(
-        Path::new("redis-server"),
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            path(&pki.cert_file),
-            "--tls-key-file",
-            path(&pki.key_file),
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        &[],
-    );
-    wait_port(port.parse().unwrap()).await;
+    let port = free_port();
+    let _server = stalewatch_testkit::tls::redis_server(port, &pki).await;
     let url = format!("rediss://127.0.0.1:{port}");
 
     let config = config(&[("REDIS_URL", &url), ("REDIS_CA_FILE", path(&pki.ca))]);
@@ -222,7 +135,7 @@ async fn rediss_is_checked_against_the_given_ca() {
 
     // Without the CA (the system's roots), or with another CA: refused, saying why.
     for ca in [None, Some(pki.other_ca.as_path())] {
-        let untrusted = tls::redis(&url, ca).unwrap();
+        let untrusted = stalewatch_core::tls::redis(&url, ca).unwrap();
         let e = cache::connect(&untrusted)
             .await
             .expect_err("an untrusted certificate was accepted")

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 mod pg_server;
 mod tcp_proxy;
+pub mod tls;
 pub use pg_server::PgServer;
 pub use tcp_proxy::TcpProxy;
 
