@@ -11,8 +11,9 @@ use actix_web::{
     http::{header, StatusCode},
     HttpRequest, HttpResponse, ResponseError,
 };
-use serde_json::json;
+use serde::Serialize;
 use stalewatch_core::{cache::CacheError, check::CheckError, db::DbError};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// How long a client should wait before retrying a 503, in seconds.
@@ -78,12 +79,55 @@ impl ApiError {
 
     /// The body of the response.
     pub fn body(&self) -> serde_json::Value {
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let ApiError::Internal { error_id, .. } = self {
-            error["error_id"] = json!(error_id);
-        }
-        json!({ "error": error })
+        let error_id = match self {
+            ApiError::Internal { error_id, .. } => Some(*error_id),
+            _ => None,
+        };
+        serde_json::to_value(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                error_id,
+            },
+        })
+        .expect("an error body always serialises")
     }
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What kind of error, for programs.
+    #[schema(value_type = ErrorCode)]
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Only on `internal` errors: the server log has the details under this id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_id: Option<Uuid>,
+}
+
+/// The values of [`ApiError::code`], for the OpenAPI document (a test holds them together).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // A description only.
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    Unauthorized,
+    PayloadTooLarge,
+    RequestTimeout,
+    Invalid,
+    Conflict,
+    Unavailable,
+    Contended,
+    UndecodableRow,
+    Internal,
 }
 
 impl ResponseError for ApiError {
@@ -161,6 +205,65 @@ impl From<CheckError> for ApiError {
             }
         }
     }
+}
+
+// The error responses of the OpenAPI document, in groups that routes share.
+
+/// A client error in the path, the query or the body.
+#[derive(utoipa::IntoResponses)]
+pub enum BadRequest {
+    /// A path or query parameter that does not parse, an unknown query parameter, malformed
+    /// JSON, or a body without `Content-Type: application/json`.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+}
+
+/// What a route reading a JSON body adds.
+#[derive(utoipa::IntoResponses)]
+pub enum BodyErrors {
+    /// The body did not arrive within HTTP_CLIENT_TIMEOUT_MS.
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// The body is larger than 256 KiB.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Well-formed JSON of the wrong shape, or values refused (an empty name, a NUL character).
+    #[response(status = 422)]
+    Invalid(ErrorBody),
+}
+
+#[derive(utoipa::IntoResponses)]
+pub enum NotFoundError {
+    /// No such item or incident.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+}
+
+#[derive(utoipa::IntoResponses)]
+pub enum AdminErrors {
+    /// No `Authorization: Bearer <ADMIN_TOKEN>`, or a wrong one.
+    #[response(status = 401, headers(("WWW-Authenticate" = String)))]
+    Unauthorized(ErrorBody),
+}
+
+#[derive(utoipa::IntoResponses)]
+pub enum ConflictError {
+    /// The write collides with an existing row.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+}
+
+/// What any route that reads the stores may answer.
+#[derive(utoipa::IntoResponses)]
+pub enum StoreErrors {
+    /// A stored row this service cannot decode (`undecodable_row`), or a fault of ours
+    /// (`internal`, with an `error_id` the server log has too).
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// PostgreSQL or Redis cannot be reached (`unavailable`), or concurrent writers kept
+    /// colliding (`contended`): retry after Retry-After seconds.
+    #[response(status = 503, headers(("Retry-After" = String, description = "seconds")))]
+    Unavailable(ErrorBody),
 }
 
 /// Malformed JSON is a 400, well-formed JSON of the wrong shape a 422, too big a 413.

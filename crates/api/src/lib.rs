@@ -5,6 +5,7 @@ pub mod deadline;
 pub mod enqueue;
 pub mod error;
 pub mod failure;
+pub mod openapi;
 pub mod routes;
 pub mod state;
 

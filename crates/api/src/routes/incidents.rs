@@ -11,8 +11,14 @@ use stalewatch_core::{
     },
     incident::State,
 };
+use utoipa::{IntoParams, ToSchema};
 
-use crate::{auth::Admin, error::ApiError, state::AppState};
+use crate::{
+    auth::Admin,
+    error::{AdminErrors, ApiError, BadRequest, NotFoundError, StoreErrors},
+    openapi::IncidentDoc,
+    state::AppState,
+};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
@@ -42,12 +48,35 @@ impl From<IncidentRow> for IncidentView {
 }
 
 /// Pagination, shared by every listing.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageParams {
+    /// Page size, 50 unless given.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     /// The `next` value of the previous page.
     after: Option<i64>,
+}
+
+/// A page of a listing, newest first.
+#[derive(ToSchema)]
+#[allow(dead_code)] // A description only: built with json!.
+pub struct IncidentPage {
+    data: Vec<IncidentDoc>,
+    /// The `after` of the next page; null on the last one.
+    next: Option<i64>,
+}
+
+/// A page of a listing of the prototype's shape.
+#[derive(ToSchema)]
+#[allow(dead_code)] // A description only: built with json!.
+pub struct CountedPage {
+    /// Every incident the listing holds, not only this page's.
+    count: i64,
+    data: Vec<IncidentDoc>,
+    /// The `after` of the next page; null on the last one.
+    next: Option<i64>,
 }
 
 fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
@@ -124,6 +153,15 @@ async fn counted(
 /// By state alone: an incident is confirmed (`confirmed_at` set) exactly when it is
 /// Confirmed, Persistent or Resolved, because only a Confirmed or Persistent incident closes
 /// as Resolved; a Detected one closes as Transient (`stalewatch_core::incident::step`).
+#[utoipa::path(
+    operation_id = "list_confirmed_incidents",
+    tag = "incidents",
+    params(PageParams),
+    responses(
+        (status = 200, description = "A page", body = CountedPage),
+        BadRequest, StoreErrors,
+    )
+)]
 #[get("/items/inconsistencies/all")]
 pub async fn all(
     state: web::Data<AppState>,
@@ -134,6 +172,15 @@ pub async fn all(
 }
 
 /// Confirmed incidents not yet resolved.
+#[utoipa::path(
+    operation_id = "list_active_incidents",
+    tag = "incidents",
+    params(PageParams),
+    responses(
+        (status = 200, description = "A page", body = CountedPage),
+        BadRequest, StoreErrors,
+    )
+)]
 #[get("/items/inconsistencies/active")]
 pub async fn active(
     state: web::Data<AppState>,
@@ -143,20 +190,33 @@ pub async fn active(
     counted(&state, states, params.into_inner()).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Comma-separated states.
+    /// Comma-separated states: detected, confirmed, persistent, resolved, transient.
     state: Option<String>,
+    /// A Redis key, exactly.
     key: Option<String>,
     /// An entity's name in the ENTITIES file.
     entity: Option<String>,
+    /// Page size, 50 unless given.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     /// The `next` value of the previous page.
     after: Option<i64>,
 }
 
 /// Every incident, Detected and Transient included, newest first.
+#[utoipa::path(
+    operation_id = "list_incidents",
+    tag = "incidents",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page", body = IncidentPage),
+        BadRequest, StoreErrors,
+    )
+)]
 #[get("/inconsistencies")]
 pub async fn list(
     state: web::Data<AppState>,
@@ -189,6 +249,16 @@ pub async fn list(
 
 /// Rewrites the incident's key from PostgreSQL, in its entity's representation, and checks
 /// it: a match resolves the incident with cause `refresh`. Returns the incident as it then is.
+#[utoipa::path(
+    operation_id = "refresh_incident",
+    tag = "incidents",
+    params(("id" = i64, Path, description = "The incident's id")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The incident after the refresh", body = IncidentDoc),
+        BadRequest, AdminErrors, NotFoundError, StoreErrors,
+    )
+)]
 #[post("/inconsistencies/{id}/refresh")]
 pub async fn refresh(
     _admin: Admin,
@@ -210,6 +280,16 @@ pub async fn refresh(
     Ok(HttpResponse::Ok().json(IncidentView::from(find().await?)))
 }
 
+/// One incident.
+#[utoipa::path(
+    operation_id = "get_incident",
+    tag = "incidents",
+    params(("id" = i64, Path, description = "The incident's id")),
+    responses(
+        (status = 200, description = "The incident", body = IncidentDoc),
+        BadRequest, NotFoundError, StoreErrors,
+    )
+)]
 #[get("/inconsistencies/{id}")]
 pub async fn one(state: web::Data<AppState>, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
@@ -220,11 +300,16 @@ pub async fn one(state: web::Data<AppState>, id: web::Path<i64>) -> Result<HttpR
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chrono::{TimeZone, Utc};
     use serde_json::Value;
 
     use super::*;
+
+    /// A view of a resolved incident, for other modules' tests.
+    pub(crate) fn view() -> IncidentView {
+        IncidentView::from(row())
+    }
 
     fn row() -> IncidentRow {
         let at = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap();

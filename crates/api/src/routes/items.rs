@@ -9,26 +9,75 @@ use stalewatch_core::{
     db::items::{self, Item, ItemChanges},
     keys::ITEM_ENTITY,
 };
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{auth::Admin, error::ApiError, state::AppState};
+use crate::{
+    auth::Admin,
+    error::{
+        AdminErrors, ApiError, BadRequest, BodyErrors, ConflictError, NotFoundError, StoreErrors,
+    },
+    openapi::{IncidentDoc, ItemDoc},
+    state::AppState,
+};
 
 const MAX_NAME_LEN: usize = 200;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateItem {
+    /// Not blank, at most 200 characters, no NUL.
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// Any JSON value without a NUL character in its strings or keys.
+    #[schema(value_type = Value)]
     value: Value,
 }
 
-#[derive(Debug, Deserialize)]
+/// Give `name`, `value` or both.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateItem {
+    /// Not blank, at most 200 characters, no NUL.
+    #[schema(min_length = 1, max_length = 200)]
     name: Option<String>,
     /// `"value": null` sets the value to JSON null; only a missing field leaves it alone.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Value)]
     value: Option<Value>,
+}
+
+/// Where a read was served from.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // A description only.
+pub enum ReadSource {
+    Cache,
+    Db,
+}
+
+/// An item read (the `X-Cache` header says hit, miss or bypass).
+#[derive(ToSchema)]
+#[allow(dead_code)] // A description only: built with json! below.
+pub struct ItemRead {
+    source: ReadSource,
+    data: ItemDoc,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)] // A description only.
+pub struct Deleted {
+    deleted: bool,
+    id: Uuid,
+}
+
+/// An item's key rewritten from PostgreSQL, and its incident if it had one.
+#[derive(ToSchema)]
+#[allow(dead_code)] // A description only.
+pub struct Refreshed {
+    refreshed: bool,
+    data: ItemDoc,
+    incident: Option<IncidentDoc>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
@@ -117,6 +166,16 @@ async fn write_cache(state: &AppState, item: &Item) {
     }
 }
 
+/// Creates an item: PostgreSQL first, then the cache, then checks are asked for.
+#[utoipa::path(
+    operation_id = "create_item",
+    tag = "items",
+    request_body = CreateItem,
+    responses(
+        (status = 201, description = "Created", body = ItemDoc),
+        BadRequest, BodyErrors, ConflictError, StoreErrors,
+    )
+)]
 #[post("/items")]
 pub async fn create(
     state: web::Data<AppState>,
@@ -131,6 +190,17 @@ pub async fn create(
     Ok(HttpResponse::Created().json(item))
 }
 
+/// Reads an item: from the cache, else from PostgreSQL (which fills the cache).
+#[utoipa::path(
+    operation_id = "get_item",
+    tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    responses(
+        (status = 200, description = "The item", body = ItemRead,
+            headers(("X-Cache" = String, description = "hit, miss or bypass (Redis unavailable)"))),
+        BadRequest, NotFoundError, StoreErrors,
+    )
+)]
 #[get("/items/{id}")]
 pub async fn get(
     state: web::Data<AppState>,
@@ -184,6 +254,17 @@ pub async fn get(
         .json(json!({ "source": "db", "data": item })))
 }
 
+/// Updates an item's name, value or both; raises its version.
+#[utoipa::path(
+    operation_id = "update_item",
+    tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    request_body = UpdateItem,
+    responses(
+        (status = 200, description = "The item as updated", body = ItemDoc),
+        BadRequest, BodyErrors, NotFoundError, ConflictError, StoreErrors,
+    )
+)]
 #[put("/items/{id}")]
 pub async fn update(
     state: web::Data<AppState>,
@@ -230,6 +311,16 @@ pub async fn update(
     Ok(HttpResponse::Ok().json(after))
 }
 
+/// Deletes an item, and its cache key.
+#[utoipa::path(
+    operation_id = "delete_item",
+    tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        BadRequest, NotFoundError, StoreErrors,
+    )
+)]
 #[delete("/items/{id}")]
 pub async fn delete(
     state: web::Data<AppState>,
@@ -269,6 +360,17 @@ async fn refresh_item(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiErr
     })))
 }
 
+/// The prototype's path of [`refresh`].
+#[utoipa::path(
+    operation_id = "refresh_item_prototype",
+    tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Refreshed", body = Refreshed),
+        BadRequest, AdminErrors, NotFoundError, StoreErrors,
+    )
+)]
 #[post("/items/debug/refresh/{id}")]
 pub async fn refresh_debug(
     _admin: Admin,
@@ -278,6 +380,18 @@ pub async fn refresh_debug(
     refresh_item(&state, id.into_inner()).await
 }
 
+/// Rewrites the item's cache key from PostgreSQL and resolves its open incident (cause
+/// `refresh`). Takes no body: one, if sent, must be declared JSON.
+#[utoipa::path(
+    operation_id = "refresh_item",
+    tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Refreshed", body = Refreshed),
+        BadRequest, AdminErrors, NotFoundError, StoreErrors,
+    )
+)]
 #[post("/items/{id}/refresh")]
 pub async fn refresh(
     _admin: Admin,

@@ -7,22 +7,40 @@ pub mod ops;
 
 use actix_web::web;
 
-/// Registers every route. The fixed `/items/...` paths come before `/items/{id}` so that
-/// `inconsistencies` is never read as an item id.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(incidents::all)
-        .service(incidents::active)
-        .service(items::refresh_debug)
-        .service(items::create)
-        .service(items::get)
-        .service(items::update)
-        .service(items::delete)
-        .service(items::refresh)
-        .service(incidents::list)
-        .service(incidents::refresh)
-        .service(incidents::one)
-        .service(ops::healthz)
-        .service(ops::readyz)
-        .service(ops::metrics)
-        .service(ops::stats);
+/// Registers the routes in order and lists them in the OpenAPI document, both from one list:
+/// a route cannot be served without being documented (and one without `#[utoipa::path]`
+/// does not compile).
+macro_rules! routes {
+    ($($route:path),* $(,)?) => {
+        /// Registers every route.
+        pub fn configure(cfg: &mut web::ServiceConfig) {
+            $(cfg.service($route);)*
+        }
+
+        /// Every route's operation, for [`crate::openapi::document`].
+        #[derive(utoipa::OpenApi)]
+        #[openapi(paths($($route),*))]
+        pub struct Operations;
+    };
 }
+
+// The fixed `/items/...` paths come before `/items/{id}` so that `inconsistencies` is never
+// read as an item id.
+routes![
+    incidents::all,
+    incidents::active,
+    items::refresh_debug,
+    items::create,
+    items::get,
+    items::update,
+    items::delete,
+    items::refresh,
+    incidents::list,
+    incidents::refresh,
+    incidents::one,
+    ops::healthz,
+    ops::readyz,
+    ops::metrics,
+    ops::stats,
+    crate::openapi::openapi_json,
+];

@@ -9,15 +9,46 @@ use stalewatch_core::{
     queue, track,
 };
 
-use crate::{error::ApiError, state::AppState};
+use crate::{
+    error::{ApiError, StoreErrors},
+    state::AppState,
+};
 
 /// The process is up.
+#[utoipa::path(
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "Up", body = inline(Health)))
+)]
 #[get("/healthz")]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
+/// `{"status": "ok"}`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // A description only.
+pub struct Health {
+    status: String,
+}
+
+/// Each store: `ok`, or why not.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // A description only.
+pub struct Readiness {
+    postgres: String,
+    redis: String,
+}
+
 /// PostgreSQL and Redis both answer.
+#[utoipa::path(
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Both answer", body = inline(Readiness)),
+        (status = 503, description = "One does not", body = inline(Readiness)),
+    )
+)]
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (pg, redis) = tokio::join!(db::ping(&state.pool), state.cache.ping());
@@ -47,6 +78,13 @@ async fn refresh_gauges(state: &AppState) {
     let _ = queue::report_depth::<ConfirmJob>(&mut conn, keys, &state.metrics).await;
 }
 
+/// The API process's metrics, in Prometheus's text format.
+#[utoipa::path(
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text", body = String,
+        content_type = "text/plain; version=0.0.4"))
+)]
 #[get("/metrics")]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     refresh_gauges(&state).await;
@@ -56,6 +94,14 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// The same numbers as /metrics, as JSON for people: `{metric: {labels: value}}`.
+#[utoipa::path(
+    operation_id = "stats",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{metric: {labels: value}}`", body = Object),
+        StoreErrors,
+    )
+)]
 #[get("/stats")]
 pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     refresh_gauges(&state).await;
