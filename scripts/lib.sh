@@ -105,3 +105,21 @@ ensure_prometheus() {
   log "installing Prometheus (promtool and the server)"
   apt_install prometheus
 }
+
+# What scripts/test checks the deployment files with: Debian's docker-compose (v1, which
+# validates a compose file without a container engine) and kubernetes-validate from PyPI (the
+# Kubernetes schemas, offline), in a virtualenv under target/ with its PyYAML.
+PYTOOLS=${PYTOOLS:-target/pytools}
+ensure_deploy_tools() {
+  if ! command -v docker-compose >/dev/null; then
+    log "installing docker-compose"
+    apt_install docker-compose
+  fi
+  if ! "$PYTOOLS/bin/python" -c "import kubernetes_validate, yaml" 2>/dev/null; then
+    python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    log "installing kubernetes-validate into $PYTOOLS"
+    mkdir -p "$(dirname "$PYTOOLS")"
+    python3 -m venv "$PYTOOLS"
+    "$PYTOOLS/bin/pip" install -q kubernetes-validate
+  fi
+}

@@ -392,7 +392,7 @@ fn metric_names_reads_selectors_only() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
+async fn the_dashboard_the_alerts_and_the_autoscaler_name_only_exported_metrics() {
     let env = TestEnv::new().await.unwrap();
     let (_worker, worker_port) = worker(&env, &[]);
     let (_api, api_url) = api(&env, &[]);
@@ -433,11 +433,23 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
         "{rule_exprs:?}"
     );
 
+    // The autoscaler's Prometheus queries: one `query:` line each.
+    let scaler =
+        std::fs::read_to_string(repo_file("deploy/k8s/autoscaling/worker-scaledobject.yaml"))
+            .unwrap();
+    let queries: Vec<String> = scaler
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("query:"))
+        .map(|q| q.trim().to_string())
+        .collect();
+    assert!(queries.len() >= 2, "the autoscaler's queries: {queries:?}");
+
     let mut wrong = Vec::new();
     for (from, expr) in exprs
         .iter()
         .map(|e| ("dashboard", e))
         .chain(rule_exprs.iter().map(|e| ("alerts.yml", e)))
+        .chain(queries.iter().map(|e| ("worker-scaledobject.yaml", e)))
     {
         let names = metric_names(expr);
         assert!(!names.is_empty(), "{from}: no metric found in {expr}");
