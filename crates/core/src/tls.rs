@@ -11,7 +11,8 @@
 //! | `verify-ca` | always | yes | no |
 //! | `verify-full` | always | yes | yes |
 //!
-//! The CA is the file `sslrootcert` names, or the system's roots (rustls-native-certs) when
+//! A unix socket never has TLS, whatever `sslmode` says (as in libpq). The CA is the file
+//! `sslrootcert` names, or the system's roots (rustls-native-certs) when
 //! there is none or it is `system`. Every PostgreSQL connection of stalewatch goes through
 //! [`postgres`]: the pool, migrations, the outbox listener; the replication connection of
 //! change capture through [`replication`] (pgwire-replication's own rustls, whose default
@@ -39,7 +40,10 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+use tokio_postgres::{
+    config::Host,
+    tls::{ChannelBinding, MakeTlsConnect, TlsConnect},
+};
 
 use crate::redact;
 
@@ -176,6 +180,11 @@ pub fn postgres_settings(url: &str) -> Result<(tokio_postgres::Config, PgTls), T
     }
     let mut config = tokio_postgres::Config::from_str(&rest)
         .map_err(|e| TlsError::new(format!("invalid DATABASE_URL: {e}")))?;
+    // As libpq: a unix socket never has TLS, whatever sslmode says.
+    let hosts = config.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(|h| !matches!(h, Host::Tcp(_))) {
+        tls.mode = SslMode::Disable;
+    }
     config.ssl_mode(match tls.mode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -679,6 +688,8 @@ mod tests {
         let system = tls("postgres://db/x?sslmode=verify-full&sslrootcert=system");
         assert_eq!(system.roots, Roots::System);
         assert_eq!(replication(&system).ca, None);
+        let unix = tls("host=/var/run/postgresql dbname=x sslmode=require");
+        assert_eq!(unix.mode, SslMode::Disable);
         let (config, _) = postgres_settings("postgres://u@db/x?sslmode=verify-full").unwrap();
         assert_eq!(
             config.get_ssl_mode(),

@@ -1,12 +1,13 @@
 //! The worker binary with every connection over TLS checked against a CA the test makes:
 //! PostgreSQL with `sslmode=verify-full` (migrations, the pool, change capture's replication
-//! connection) and Redis over `rediss://` (cache, queues, keyspace notifications).
+//! connection) and Redis over `rediss://` (cache, queues, keyspace notifications), and the
+//! API beside it.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{metric, wait_http, worker};
+use common::{api, metric, wait_http, worker};
 use diesel::{sql_types::BigInt, QueryableByName};
 use diesel_async::RunQueryDsl;
 use stalewatch_testkit::{eventually, free_port, scaled, tls, tls::Pki, PgServer, TestEnv};
@@ -54,6 +55,18 @@ async fn the_worker_runs_over_verified_tls_and_stops_on_an_untrusted_certificate
         || async { (metric(port, "stalewatch_capture_active", &[]).await == 1.0).then_some(()) },
     )
     .await;
+    // The API over the same connections: /readyz asks both stores.
+    let (api, api_url) = api(
+        &env,
+        &[
+            ("DATABASE_URL", &database_url),
+            ("DATABASE_CA_FILE", &ca),
+            ("REDIS_URL", &redis_url),
+            ("REDIS_CA_FILE", &ca),
+        ],
+    );
+    wait_http(&format!("{api_url}/readyz")).await;
+
     let mut conn = env.pool.get().await.unwrap();
     let sessions: Sessions = diesel::sql_query(
         "SELECT count(*) FILTER (WHERE NOT s.ssl) AS plain, \
@@ -64,9 +77,15 @@ async fn the_worker_runs_over_verified_tls_and_stops_on_an_untrusted_certificate
     .get_result(&mut conn)
     .await
     .unwrap();
-    assert_eq!(sessions.plain, 0, "a session without TLS:\n{}", w.output());
+    assert_eq!(
+        sessions.plain,
+        0,
+        "a session without TLS:\n{}\n{}",
+        w.output(),
+        api.output()
+    );
     assert!(sessions.walsenders >= 1, "no replication session");
-    drop(w);
+    drop((w, api));
 
     // The server's certificate without its CA: the worker stops at once, saying why, and
     // without the password.
