@@ -25,6 +25,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A path that exists, with a method it does not take: the methods it takes.
+    #[error("{} takes {}", .path, .allowed.join(", "))]
+    MethodNotAllowed {
+        path: String,
+        allowed: Vec<&'static str>,
+    },
     /// A mutating route without the admin token (or with a wrong one).
     #[error("{0}")]
     Unauthorized(String),
@@ -65,6 +71,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Timeout(_) => "request_timeout",
@@ -119,6 +126,7 @@ pub struct ErrorDetail {
 pub enum ErrorCode {
     BadRequest,
     NotFound,
+    MethodNotAllowed,
     Unauthorized,
     PayloadTooLarge,
     RequestTimeout,
@@ -135,6 +143,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -164,6 +173,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Unauthorized(_) => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                response.insert_header((header::ALLOW, allowed.join(", ")));
             }
             // The rest of the body may still be on its way: the connection cannot be reused.
             ApiError::Timeout(_) => {
@@ -295,14 +307,23 @@ pub fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Err
 /// Longest part of a path quoted back in a 404: a 20 KB URL is not echoed whole.
 const QUOTED_PATH: usize = 200;
 
-/// Unknown routes answer in the same JSON shape.
+/// Unknown routes answer in the same JSON shape: a 405 with `Allow` for a path that takes
+/// other methods, else a 404.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     let path = req.path();
-    let path = match path.char_indices().nth(QUOTED_PATH) {
+    let quoted = match path.char_indices().nth(QUOTED_PATH) {
         Some((cut, _)) => format!("{}... ({} bytes)", &path[..cut], path.len()),
         None => path.to_string(),
     };
-    ApiError::NotFound(format!("no route for {} {path}", req.method())).error_response()
+    let allowed = crate::openapi::methods_of(path);
+    if !allowed.is_empty() {
+        return ApiError::MethodNotAllowed {
+            path: quoted,
+            allowed,
+        }
+        .error_response();
+    }
+    ApiError::NotFound(format!("no route for {} {quoted}", req.method())).error_response()
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub const ADMIN_TOKEN: &str = "admin_token";
             except the empty 400, 431 and 408 that the HTTP parser writes for a request it \
             cannot read."
     ),
-    components(schemas(ErrorBody, ErrorDetail, ItemDoc, IncidentDoc)),
+    components(schemas(ErrorBody, ErrorDetail, ItemDoc, IncidentDoc, JsonValue)),
     modifiers(&AdminTokenScheme),
     tags(
         (name = "items", description = "The demo application: cache-aside reads and writes"),
@@ -54,6 +54,49 @@ pub fn document() -> &'static Document {
         doc.merge(crate::routes::Operations::openapi());
         doc
     })
+}
+
+/// The methods the document lists for `path` (whose segments match its templates', a
+/// `{parameter}` matching any one segment), upper case. What a 405 answers with.
+pub fn methods_of(path: &str) -> Vec<&'static str> {
+    type Templates = Vec<(Vec<String>, Vec<&'static str>)>;
+    static TEMPLATES: OnceLock<Templates> = OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| {
+        let doc = serde_json::to_value(document()).expect("the document serialises");
+        let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+        paths
+            .into_iter()
+            .map(|(template, item)| {
+                let segments = template.split('/').map(String::from).collect();
+                let methods = ["get", "put", "post", "delete", "patch"]
+                    .into_iter()
+                    .filter(|m| item.get(*m).is_some())
+                    .map(|m| match m {
+                        "get" => "GET",
+                        "put" => "PUT",
+                        "post" => "POST",
+                        "delete" => "DELETE",
+                        _ => "PATCH",
+                    })
+                    .collect();
+                (segments, methods)
+            })
+            .collect()
+    });
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut allowed: Vec<&'static str> = templates
+        .iter()
+        .filter(|(template, _)| {
+            template.len() == segments.len()
+                && template.iter().zip(&segments).all(|(t, s)| {
+                    t == s || (t.starts_with('{') && t.ends_with('}') && !s.is_empty())
+                })
+        })
+        .flat_map(|(_, methods)| methods.iter().copied())
+        .collect();
+    allowed.sort_unstable();
+    allowed.dedup();
+    allowed
 }
 
 /// This document.
@@ -86,6 +129,31 @@ impl Modify for AdminTokenScheme {
         );
     }
 }
+
+/// Any JSON value PostgreSQL's jsonb can store: no NUL character (U+0000) in a string or an
+/// object key, at any depth. What an item's `value` may be.
+pub struct JsonValue;
+
+impl utoipa::PartialSchema for JsonValue {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let no_nul = serde_json::json!({ "type": "string", "pattern": "^[^\\u0000]*$" });
+        let itself = serde_json::json!({ "$ref": "#/components/schemas/JsonValue" });
+        let schema = serde_json::json!({
+            "description": "Any JSON value without a NUL character (U+0000) in a string or a key",
+            "anyOf": [
+                { "type": "null" },
+                { "type": "boolean" },
+                { "type": "number" },
+                no_nul,
+                { "type": "array", "items": itself },
+                { "type": "object", "propertyNames": no_nul, "additionalProperties": itself },
+            ]
+        });
+        utoipa::openapi::RefOr::T(serde_json::from_value(schema).expect("a valid schema"))
+    }
+}
+
+impl ToSchema for JsonValue {}
 
 /// An item (`stalewatch_core::db::items::Item`).
 #[derive(Serialize, ToSchema)]
@@ -279,6 +347,32 @@ mod tests {
     }
 
     #[test]
+    fn a_json_value_excludes_nul_at_any_depth() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let schema = &doc["components"]["schemas"]["JsonValue"];
+        let text = schema.to_string();
+        assert!(text.contains("propertyNames"), "{schema}");
+        assert!(text.contains("#/components/schemas/JsonValue"), "{schema}");
+        assert_eq!(
+            schema["anyOf"].as_array().map(Vec::len),
+            Some(6),
+            "{schema}"
+        );
+        assert_eq!(schema["anyOf"][3]["pattern"], "^[^\\u0000]*$", "{schema}");
+    }
+
+    #[test]
+    fn a_path_that_exists_tells_its_methods() {
+        assert_eq!(methods_of("/items"), ["POST"]);
+        assert_eq!(methods_of("/items/x"), ["DELETE", "GET", "PUT"]);
+        assert_eq!(methods_of("/items/inconsistencies/all"), ["GET"]);
+        assert_eq!(methods_of("/items/x/refresh"), ["POST"]);
+        assert!(methods_of("/items/x/y").is_empty());
+        assert!(methods_of("/items/").is_empty());
+        assert!(methods_of("/nothing").is_empty());
+    }
+
+    #[test]
     fn operation_ids_are_unique_and_error_codes_listed() {
         let doc = serde_json::to_value(document()).unwrap();
         let mut ids = BTreeSet::new();
@@ -293,6 +387,10 @@ mod tests {
         for e in [
             ApiError::BadRequest(String::new()),
             ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed {
+                path: String::new(),
+                allowed: vec![],
+            },
             ApiError::Unauthorized(String::new()),
             ApiError::TooLarge(1),
             ApiError::Timeout(String::new()),

@@ -195,10 +195,15 @@ pub async fn active(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Comma-separated states: detected, confirmed, persistent, resolved, transient.
+    #[param(
+        pattern = r"^ *((detected|confirmed|persistent|resolved|transient) *(, *(detected|confirmed|persistent|resolved|transient) *)*)?$"
+    )]
     state: Option<String>,
     /// A Redis key, exactly.
+    #[param(pattern = r"^[^\u0000]*$")]
     key: Option<String>,
     /// An entity's name in the ENTITIES file.
+    #[param(pattern = r"^[^\u0000]*$")]
     entity: Option<String>,
     /// Page size, 50 unless given.
     #[param(minimum = 1, maximum = 500)]
@@ -223,7 +228,15 @@ pub async fn list(
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
     let p = params.into_inner();
-    let states = match p.state.as_deref() {
+    // PostgreSQL text cannot hold NUL: it would refuse the query, not match nothing.
+    for (name, value) in [("key", &p.key), ("entity", &p.entity)] {
+        if value.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must not contain the NUL character (U+0000)"
+            )));
+        }
+    }
+    let states = match p.state.as_deref().map(str::trim) {
         None | Some("") => Vec::new(),
         Some(s) => s
             .split(',')

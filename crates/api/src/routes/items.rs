@@ -27,23 +27,33 @@ const MAX_NAME_LEN: usize = 200;
 #[serde(deny_unknown_fields)]
 pub struct CreateItem {
     /// Not blank, at most 200 characters, no NUL.
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*\S[^\u0000]*$"
+    )]
     name: String,
-    /// Any JSON value without a NUL character in its strings or keys.
-    #[schema(value_type = Value)]
+    #[schema(value_type = crate::openapi::JsonValue)]
     value: Value,
 }
 
 /// Give `name`, `value` or both.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateItem {
-    /// Not blank, at most 200 characters, no NUL.
-    #[schema(min_length = 1, max_length = 200)]
+    /// Not blank, at most 200 characters, no NUL. Not null: leave it out to keep the name.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*\S[^\u0000]*$",
+        nullable = false
+    )]
     name: Option<String>,
     /// `"value": null` sets the value to JSON null; only a missing field leaves it alone.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Value)]
+    #[schema(value_type = crate::openapi::JsonValue)]
     value: Option<Value>,
 }
 
@@ -80,8 +90,36 @@ pub struct Refreshed {
     incident: Option<IncidentDoc>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
+/// A field that was given, null included when its type takes null: `#[serde(default)]` makes
+/// a missing one `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A request body that must be a JSON object. serde's derived structs also take an array of
+/// the fields in order (`[null, null]` for an update), which no client means and the OpenAPI
+/// document does not allow.
+#[derive(Debug)]
+pub struct Object<T>(T);
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, Unexpected};
+        let value = Value::deserialize(d)?;
+        let unexpected = match &value {
+            Value::Object(_) => return T::deserialize(value).map(Object).map_err(D::Error::custom),
+            Value::Array(_) => Unexpected::Seq,
+            Value::String(s) => Unexpected::Str(s),
+            Value::Bool(b) => Unexpected::Bool(*b),
+            Value::Null => Unexpected::Unit,
+            Value::Number(_) => Unexpected::Other("a number"),
+        };
+        Err(D::Error::invalid_type(unexpected, &"a JSON object"))
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -179,9 +217,9 @@ async fn write_cache(state: &AppState, item: &Item) {
 #[post("/items")]
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Json<CreateItem>,
+    body: web::Json<Object<CreateItem>>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    let body = body.into_inner().0;
     check_name(&body.name)?;
     check_value(&body.value)?;
     let item = items::create(&state.pool, &body.name, &body.value).await?;
@@ -269,10 +307,10 @@ pub async fn get(
 pub async fn update(
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
-    body: web::Json<UpdateItem>,
+    body: web::Json<Object<UpdateItem>>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let body = body.into_inner();
+    let body = body.into_inner().0;
     if body.name.is_none() && body.value.is_none() {
         return Err(ApiError::Invalid("give name, value or both".into()));
     }
@@ -403,4 +441,21 @@ pub async fn refresh(
 
 fn not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no item {id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PostgreSQL's numeric prints a large float's every digit: `1.7976931348623155e308`
+    /// comes back as 309 of them, and must read back as the same number.
+    #[test]
+    fn the_largest_floats_read_back_as_postgresql_prints_them() {
+        for f in [1.7976931348623155e308_f64, f64::MAX, 1e308, 2.5e300] {
+            let printed = format!("{f:.0}");
+            let read: Value = serde_json::from_str(&printed)
+                .unwrap_or_else(|e| panic!("{f:e} printed as {} digits: {e}", printed.len()));
+            assert_eq!(read.as_f64(), Some(f), "{f:e}");
+        }
+    }
 }
