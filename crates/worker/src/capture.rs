@@ -459,16 +459,19 @@ impl<'a> Reader<'a> {
     /// Queues the checks that are due, then acknowledges what is handed over.
     async fn flush(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        if now < self.flushed_at + self.flush_every {
-            return Ok(());
-        }
-        self.flushed_at = now;
-        // Batches that are full or old enough go out with the immediate entries.
+        // Invalidations go out on every pass, not every `flush_every`: their commit-to-UNLINK
+        // time is what the application waits on, and under load a pass already carries
+        // everything drained since the last one (one pipeline for many transactions).
+        // Batches that are full or old enough go with them.
         self.invalidations.extend(self.batcher.due(now));
         if !self.invalidations.is_empty() {
             let entries = std::mem::take(&mut self.invalidations);
             crate::invalidate::publish(self.ctx, &entries).await?;
         }
+        if now < self.flushed_at + self.flush_every {
+            return Ok(());
+        }
+        self.flushed_at = now;
         loop {
             let due = self.settle.due(now, FLUSH_LIMIT);
             if due.is_empty() {

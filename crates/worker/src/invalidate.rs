@@ -35,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{handlers::Ctx, supervise};
 
-/// Entries per read, and how long a read blocks.
-const READ_COUNT: usize = 100;
+/// Entries per read, and how long a read blocks. Under load a read takes up to this many at
+/// once, and each read costs one database round trip and one Redis round trip whatever its
+/// size: 100 held one consumer to about 19,000 changes/s (docs/BENCHMARKS.md, invalidate).
+const READ_COUNT: usize = 1000;
 const BLOCK: Duration = Duration::from_secs(1);
 /// How often a consumer looks for entries left pending by others.
 const CLAIM_EVERY: Duration = Duration::from_secs(2);
@@ -199,14 +201,6 @@ async fn handle(
         // Noted first, so whichever check sees the key gone credits the invalidation.
         let mut db = ctx.checker.pool.get().await?;
         incidents::mark_rewrite(&mut db, &keys, Cause::Invalidation).await?;
-        drop(db);
-        let mut cache = ctx.checker.cache.connection();
-        for chunk in keys.chunks(1000) {
-            let _: () = cache
-                .unlink(chunk)
-                .await
-                .context("deleting invalidated keys")?;
-        }
     }
     let mut patterns: Vec<&str> = entries
         .iter()
@@ -214,13 +208,29 @@ async fn handle(
         .collect();
     patterns.sort_unstable();
     patterns.dedup();
-    for pattern in patterns {
-        delete_matching(ctx, pattern).await?;
+    // The UNLINKs and, when no pattern follows, the XACK in one round trip on this consumer's
+    // own connection (the cache's Redis: one REDIS_URL), in that order.
+    let mut pipe = redis::pipe();
+    for chunk in keys.chunks(1000) {
+        pipe.cmd("UNLINK").arg(chunk).ignore();
     }
-    let _: () = conn
-        .xack(stream, GROUP, &ids)
-        .await
-        .context("acknowledging invalidations")?;
+    if patterns.is_empty() {
+        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
+    }
+    if !(keys.is_empty() && !patterns.is_empty()) {
+        pipe.query_async::<()>(&mut **conn)
+            .await
+            .context("deleting invalidated keys")?;
+    }
+    if !patterns.is_empty() {
+        for pattern in patterns {
+            delete_matching(ctx, pattern).await?;
+        }
+        let _: () = conn
+            .xack(stream, GROUP, &ids)
+            .await
+            .context("acknowledging invalidations")?;
+    }
     let metrics = ctx.metrics();
     metrics.keys_invalidated.inc_by(keys.len() as u64);
     let now_us = chrono::Utc::now().timestamp_micros();
