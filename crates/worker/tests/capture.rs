@@ -269,9 +269,10 @@ async fn a_transaction_of_many_rows_makes_a_bounded_number_of_check_jobs() {
 async fn a_reader_killed_mid_stream_loses_no_committed_change() {
     let app = App::new().await;
     app.add_accounts(1..=300).await;
-    // A long settle delay: the kill lands while every change read is still waiting.
-    let settle = [("CHANGE_SETTLE_MS", "5000")];
-    let (mut w, port) = app.worker(&settle);
+    // A long settle delay: the kill lands while every change read is still waiting. Scaled
+    // like the waits below, which on a busy machine outlasted a fixed 5 s.
+    let settle = scaled(Duration::from_secs(60)).as_millis().to_string();
+    let (mut w, port) = app.worker(&[("CHANGE_SETTLE_MS", &settle)]);
     app.reading(port, &w).await;
 
     // 300 transactions, one row each, nobody caching.

@@ -267,9 +267,11 @@ async fn a_change_the_application_caches_in_time_opens_no_incident() {
 async fn a_reader_killed_while_changes_settle_loses_none() {
     let app = App::new().await;
     app.add_accounts(1..=300).await;
-    // A long settle delay: the kill lands while every change read is still waiting.
+    // A long settle delay: the kill lands while every change read is still waiting. Scaled
+    // like the waits below, which at a high STALEWATCH_TEST_SCALE outlasted a fixed 5 s.
+    let settle = scaled(Duration::from_secs(60)).as_millis().to_string();
     let (mut w, port) = app.worker(&[
-        ("CHANGE_SETTLE_MS", "5000"),
+        ("CHANGE_SETTLE_MS", &settle),
         ("RUST_LOG", "info,stalewatch_worker::outbox=debug"),
     ]);
     app.reading(port, &w).await;
