@@ -8,6 +8,7 @@ pub mod failure;
 pub mod openapi;
 pub mod routes;
 pub mod state;
+pub mod summary;
 
 use actix_web::{middleware::from_fn, web};
 

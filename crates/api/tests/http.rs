@@ -768,11 +768,105 @@ async fn health_readiness_metrics_and_stats_answer() {
     );
 
     let stats = api.get("/stats").await.expect(StatusCode::OK, "stats");
-    let stats = stats.as_object().expect("stats is a JSON object");
-    assert!(
-        stats.contains_key("stalewatch_cache_requests_total"),
-        "{stats:?}"
+    assert_eq!(
+        stats["api_cache"],
+        json!({ "hit": 1, "miss": 0, "error": 0, "hit_ratio": 1.0 }),
+        "{stats}"
     );
+}
+
+/// /stats reads the deployment from the shared stores: what the workers recorded, not the
+/// API process's counters.
+#[actix_web::test]
+async fn stats_summarise_the_deployment_from_the_shared_stores() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(no_grace(&env)).await;
+    let empty = api.get("/stats").await.expect(StatusCode::OK, "stats");
+    assert_eq!(
+        empty["open"],
+        json!({ "total": 0, "by_state": {}, "by_entity": {} })
+    );
+    assert_eq!(
+        empty["time_to_confirm"],
+        json!({ "incidents": 0, "p50_ms": null, "p99_ms": null })
+    );
+    assert_eq!(
+        empty["sweep"],
+        json!({ "current_round": null, "last_round": null })
+    );
+    assert_eq!(empty["api_cache"]["hit_ratio"], Value::Null);
+
+    // Two confirmed incidents; one is refreshed (resolved), one stays open.
+    let (_, _, open) = confirmed_incident(&env, &api).await;
+    let (_, _, fixed) = confirmed_incident(&env, &api).await;
+    api.post(&format!("/inconsistencies/{fixed}/refresh"))
+        .await
+        .expect(StatusCode::OK, "refresh");
+    // A completed sweep round, as a worker leaves it.
+    let mut fields = stalewatch_core::shards::Round::fields(7, 1_700_000_000_000, &[]);
+    fields.push(("ended_ms".into(), "1700000005000".into()));
+    let mut hset = redis::cmd("HSET");
+    hset.arg(env.keys().sweep_last_round());
+    for (field, value) in &fields {
+        hset.arg(field).arg(value);
+    }
+    let _: () = hset
+        .query_async(&mut api.state.queue_conn.clone())
+        .await
+        .unwrap();
+
+    let stats = api.get("/stats").await.expect(StatusCode::OK, "stats");
+    assert_eq!(
+        stats["open"],
+        json!({
+            "total": 1,
+            "by_state": { "confirmed": 1 },
+            "by_entity": { "item": { "confirmed": 1 } },
+        }),
+        "incident {open} open: {stats}"
+    );
+    assert_eq!(
+        stats["closed"]["last_hour"],
+        json!({ "resolved": 1 }),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["closed"]["last_day"],
+        json!({ "resolved": 1 }),
+        "{stats}"
+    );
+    let ttc = &stats["time_to_confirm"];
+    assert_eq!(ttc["incidents"], 2, "{stats}");
+    let (p50, p99) = (
+        ttc["p50_ms"].as_f64().unwrap(),
+        ttc["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 <= p50 && p50 <= p99, "{stats}");
+    // The creates asked for checks, and no worker runs here to take them.
+    let check = &stats["queues"]["check"];
+    assert!(
+        check["pending"].as_u64().unwrap() + check["scheduled"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    for queue in ["confirm", "slo"] {
+        assert!(
+            stats["queues"][queue]["pending"].is_u64(),
+            "{queue}: {stats}"
+        );
+    }
+    assert_eq!(
+        stats["sweep"]["last_round"],
+        json!({
+            "id": 7,
+            "started_at": "2023-11-14T22:13:20Z",
+            "ended_at": "2023-11-14T22:13:25Z",
+            "shards": 0,
+            "shards_done": 0,
+            "rows": 0,
+        }),
+        "{stats}"
+    );
+    assert_eq!(stats["sweep"]["current_round"], Value::Null);
 }
 
 #[actix_web::test]

@@ -1,8 +1,7 @@
 //! Health, readiness, metrics.
 
 use actix_web::{get, web, HttpResponse};
-use prometheus::proto::MetricType;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use stalewatch_core::{
     db,
     jobs::{CheckJob, ConfirmJob},
@@ -93,47 +92,19 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-/// The same numbers as /metrics, as JSON for people: `{metric: {labels: value}}`.
+/// The deployment at a glance, read from the shared stores: open incidents by state and
+/// entity, closures in the last hour and day, time to confirm, queue depths, the sweep's
+/// rounds, and this API process's cache hit ratio. The per-process counters are on
+/// `/metrics`.
 #[utoipa::path(
     operation_id = "stats",
     tag = "operations",
     responses(
-        (status = 200, description = "`{metric: {labels: value}}`", body = Object),
+        (status = 200, description = "The summary", body = crate::summary::Summary),
         StoreErrors,
     )
 )]
 #[get("/stats")]
 pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    refresh_gauges(&state).await;
-    let mut out = Map::new();
-    for family in state.metrics.registry.gather() {
-        let mut series = Map::new();
-        for m in family.get_metric() {
-            let labels = m
-                .get_label()
-                .iter()
-                .map(|l| format!("{}={}", l.name(), l.value()))
-                .collect::<Vec<_>>()
-                .join(",");
-            let value = match family.get_field_type() {
-                MetricType::COUNTER => json!(m.get_counter().get_value()),
-                MetricType::GAUGE => json!(m.get_gauge().get_value()),
-                MetricType::HISTOGRAM => {
-                    let h = m.get_histogram();
-                    json!({ "count": h.get_sample_count(), "sum": h.get_sample_sum() })
-                }
-                _ => Value::Null,
-            };
-            series.insert(
-                if labels.is_empty() {
-                    "total".into()
-                } else {
-                    labels
-                },
-                value,
-            );
-        }
-        out.insert(family.name().to_string(), Value::Object(series));
-    }
-    Ok(HttpResponse::Ok().json(out))
+    Ok(HttpResponse::Ok().json(crate::summary::read(&state).await?))
 }
