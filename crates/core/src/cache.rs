@@ -34,8 +34,31 @@ pub async fn connect(redis: impl crate::tls::RedisTarget) -> Result<ConnectionMa
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
+/// The versioned compare-and-set: KEYS[1] the key; ARGV the document, its version, the TTL
+/// in seconds (empty: keep the key's expiry) and the document's version field. Sets the key
+/// unless it holds a document with a newer version; returns 1 when it did. Shared by
+/// [`Cache::set_unless_newer_field`] and the rebuild, which sends it by hash in pipelines.
+pub static SET_UNLESS_NEWER: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"local cur = redis.call('GET', KEYS[1])
+          if cur then
+              local ok, doc = pcall(cjson.decode, cur)
+              if ok and type(doc) == 'table' and tonumber(doc[ARGV[4]])
+                  and tonumber(doc[ARGV[4]]) > tonumber(ARGV[2]) then
+                  return 0
+              end
+          end
+          if ARGV[3] == '' then
+              redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+          else
+              redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+          end
+          return 1",
+    )
+});
+
 /// Whole seconds, at least one (Redis refuses `EX 0`).
-fn secs(ttl: Duration) -> u64 {
+pub fn secs(ttl: Duration) -> u64 {
     ttl.as_secs().max(1)
 }
 
@@ -159,29 +182,12 @@ impl Cache {
         version: i64,
         ttl: Option<Duration>,
     ) -> Result<bool, CacheError> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"local cur = redis.call('GET', KEYS[1])
-                  if cur then
-                      local ok, doc = pcall(cjson.decode, cur)
-                      if ok and type(doc) == 'table' and tonumber(doc[ARGV[4]])
-                          and tonumber(doc[ARGV[4]]) > tonumber(ARGV[2]) then
-                          return 0
-                      end
-                  end
-                  if ARGV[3] == '' then
-                      redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-                  else
-                      redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-                  end
-                  return 1",
-            )
-        });
-        let mut invocation = SCRIPT.key(key);
+        let mut invocation = SET_UNLESS_NEWER.key(key);
         invocation
             .arg(value)
             .arg(version)
-            .arg(ttl.map(secs).unwrap_or_default())
+            // Empty, not 0, for "keep the expiry": `SET ... EX 0` is an error.
+            .arg(ttl.map(|t| secs(t).to_string()).unwrap_or_default())
             .arg(field);
         let mut conn = self.conn.clone();
         let written: i64 = match invocation.invoke_async(&mut conn).await {

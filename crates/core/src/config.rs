@@ -118,6 +118,21 @@ pub const SETTINGS: &[Setting] = &[
         "how long a dead worker's sweep shard waits before another worker takes it over",
     ),
     setting(
+        "REBUILD_BATCH",
+        "10000",
+        "rebuild: rows read per page and keys written per Redis pipeline",
+    ),
+    setting(
+        "REBUILD_LOCK_MS",
+        "30000",
+        "rebuild: expiry of an entity's rebuild lock, renewed every third of it while the rebuild runs",
+    ),
+    setting(
+        "REBUILD_PAUSE_MS",
+        "0",
+        "rebuild: pause between batches, to leave a busy Redis room; 0: none",
+    ),
+    setting(
         "CACHE_TTL_SECS",
         "3600",
         "TTL of cached items (the demo API's, and of refreshed items)",
@@ -638,6 +653,12 @@ pub struct Config {
     pub sweep_shards: usize,
     /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
     pub sweep_lease: Duration,
+    /// Rows per rebuild page, and keys per rebuild pipeline.
+    pub rebuild_batch: usize,
+    /// The rebuild lock's expiry; the rebuild renews it every third of it.
+    pub rebuild_lock: Duration,
+    /// Pause between rebuild batches.
+    pub rebuild_pause: Duration,
     pub cache_ttl: Duration,
     pub cache_policy: CachePolicy,
     /// JSON fields left out of content comparison (dotted paths allowed).
@@ -714,6 +735,9 @@ impl Config {
             sweep_batch: env.positive("SWEEP_BATCH")?,
             sweep_shards: env.positive("SWEEP_SHARDS")?,
             sweep_lease: Duration::from_millis(env.positive("SWEEP_LEASE_MS")? as u64),
+            rebuild_batch: env.positive("REBUILD_BATCH")?,
+            rebuild_lock: Duration::from_millis(env.positive("REBUILD_LOCK_MS")? as u64),
+            rebuild_pause: env.millis("REBUILD_PAUSE_MS")?,
             cache_ttl: Duration::from_secs(env.positive("CACHE_TTL_SECS")? as u64),
             cache_policy: env.parse("CACHE_POLICY")?,
             ignore_fields: env

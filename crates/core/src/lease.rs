@@ -60,6 +60,53 @@ impl Lease {
         }))
     }
 
+    /// Takes the lease if nobody holds it, as `holder` (who, for whoever finds it taken:
+    /// [`Lease::holder`]). The token is `holder` with a random suffix, so two holders that
+    /// describe themselves alike still tell their leases apart.
+    pub async fn try_acquire_as(
+        conn: &ConnectionManager,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+    ) -> Result<Option<Lease>, redis::RedisError> {
+        let token = format!("{holder} #{}", Uuid::new_v4().simple());
+        let mut c = conn.clone();
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(ok.map(|_| Lease {
+            key: key.to_string(),
+            token,
+            ttl,
+            conn: conn.clone(),
+        }))
+    }
+
+    /// Who holds the lease at `key` (its token), if anyone does.
+    pub async fn holder(
+        conn: &ConnectionManager,
+        key: &str,
+    ) -> Result<Option<String>, redis::RedisError> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn.clone())
+            .await
+    }
+
+    /// This lease's token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Extends the lease by its TTL. False when it was lost (expired, taken by another).
     pub async fn renew(&self) -> Result<bool, redis::RedisError> {
         let n: i64 = RENEW

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pgoutput;
 pub mod queue;
+pub mod rebuild;
 pub mod redact;
 pub mod repair;
 pub mod rows;

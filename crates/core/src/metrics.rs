@@ -91,6 +91,11 @@ pub struct Metrics {
     /// removed.
     pub invalidation_pattern_scans: IntCounter,
     pub invalidation_pattern_keys: IntCounter,
+    /// Keys a rebuild wrote, by entity and outcome (written, skipped_newer, deleted,
+    /// undecodable).
+    pub rebuild_keys: IntCounterVec,
+    /// A rebuild's progress, by entity: keys done, and the estimate of the total.
+    pub rebuild_progress: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -300,6 +305,25 @@ impl Metrics {
                 "stalewatch_invalidation_pattern_keys_total",
                 "Keys removed by pattern deletes of invalidation rules",
             ),
+            rebuild_keys: counter(
+                "stalewatch_rebuild_keys_total",
+                "Keys written by rebuilds, by entity and outcome",
+                &["entity", "outcome"],
+            ),
+            rebuild_progress: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "stalewatch_rebuild_progress_keys",
+                        "A rebuild's keys done and estimated total, by entity",
+                    ),
+                    &["entity", "kind"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             slo_changes: counter(
                 "stalewatch_slo_changes_total",
                 "Changed keys probed a window after their change, by whether the cache agreed",
@@ -427,8 +451,10 @@ impl Metrics {
             invalidations_pending,
             invalidation_pattern_scans,
             invalidation_pattern_keys,
+            rebuild_keys,
+            rebuild_progress,
         } = self;
-        let collectors: [&dyn Collector; 36] = [
+        let collectors: [&dyn Collector; 38] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -465,6 +491,8 @@ impl Metrics {
             invalidations_pending,
             invalidation_pattern_scans,
             invalidation_pattern_keys,
+            rebuild_keys,
+            rebuild_progress,
         ];
         let rounds: [&dyn Collector; 4] = [
             sweep_rounds,

@@ -45,6 +45,68 @@ pub fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// What to write for one key, decided from its row alone: the one place that maps a row to
+/// its representation's value, shared by a refresh or repair (one key, [`write`]) and a
+/// rebuild (many keys per pipeline, `crate::rebuild`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rendered {
+    /// A JSON document that carries an integer version: written unless the cache holds a
+    /// newer one.
+    Versioned {
+        bytes: Vec<u8>,
+        field: String,
+        version: i64,
+    },
+    /// A value with no version to compare: written as it is.
+    Plain(Vec<u8>),
+    /// A hash, replaced whole.
+    Hash(Vec<(String, String)>),
+    /// A set, replaced whole.
+    Set(Vec<String>),
+    /// Nothing behind the key (no row, or a string entity's value is NULL): delete it.
+    Delete,
+    /// A row of the wrong shape for its representation (cannot come out of `Rows`).
+    Undecodable,
+}
+
+/// What `row` (`None`: no row behind the key) is in `rows`' entity's representation.
+pub fn render(rows: &Rows, row: Option<&Row>) -> Rendered {
+    let entity = &rows.entity;
+    match (&entity.representation, row) {
+        (_, None) => Rendered::Delete,
+        (Representation::Json { .. }, Some(Row::Doc(doc))) => {
+            let bytes = Value::Object(doc.clone()).to_string().into_bytes();
+            let version = entity.version.as_ref().and_then(|column| {
+                let integer = rows.types.get(column) == Some(&ColumnType::Integer);
+                Some((column, doc.get(column)?.as_i64().filter(|_| integer)?))
+            });
+            match version {
+                Some((field, version)) => Rendered::Versioned {
+                    bytes,
+                    field: field.clone(),
+                    version,
+                },
+                None => Rendered::Plain(bytes),
+            }
+        }
+        (Representation::String { value }, Some(Row::Doc(doc))) => {
+            match doc.get(value).and_then(text) {
+                Some(text) => Rendered::Plain(text.into_bytes()),
+                None => Rendered::Delete,
+            }
+        }
+        (Representation::Hash { .. }, Some(Row::Doc(doc))) => Rendered::Hash(
+            doc.iter()
+                .filter_map(|(k, v)| Some((k.clone(), text(v)?)))
+                .collect(),
+        ),
+        (Representation::Set { .. }, Some(Row::Members(members))) => {
+            Rendered::Set(members.iter().cloned().collect())
+        }
+        (_, Some(_)) => Rendered::Undecodable,
+    }
+}
+
 /// Writes what PostgreSQL holds behind `key` (`row`; `None`: nothing) to the cache.
 pub async fn write(
     cache: &Cache,
@@ -52,59 +114,35 @@ pub async fn write(
     key: &str,
     row: Option<&Row>,
 ) -> Result<Outcome, CacheError> {
-    let entity = &rows.entity;
-    let ttl = entity.ttl;
-    let written = match (&entity.representation, row) {
-        (_, None) => {
+    let ttl = rows.entity.ttl;
+    let written = match render(rows, row) {
+        Rendered::Delete => {
             cache.delete(key).await?;
             return Ok(Outcome::Deleted);
         }
-        (Representation::Json { .. }, Some(Row::Doc(doc))) => {
-            let bytes = Value::Object(doc.clone()).to_string().into_bytes();
-            let version = entity.version.as_ref().and_then(|column| {
-                let integer = rows.types.get(column) == Some(&ColumnType::Integer);
-                Some((
-                    column.as_str(),
-                    doc.get(column)?.as_i64().filter(|_| integer)?,
-                ))
-            });
-            match version {
-                Some((field, version)) => {
-                    cache
-                        .set_unless_newer_field(key, &bytes, field, version, ttl)
-                        .await?
-                }
-                None => {
-                    cache.set_keeping_ttl(key, &bytes, ttl).await?;
-                    true
-                }
-            }
+        Rendered::Undecodable => return Ok(Outcome::Undecodable),
+        Rendered::Versioned {
+            bytes,
+            field,
+            version,
+        } => {
+            cache
+                .set_unless_newer_field(key, &bytes, &field, version, ttl)
+                .await?
         }
-        (Representation::String { value }, Some(Row::Doc(doc))) => {
-            match doc.get(value).and_then(text) {
-                Some(text) => cache.set_keeping_ttl(key, text.as_bytes(), ttl).await?,
-                None => {
-                    cache.delete(key).await?;
-                    return Ok(Outcome::Deleted);
-                }
-            }
+        Rendered::Plain(bytes) => {
+            cache.set_keeping_ttl(key, &bytes, ttl).await?;
             true
         }
-        (Representation::Hash { .. }, Some(Row::Doc(doc))) => {
-            let fields: Vec<(String, String)> = doc
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), text(v)?)))
-                .collect();
+        Rendered::Hash(fields) => {
             cache.replace_hash(key, &fields, ttl).await?;
             true
         }
-        (Representation::Set { .. }, Some(Row::Members(members))) => {
+        Rendered::Set(members) => {
             let members: Vec<&String> = members.iter().collect();
             cache.replace_set(key, &members, ttl).await?;
             true
         }
-        // A row of the wrong shape for its representation cannot come out of `Rows`.
-        (_, Some(_)) => return Ok(Outcome::Undecodable),
     };
     Ok(if written {
         Outcome::Written

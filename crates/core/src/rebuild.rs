@@ -1,0 +1,578 @@
+//! Rebuilding an entity's cache from PostgreSQL: every row, read in keyset pages, written to
+//! Redis in one pipeline per page, under a per-entity lock.
+//!
+//! - Memory is one page: the rows come in `batch`-row keyset pages ([`Rows::page`], the
+//!   sweep's walk), and the next page is read while the last one's pipeline runs.
+//! - What a key gets is what a refresh would write ([`repair::render`]); only the sending
+//!   differs: many keys per round trip.
+//! - Never an older value over a newer one: a JSON document with an integer version goes
+//!   through the versioned compare-and-set ([`cache::SET_UNLESS_NEWER`], by its hash in the
+//!   pipeline), so an application write that lands while the rebuild runs wins over the row
+//!   the rebuild read before it. Why this and not fencing: docs/rebuild.md.
+//! - A hash or a set is built under a temporary key and renamed over the real one inside a
+//!   MULTI, so a reader sees the old value or the whole new one.
+//! - Open incidents of the entity are marked as being rewritten by a repair first and checked
+//!   again after the pass, so those the rebuild fixed resolve with cause `repair`.
+
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::BigInt;
+use diesel_async::RunQueryDsl;
+use redis::aio::ConnectionManager;
+
+use crate::cache::{self, CacheError};
+use crate::check::{CheckError, Checker};
+use crate::db::incidents::{self, ListQuery};
+use crate::db::{DbError, PgPool};
+use crate::entity::{quote_ident, Entity, Representation};
+use crate::incident::{Cause, Source, State};
+use crate::keys::Keys;
+use crate::lease::Lease;
+use crate::repair::{self, Outcome, Rendered};
+use crate::rows::{PageRow, Rows};
+
+/// Open incidents checked again per batch after the pass.
+const RECHECK_BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("no entity {0:?} in the ENTITIES file")]
+    UnknownEntity(String),
+    #[error("a rebuild of {entity:?} is already running: the lock {key} is held by {holder}")]
+    Locked {
+        entity: String,
+        key: String,
+        holder: String,
+    },
+    #[error("the rebuild lock of {0:?} was lost (expired or taken over); stopped")]
+    LockLost(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
+}
+
+impl From<redis::RedisError> for RebuildError {
+    fn from(e: redis::RedisError) -> Self {
+        RebuildError::Cache(e.into())
+    }
+}
+
+impl From<crate::db::PoolError> for RebuildError {
+    fn from(e: crate::db::PoolError) -> Self {
+        RebuildError::Db(e.into())
+    }
+}
+
+/// How far a rebuild got.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Keys done (written, skipped, deleted or undecodable).
+    pub done: u64,
+    /// PostgreSQL's count of the keys, read before the pass (rows written meanwhile are not
+    /// in it).
+    pub estimated: u64,
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Keys per second so far.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Time left at the rate so far; `None` before any rate is known.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        (rate > 0.0).then(|| {
+            Duration::from_secs_f64(self.estimated.saturating_sub(self.done) as f64 / rate)
+        })
+    }
+
+    /// `12000/100000 keys (12%), 4000 keys/s, ETA 22 s`: one line, for a log or a terminal.
+    pub fn line(&self) -> String {
+        let percent = if self.estimated > 0 {
+            (self.done.min(self.estimated) * 100 / self.estimated).to_string()
+        } else {
+            "?".to_string()
+        };
+        let eta = match self.eta() {
+            Some(eta) => format!("ETA {} s", eta.as_secs_f64().ceil() as u64),
+            None => "ETA ?".to_string(),
+        };
+        format!(
+            "{}/{} keys ({percent}%), {:.0} keys/s, {eta}",
+            self.done,
+            self.estimated,
+            self.rate()
+        )
+    }
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub entity: String,
+    pub keys: u64,
+    pub written: u64,
+    /// The cache held a newer version, written while the rebuild ran: left as it was.
+    pub skipped_newer: u64,
+    pub deleted: u64,
+    pub undecodable: u64,
+    /// Open incidents checked again after the pass.
+    pub rechecked: u64,
+    pub seconds: f64,
+    pub keys_per_second: f64,
+}
+
+impl Summary {
+    fn count(&mut self, outcome: Outcome) {
+        self.keys += 1;
+        match outcome {
+            Outcome::Written => self.written += 1,
+            Outcome::SkippedNewer => self.skipped_newer += 1,
+            Outcome::Deleted => self.deleted += 1,
+            Outcome::Undecodable => self.undecodable += 1,
+        }
+    }
+}
+
+/// The entity's rebuild lock, taken as `holder`; if someone else holds it, who.
+pub async fn lock(
+    conn: &ConnectionManager,
+    keys: &Keys,
+    entity: &str,
+    ttl: Duration,
+    holder: &str,
+) -> Result<Lease, RebuildError> {
+    let key = keys.rebuild_lock(entity);
+    loop {
+        if let Some(lease) = Lease::try_acquire_as(conn, &key, ttl, holder).await? {
+            return Ok(lease);
+        }
+        // Released between the two commands: try again.
+        if let Some(holder) = Lease::holder(conn, &key).await? {
+            return Err(RebuildError::Locked {
+                entity: entity.to_string(),
+                key,
+                holder,
+            });
+        }
+    }
+}
+
+/// How one key's reply in the pipeline is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// The versioned compare-and-set's 1 (written) or 0 (skipped: newer).
+    Versioned,
+    /// No reply: the outcome is known when the pipeline succeeds.
+    Known(Outcome),
+}
+
+/// Appends the commands that write `rendered` at `key` to `pipe`: the same values a refresh
+/// writes, sent without waiting. `sha` is [`cache::SET_UNLESS_NEWER`]'s hash, `token` this
+/// rebuild's, for its temporary keys. Keys are given `ttl`, or none: a rebuilt cache is one
+/// the application keeps whole (write-through), where keys do not expire.
+fn append(
+    pipe: &mut redis::Pipeline,
+    key: &str,
+    rendered: &Rendered,
+    ttl: Option<Duration>,
+    sha: &str,
+    token: &str,
+) -> Reply {
+    let expire = |pipe: &mut redis::Pipeline, key: &str| {
+        match ttl {
+            Some(ttl) => pipe
+                .cmd("PEXPIRE")
+                .arg(key)
+                .arg(ttl.as_millis().max(1) as u64)
+                .ignore(),
+            None => pipe.cmd("PERSIST").arg(key).ignore(),
+        };
+    };
+    match rendered {
+        Rendered::Versioned {
+            bytes,
+            field,
+            version,
+        } => {
+            pipe.cmd("EVALSHA")
+                .arg(sha)
+                .arg(1)
+                .arg(key)
+                .arg(bytes)
+                .arg(*version)
+                .arg(ttl.map(|t| cache::secs(t).to_string()).unwrap_or_default())
+                .arg(field);
+            Reply::Versioned
+        }
+        Rendered::Plain(bytes) => {
+            let cmd = pipe.cmd("SET").arg(key).arg(bytes);
+            match ttl {
+                Some(ttl) => cmd.arg("EX").arg(cache::secs(ttl)),
+                None => cmd,
+            }
+            .ignore();
+            Reply::Known(Outcome::Written)
+        }
+        Rendered::Hash(fields) if !fields.is_empty() => {
+            let temp = Keys::rebuild_temp(key, token);
+            pipe.cmd("MULTI").ignore();
+            pipe.cmd("DEL").arg(&temp).ignore();
+            pipe.cmd("HSET").arg(&temp).arg(fields).ignore();
+            pipe.cmd("RENAME").arg(&temp).arg(key).ignore();
+            expire(pipe, key);
+            pipe.cmd("EXEC").ignore();
+            Reply::Known(Outcome::Written)
+        }
+        Rendered::Set(members) if !members.is_empty() => {
+            let temp = Keys::rebuild_temp(key, token);
+            pipe.cmd("MULTI").ignore();
+            pipe.cmd("DEL").arg(&temp).ignore();
+            pipe.cmd("SADD").arg(&temp).arg(members).ignore();
+            pipe.cmd("RENAME").arg(&temp).arg(key).ignore();
+            expire(pipe, key);
+            pipe.cmd("EXEC").ignore();
+            Reply::Known(Outcome::Written)
+        }
+        // An empty hash or set is no key at all in Redis.
+        Rendered::Hash(_) | Rendered::Set(_) | Rendered::Delete => {
+            pipe.cmd("UNLINK").arg(key).ignore();
+            Reply::Known(Outcome::Deleted)
+        }
+        Rendered::Undecodable => Reply::Known(Outcome::Undecodable),
+    }
+}
+
+/// How many keys `entity` has: its rows, or a set's distinct keys. For the progress only.
+pub async fn estimate(pool: &PgPool, entity: &Entity) -> Result<u64, RebuildError> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let table = entity.table.sql();
+    let sql = match &entity.representation {
+        Representation::Set { .. } => {
+            let columns: Vec<String> = entity.key.columns().into_iter().map(quote_ident).collect();
+            format!(
+                "SELECT count(*) AS n FROM (SELECT DISTINCT {} FROM {table}) AS k",
+                columns.join(", ")
+            )
+        }
+        _ => format!("SELECT count(*) AS n FROM {table}"),
+    };
+    let mut conn = pool.get().await?;
+    let count = diesel::sql_query(sql)
+        .get_result::<Count>(&mut conn)
+        .await
+        .map_err(DbError::from)?;
+    Ok(count.n.max(0) as u64)
+}
+
+/// One rebuild of one entity. The caller holds the entity's lock ([`lock`]) and renews it;
+/// `lost` says it was lost, and the rebuild stops at the next batch.
+pub struct Rebuild<'a> {
+    pub checker: &'a Checker,
+    pub entity: &'a str,
+    pub batch: usize,
+    /// Pause between batches.
+    pub pause: Duration,
+    /// The lock's token: names the temporary keys.
+    pub token: String,
+    /// A connection of its own ([`connection`]): a pipeline of a large batch takes longer
+    /// than the shared connection's 2 s response timeout allows.
+    pub redis: ConnectionManager,
+}
+
+/// A Redis connection for rebuild pipelines: as the shared one, with a response timeout for
+/// a whole batch.
+pub async fn connection(
+    redis: impl crate::tls::RedisTarget,
+) -> Result<ConnectionManager, RebuildError> {
+    let client = crate::tls::redis_client(redis)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(120)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+impl Rebuild<'_> {
+    /// Runs the pass, calling `progress` after every batch.
+    pub async fn run(
+        &self,
+        lost: &(dyn Fn() -> bool + Sync),
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<Summary, RebuildError> {
+        let checker = self.checker;
+        let rows = checker
+            .watched
+            .source(self.entity)
+            .ok_or_else(|| RebuildError::UnknownEntity(self.entity.to_string()))?;
+        let metrics = &checker.metrics;
+        let started = Instant::now();
+        let mut summary = Summary {
+            entity: self.entity.to_string(),
+            ..Summary::default()
+        };
+        let estimated = estimate(&checker.pool, &rows.entity).await?;
+        metrics
+            .rebuild_progress
+            .with_label_values(&[self.entity, "estimated"])
+            .set(estimated as i64);
+        metrics
+            .rebuild_progress
+            .with_label_values(&[self.entity, "done"])
+            .set(0);
+
+        // The open incidents, credited to this rewrite when next seen agreeing.
+        let open = self.open_incidents().await?;
+        if !open.is_empty() {
+            let mut conn = checker.pool.get().await?;
+            for chunk in open.chunks(RECHECK_BATCH) {
+                incidents::mark_rewrite(&mut conn, chunk, Cause::Repair).await?;
+            }
+        }
+
+        let mut redis = self.redis.clone();
+        let sha: String = cache::SET_UNLESS_NEWER
+            .prepare_invoke()
+            .load_async(&mut redis)
+            .await?;
+        let mut reader = checker.pool.get().await?;
+        let limit = self.batch as i64;
+        let mut cursor: Option<Vec<String>> = None;
+        let mut more = true;
+        let mut pending: Option<Vec<PageRow>> = None;
+        loop {
+            if lost() {
+                return Err(RebuildError::LockLost(self.entity.to_string()));
+            }
+            // The next page is read while the last one's pipeline runs.
+            let read = async {
+                if !more {
+                    return Ok::<_, RebuildError>(None);
+                }
+                let (_, page, last) = rows
+                    .page(&mut reader, cursor.as_deref(), None, limit)
+                    .await?;
+                Ok(Some((page, last)))
+            };
+            let write = async {
+                match pending.take() {
+                    Some(page) => self.write(rows, &mut redis, &sha, page).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (read, written) = futures::try_join!(read, write)?;
+            if let Some(outcomes) = written {
+                for outcome in outcomes {
+                    summary.count(outcome);
+                    metrics
+                        .rebuild_keys
+                        .with_label_values(&[self.entity, outcome.as_str()])
+                        .inc();
+                }
+                metrics
+                    .rebuild_progress
+                    .with_label_values(&[self.entity, "done"])
+                    .set(summary.keys as i64);
+                progress(&Progress {
+                    done: summary.keys,
+                    estimated,
+                    elapsed: started.elapsed(),
+                });
+                if !self.pause.is_zero() {
+                    tokio::time::sleep(self.pause).await;
+                }
+            }
+            if let Some((page, last)) = read {
+                // A short page is the last one.
+                more = page.len() as i64 == limit && last.is_some();
+                cursor = last;
+                if !page.is_empty() {
+                    pending = Some(page);
+                }
+            }
+            if pending.is_none() && !more {
+                break;
+            }
+        }
+        drop(reader);
+
+        summary.rechecked = open.len() as u64;
+        for chunk in open.chunks(RECHECK_BATCH) {
+            checker
+                .check_keys(self.entity, chunk, Source::Repair, Some(Cause::Repair))
+                .await?;
+        }
+        summary.seconds = started.elapsed().as_secs_f64();
+        summary.keys_per_second = if summary.seconds > 0.0 {
+            summary.keys as f64 / summary.seconds
+        } else {
+            0.0
+        };
+        Ok(summary)
+    }
+
+    async fn open_incidents(&self) -> Result<Vec<String>, RebuildError> {
+        let mut conn = self.checker.pool.get().await?;
+        let open = incidents::list(
+            &mut conn,
+            &ListQuery {
+                states: State::ALL.into_iter().filter(|s| s.is_open()).collect(),
+                entity: Some(self.entity.to_string()),
+                limit: i64::MAX,
+                ..ListQuery::default()
+            },
+        )
+        .await?;
+        let mut keys: Vec<String> = open.into_iter().map(|i| i.cache_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// One page in one pipeline; each row's outcome.
+    async fn write(
+        &self,
+        rows: &Rows,
+        redis: &mut ConnectionManager,
+        sha: &str,
+        page: Vec<PageRow>,
+    ) -> Result<Vec<Outcome>, RebuildError> {
+        let ttl = rows.entity.ttl;
+        let mut pipe = redis::pipe();
+        let replies: Vec<Reply> = page
+            .iter()
+            .map(|row| match (&row.key, &row.row) {
+                (Some(key), Ok(found)) => append(
+                    &mut pipe,
+                    key,
+                    &repair::render(rows, found.as_ref()),
+                    ttl,
+                    sha,
+                    &self.token,
+                ),
+                // No key renders from the row (a NULL in the template), or the row cannot be
+                // read: nothing sound to write.
+                _ => Reply::Known(Outcome::Undecodable),
+            })
+            .collect();
+        let versioned: Vec<i64> = match pipe.query_async(redis).await {
+            Ok(v) => v,
+            // Redis restarted and forgot the script: load it again. Every command of the
+            // pipeline is idempotent, so sending it whole again is safe.
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                    || e.is_connection_dropped() =>
+            {
+                cache::SET_UNLESS_NEWER
+                    .prepare_invoke()
+                    .load_async(redis)
+                    .await?;
+                pipe.query_async(redis).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut versioned = versioned.into_iter();
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Reply::Known(outcome) => outcome,
+                Reply::Versioned => match versioned.next() {
+                    Some(1) => Outcome::Written,
+                    _ => Outcome::SkippedNewer,
+                },
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(f: impl FnOnce(&mut redis::Pipeline) -> Reply) -> (String, Reply) {
+        let mut pipe = redis::pipe();
+        let reply = f(&mut pipe);
+        (
+            String::from_utf8_lossy(&pipe.get_packed_pipeline()).replace("\r\n", " "),
+            reply,
+        )
+    }
+
+    #[test]
+    fn a_set_is_built_aside_and_renamed_over_the_key_in_one_transaction() {
+        let members = Rendered::Set(vec!["1".into(), "2".into()]);
+        let (text, reply) = packed(|p| append(p, "k", &members, None, "sha", "t"));
+        assert_eq!(reply, Reply::Known(Outcome::Written));
+        let order: Vec<&str> = ["MULTI", "DEL", "SADD", "RENAME", "PERSIST", "EXEC"].into();
+        let mut at = 0;
+        for word in order {
+            let found = text[at..]
+                .find(&format!(" {word} "))
+                .unwrap_or_else(|| panic!("{word} missing or out of order in {text}"));
+            at += found + 1;
+        }
+        assert!(text.contains("k:rebuild-tmp:t"), "{text}");
+    }
+
+    #[test]
+    fn a_versioned_document_goes_through_the_script_and_keeps_the_expiry_without_a_ttl() {
+        let doc = Rendered::Versioned {
+            bytes: b"{}".to_vec(),
+            field: "version".into(),
+            version: 7,
+        };
+        let (text, reply) = packed(|p| append(p, "k", &doc, None, "abc", "t"));
+        assert_eq!(reply, Reply::Versioned);
+        assert!(text.contains("EVALSHA"), "{text}");
+        // An empty TTL argument (keep the expiry), not 0 (`SET EX 0` is an error).
+        assert!(text.contains("$1 7 $0  $7 version"), "{text}");
+        let (text, _) = packed(|p| append(p, "k", &doc, Some(Duration::from_secs(60)), "abc", "t"));
+        assert!(text.contains("$2 60 $7 version"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_set_or_missing_value_deletes_the_key() {
+        for rendered in [
+            Rendered::Set(vec![]),
+            Rendered::Hash(vec![]),
+            Rendered::Delete,
+        ] {
+            let (text, reply) = packed(|p| append(p, "k", &rendered, None, "s", "t"));
+            assert_eq!(reply, Reply::Known(Outcome::Deleted));
+            assert!(text.contains("UNLINK"), "{text}");
+        }
+    }
+
+    #[test]
+    fn progress_reads_as_rate_and_eta() {
+        let p = Progress {
+            done: 2_000,
+            estimated: 10_000,
+            elapsed: Duration::from_secs(2),
+        };
+        assert_eq!(p.rate(), 1000.0);
+        assert_eq!(p.eta(), Some(Duration::from_secs(8)));
+        assert_eq!(p.line(), "2000/10000 keys (20%), 1000 keys/s, ETA 8 s");
+        let start = Progress {
+            done: 0,
+            estimated: 0,
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(start.line(), "0/0 keys (?%), 0 keys/s, ETA ?");
+    }
+}
