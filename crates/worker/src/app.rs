@@ -158,6 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(invalidate::run(
             ctx.clone(),
             config.redis()?,
+            config.database_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,
             shutdown.clone(),

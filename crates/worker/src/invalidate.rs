@@ -6,6 +6,11 @@
 //! - A blocking `XREADGROUP` holds its connection for up to a second, so consumers read on
 //!   exclusive connections from a deadpool-redis pool, never on the shared multiplexed one
 //!   that request paths use.
+//! - Consumers run on threads of their own, with database connections of their own: on the
+//!   worker's runtime they waited behind the check jobs that every change also queues (a
+//!   batch of checks holds a thread for milliseconds), and an UPDATE of 100,000 rows was
+//!   invalidated at about 25,000 changes/s instead of about 100,000 with the checks held off
+//!   (docs/BENCHMARKS.md, invalidate). The capture reader moved off it for the same reason.
 //! - The incident of each key is noted as rewritten by an invalidation before the UNLINK, so
 //!   the check after the settle delay resolves it with cause `invalidation`.
 //! - An entry's patterns (rules whose key ends in `*`) are deleted with `SCAN MATCH` and
@@ -27,7 +32,7 @@ use redis::{
     AsyncCommands,
 };
 use stalewatch_core::{
-    db::incidents,
+    db::{self, incidents},
     incident::Cause,
     invalidation::{Entry, FIELD, GROUP, MAX_DELIVERIES, MAX_LEN},
 };
@@ -71,8 +76,52 @@ pub async fn publish(ctx: &Ctx, entries: &[Entry]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `consumers` consumers until `shutdown`, each restarted with backoff on failure.
+/// Runs `consumers` consumers until `shutdown`, each restarted with backoff on failure, on
+/// threads of their own (up to 4) with a database pool of their own on `database_url`.
 pub async fn run(
+    ctx: Ctx,
+    redis: redis::ConnectionInfo,
+    database_url: String,
+    consumers: usize,
+    claim_idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let thread = std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(consumers.clamp(1, 4))
+                .thread_name("invalidate")
+                .enable_all()
+                .build()
+                .context("starting the invalidation runtime")?;
+            runtime.block_on(async move {
+                let mut ctx = ctx;
+                // Connections made on this runtime are driven by it: the worker's pool is
+                // driven by the worker's runtime, where the check jobs are.
+                ctx.checker.pool = db::pool(&database_url, consumers)
+                    .context("a database pool for the invalidation consumers")?;
+                consume_all(ctx, redis, consumers, claim_idle, shutdown).await;
+                anyhow::Ok(())
+            })
+        });
+    let joined = match thread {
+        Ok(thread) => tokio::task::spawn_blocking(move || thread.join()).await,
+        Err(e) => {
+            tracing::error!(error = %e, "invalidation consumers not started: no thread");
+            return;
+        }
+    };
+    match joined {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = format!("{e:#}"), "invalidation consumers stopped")
+        }
+        Ok(Err(_)) | Err(_) => tracing::error!("invalidation consumers stopped: a panic"),
+    }
+}
+
+async fn consume_all(
     ctx: Ctx,
     redis: redis::ConnectionInfo,
     consumers: usize,
@@ -224,7 +273,7 @@ async fn handle(
     }
     if !patterns.is_empty() {
         for pattern in patterns {
-            delete_matching(ctx, pattern).await?;
+            delete_matching(ctx, conn, pattern).await?;
         }
         let _: () = conn
             .xack(stream, GROUP, &ids)
@@ -243,8 +292,11 @@ async fn handle(
 
 /// Deletes every key matching `pattern`: `SCAN MATCH` a page at a time, each page's keys
 /// noted on their open incidents (a pattern may cover tracked keys too) and `UNLINK`ed.
-async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
-    let mut cache = ctx.checker.cache.connection();
+async fn delete_matching(
+    ctx: &Ctx,
+    cache: &mut deadpool_redis::Connection,
+    pattern: &str,
+) -> anyhow::Result<()> {
     let mut cursor: u64 = 0;
     let mut removed: u64 = 0;
     loop {
@@ -254,7 +306,7 @@ async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
             .arg(pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT)
-            .query_async(&mut cache)
+            .query_async(&mut **cache)
             .await
             .with_context(|| format!("scanning for {pattern}"))?;
         if !found.is_empty() {
