@@ -8,6 +8,7 @@ pub mod handlers;
 pub mod invalidate;
 pub mod notify;
 pub mod outbox;
+pub mod rebuild;
 pub mod round;
 pub mod supervise;
 pub mod sweep;

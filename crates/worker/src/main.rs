@@ -5,6 +5,7 @@
 //! stalewatch-worker migrate                apply database migrations and exit
 //! stalewatch-worker sweep --once           compare every item once, print a summary, exit
 //! stalewatch-worker entities check [FILE]  check an entities file against the live tables
+//! stalewatch-worker rebuild --entity NAME  rewrite every key of an entity from PostgreSQL
 //! ```
 //!
 //! Every setting is a flag or an environment variable (`--help` lists them with their
@@ -20,7 +21,7 @@ use stalewatch_core::{
     db, logging,
     watch::{WatchError, Watched},
 };
-use stalewatch_worker::{app, sweep};
+use stalewatch_worker::{app, rebuild, sweep};
 
 const BIN: &str = "stalewatch-worker";
 
@@ -46,6 +47,14 @@ enum Command {
         /// Required: one pass, then exit (the periodic sweep runs under `run`).
         #[arg(long, required = true)]
         once: bool,
+    },
+    /// Rewrite every key of an entity from PostgreSQL, in large pipelined batches
+    /// (REBUILD_BATCH), never over a newer version written meanwhile. One rebuild per entity
+    /// at a time: a second one names the holder of the lock and exits 1.
+    Rebuild {
+        /// The entity, by its name in the ENTITIES file.
+        #[arg(long)]
+        entity: String,
     },
     /// The entities file.
     Entities {
@@ -118,6 +127,24 @@ async fn run(command: Command, config: Config, settings: &Settings) -> anyhow::R
                 summary.items_per_second,
                 sweep::mismatches(&summary),
                 summary.transitions
+            );
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Rebuild { entity } => {
+            let ctx = app::connect(&config).await?;
+            let summary = rebuild::run(&ctx, &config, &entity).await?;
+            println!(
+                "rebuilt {} keys of {} in {:.2} s ({:.0} keys/s): {} written, {} skipped (newer in the cache), {} deleted, {} undecodable; {} open incidents checked again",
+                summary.keys,
+                summary.entity,
+                summary.seconds,
+                summary.keys_per_second,
+                summary.written,
+                summary.skipped_newer,
+                summary.deleted,
+                summary.undecodable,
+                summary.rechecked
             );
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())

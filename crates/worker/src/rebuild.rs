@@ -1,0 +1,195 @@
+//! `stalewatch-worker rebuild --entity NAME`: takes the entity's rebuild lock, keeps it
+//! renewed while `stalewatch_core::rebuild` rewrites every key, shows the progress, and
+//! releases the lock.
+
+use std::{
+    io::{IsTerminal, Write},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use stalewatch_core::{
+    config::Config,
+    lease::Lease,
+    rebuild::{self, Progress, Rebuild, Summary},
+};
+
+use crate::handlers::Ctx;
+
+/// How often the progress is shown: redrawn on a terminal, a line in a log.
+const TERMINAL_EVERY: Duration = Duration::from_millis(200);
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Who a rebuild is, for whoever finds the lock taken: host, pid, start time.
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "stalewatch-worker pid {} on {host} since {}",
+        std::process::id(),
+        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+    )
+}
+
+/// Rebuilds `entity`; fails (with the holder) when another rebuild of it runs.
+pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Summary> {
+    let checker = &ctx.checker;
+    if checker.watched.source(entity).is_none() {
+        anyhow::bail!(
+            "no entity {entity:?} in the ENTITIES file (watched: {})",
+            checker.watched.names().join(", ")
+        );
+    }
+    let conn = checker.cache.connection();
+    let lease = rebuild::lock(
+        &conn,
+        checker.cache.keys(),
+        entity,
+        config.rebuild_lock,
+        &holder(),
+    )
+    .await?;
+    let lease = Arc::new(lease);
+    let lost = Arc::new(AtomicBool::new(false));
+    let renewer = tokio::spawn(renew(lease.clone(), lost.clone()));
+
+    let redis = rebuild::connection(&config.redis()?)
+        .await
+        .context("connecting to Redis for the rebuild")?;
+    let job = Rebuild {
+        checker,
+        entity,
+        batch: config.rebuild_batch,
+        pause: config.rebuild_pause,
+        token: lease
+            .token()
+            .rsplit('#')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        redis,
+    };
+    let mut shown = Shown::new();
+    let result = job
+        .run(&|| lost.load(Ordering::Relaxed), |p| shown.show(p))
+        .await;
+    shown.finish();
+
+    renewer.abort();
+    let _ = renewer.await;
+    if let Ok(lease) = Arc::try_unwrap(lease) {
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "could not release the rebuild lock; it expires by itself");
+        }
+    }
+    Ok(result?)
+}
+
+/// Renews the lease every third of its TTL; sets `lost` when it was lost, or when it could
+/// not be renewed for a whole TTL (it may have expired and been taken).
+async fn renew(lease: Arc<Lease>, lost: Arc<AtomicBool>) {
+    let ttl = lease.ttl();
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match lease.renew().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the rebuild lock");
+                if renewed.elapsed() >= ttl {
+                    lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The progress on stderr: a bar redrawn in place on a terminal, else a plain line now and
+/// then (a log keeps every line).
+struct Shown {
+    terminal: bool,
+    last: Option<Instant>,
+    drawn: bool,
+}
+
+impl Shown {
+    fn new() -> Shown {
+        Shown {
+            terminal: std::io::stderr().is_terminal(),
+            last: None,
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, p: &Progress) {
+        let every = if self.terminal {
+            TERMINAL_EVERY
+        } else {
+            LOG_EVERY
+        };
+        if self.last.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let _ = write!(err, "\r\x1b[K{} {}", bar(p), p.line());
+            self.drawn = true;
+        } else {
+            let _ = writeln!(err, "rebuild: {}", p.line());
+        }
+        let _ = err.flush();
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+        }
+    }
+}
+
+/// `[#########...........]`, 30 wide.
+fn bar(p: &Progress) -> String {
+    const WIDTH: u64 = 30;
+    let filled = if p.estimated > 0 {
+        (p.done.min(p.estimated) * WIDTH / p.estimated) as usize
+    } else {
+        0
+    };
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_fills_with_the_progress_and_never_overflows() {
+        let p = |done, estimated| Progress {
+            done,
+            estimated,
+            elapsed: Duration::from_secs(1),
+        };
+        assert_eq!(bar(&p(0, 10)), format!("[{}]", ".".repeat(30)));
+        assert_eq!(
+            bar(&p(5, 10)),
+            format!("[{}{}]", "#".repeat(15), ".".repeat(15))
+        );
+        assert_eq!(bar(&p(20, 10)), format!("[{}]", "#".repeat(30)));
+        assert_eq!(bar(&p(3, 0)), format!("[{}]", ".".repeat(30)));
+    }
+}
