@@ -17,7 +17,7 @@ use stalewatch_core::{
     keys::Keys,
     queue,
 };
-use stalewatch_testkit::{eventually, TestEnv};
+use stalewatch_testkit::{eventually, scaled, TestEnv};
 use stalewatch_worker::{app, handlers::Ctx, sweep::Sweeper};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -225,11 +225,13 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
     // seconds, rounded down) and the handler then holds it in flight until due, where deleting
     // the queue cannot stop it. With 4 s the job cannot be fetched for 3 s after detection,
     // ample time to lose the queue first (asserted below), so only the backstop can confirm.
+    // Scaled: on a loaded machine detecting and losing the queue took longer than 3 s.
+    let grace = scaled(Duration::from_secs(4)).as_millis().to_string();
     let (_w, port) = worker(
         &env,
         &[
             ("SWEEP_INTERVAL_MS", "0"),
-            ("GRACE_PERIOD_MS", "4000"),
+            ("GRACE_PERIOD_MS", &grace),
             ("CONFIRM_BACKSTOP_MS", "500"),
         ],
     );
