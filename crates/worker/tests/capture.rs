@@ -866,6 +866,16 @@ async fn a_pattern_rule_removes_every_matching_key_and_nothing_else() {
     for k in survivors {
         assert!(app.exists(&app.p(k)).await, "{k} must survive");
     }
+    // Counted after the UNLINK that the loops above saw land: poll, never just read.
+    eventually(
+        Duration::from_secs(10),
+        "the pattern's three keys counted",
+        || async {
+            let n = metric(port, "stalewatch_invalidation_pattern_keys_total", &[]).await;
+            (n >= 3.0).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         metric(port, "stalewatch_invalidation_pattern_keys_total", &[]).await,
         3.0
