@@ -238,7 +238,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "SLO_WINDOWS",
         crate::slo::DEFAULT_WINDOWS,
-        "the consistency SLO's windows: each changed key is probed this long after its commit",
+        "the consistency SLO's windows: each changed key is probed this long after its commit; off for none",
     ),
     setting(
         "KEYSPACE_NOTIFICATIONS",

@@ -16,8 +16,11 @@ use crate::watch;
 pub const DEFAULT_WINDOWS: &str = "1s,10s,60s";
 
 /// Reads a comma-separated list of durations with units (`1s,10s,60s`, `500ms, 1m`), in
-/// ascending order, without repeats.
+/// ascending order, without repeats; `off` is none (no probes, no SLO series).
 pub fn parse_windows(s: &str) -> Result<Vec<Duration>, String> {
+    if s.trim() == "off" {
+        return Ok(Vec::new());
+    }
     let mut windows = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let d = humantime::parse_duration(part)
@@ -28,7 +31,7 @@ pub fn parse_windows(s: &str) -> Result<Vec<Duration>, String> {
         windows.push(d);
     }
     if windows.is_empty() {
-        return Err("at least one window, such as 1s,10s,60s".into());
+        return Err("at least one window, such as 1s,10s,60s, or off".into());
     }
     windows.sort();
     windows.dedup();
@@ -108,6 +111,12 @@ mod tests {
         assert_eq!(labels, ["1s", "10s", "1m"]);
         assert_eq!(window_label(Duration::from_millis(500)), "500ms");
         assert_eq!(parse_windows(DEFAULT_WINDOWS).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn off_means_no_window() {
+        assert_eq!(parse_windows("off").unwrap(), Vec::<Duration>::new());
+        assert!(parse_windows("off,1s").is_err());
     }
 
     #[test]
