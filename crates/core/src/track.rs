@@ -3,8 +3,15 @@
 //!
 //! Every source (write checks, confirmations, the sweep, CDC, manual refresh) comes through
 //! here, so they all behave the same way.
+//!
+//! A storm (a bad deploy or a restored snapshot leaves every key divergent) would make one
+//! log line per key; past `LOGGED_PER_BATCH` transitions of one kind, a batch logs one
+//! summary line instead. The metrics count every transition either way.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -17,6 +24,9 @@ use crate::metrics::Metrics;
 /// Rounds of the locked slow path before giving up on a key; two suffice in practice (see
 /// `settle`), the bound only guards against a bug looping forever.
 const MAX_RETRIES: usize = 8;
+/// Transitions of one kind (entity, from, to) that one batch logs line by line; the rest of
+/// the batch's are summarised in one line.
+const LOGGED_PER_BATCH: usize = 5;
 
 /// What recording one key's observation did.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,9 +101,11 @@ pub async fn record_batch(
     evidence: Vec<Evidence>,
 ) -> Batch {
     let mut batch = Batch::default();
-    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence, None).await {
+    let mut log = TransitionLog::default();
+    if let Err(e) = record_into(&mut batch, &mut log, conn, metrics, ctx, evidence, None).await {
         batch.error = Some(e);
     }
+    log.summarise();
     batch
 }
 
@@ -110,14 +122,18 @@ pub async fn record_batch_with_open(
     open: HashMap<String, IncidentRow>,
 ) -> Batch {
     let mut batch = Batch::default();
-    if let Err(e) = record_into(&mut batch, conn, metrics, ctx, evidence, Some(open)).await {
+    let mut log = TransitionLog::default();
+    let open = Some(open);
+    if let Err(e) = record_into(&mut batch, &mut log, conn, metrics, ctx, evidence, open).await {
         batch.error = Some(e);
     }
+    log.summarise();
     batch
 }
 
 async fn record_into(
     batch: &mut Batch,
+    log: &mut TransitionLog,
     conn: &mut AsyncPgConnection,
     metrics: &Metrics,
     ctx: &Context<'_>,
@@ -224,7 +240,7 @@ async fn record_into(
                     None => incidents::apply(conn, current.as_ref(), &step, ev).await?,
                 };
                 let (step, applied) = settle(conn, ctx, &obs, ev, step, applied).await?;
-                finish(metrics, ev, step, applied)
+                finish(metrics, log, ev, step, applied)
             }
         };
         batch.recorded.push(recorded);
@@ -277,7 +293,13 @@ async fn settle(
 }
 
 /// What a key's stored step did: its log line and metrics, and the confirmation to schedule.
-fn finish(metrics: &Metrics, ev: &Evidence, step: incident::Step, applied: Applied) -> Recorded {
+fn finish(
+    metrics: &Metrics,
+    log: &mut TransitionLog,
+    ev: &Evidence,
+    step: incident::Step,
+    applied: Applied,
+) -> Recorded {
     if let Some(why) = step.refused {
         metrics.refused.with_label_values(&[why.as_str()]).inc();
         tracing::debug!(key = %ev.cache_key, reason = why.as_str(), "out-of-order observation ignored");
@@ -285,7 +307,7 @@ fn finish(metrics: &Metrics, ev: &Evidence, step: incident::Step, applied: Appli
     let incident = match applied {
         Applied::Stored(row) => {
             if let Some(t) = step.transition {
-                report(metrics, &row, t, ev);
+                report(metrics, log, &row, t, ev);
             }
             Some(*row)
         }
@@ -303,8 +325,15 @@ fn step_for(current: Option<&IncidentRow>, obs: &Observation, grace: Duration) -
     incident::step(current.map(|c| c.incident()).as_ref(), obs, grace)
 }
 
-/// The one log line and the metrics of a transition.
-fn report(metrics: &Metrics, row: &IncidentRow, t: Transition, ev: &Evidence) {
+/// The one log line (unless the batch is a storm, see [`TransitionLog`]) and the metrics of a
+/// transition.
+fn report(
+    metrics: &Metrics,
+    log: &mut TransitionLog,
+    row: &IncidentRow,
+    t: Transition,
+    ev: &Evidence,
+) {
     let from = t.from.map_or("none", State::as_str);
     metrics
         .transitions
@@ -331,10 +360,60 @@ fn report(metrics: &Metrics, row: &IncidentRow, t: Transition, ev: &Evidence) {
     if t.to == State::Transient {
         tracing::debug!(key = %row.cache_key, incident = row.id, from, to = t.to.as_str(),
             verdict = %row.kind, "incident closed as transient");
-    } else {
+    } else if log.admit(&row.entity, from, t.to.as_str()) {
         tracing::info!(key = %row.cache_key, incident = row.id, from, to = t.to.as_str(),
             verdict = ev.kind.as_str(), diff = %row.diff, observations = row.observations,
             resolution = row.resolution.as_deref().unwrap_or(""), "incident transition");
+    }
+}
+
+/// How many transitions of each kind a batch logged and left out: the first
+/// `LOGGED_PER_BATCH` of a kind get their own line, the rest one summary line at the end.
+#[derive(Debug, Default)]
+struct TransitionLog {
+    /// (entity, from, to) -> (logged, left out).
+    kinds: BTreeMap<(String, &'static str, &'static str), (usize, usize)>,
+}
+
+impl TransitionLog {
+    /// Whether this transition gets a line of its own.
+    fn admit(&mut self, entity: &str, from: &'static str, to: &'static str) -> bool {
+        let (logged, left_out) = self
+            .kinds
+            .entry((entity.to_string(), from, to))
+            .or_default();
+        if *logged < LOGGED_PER_BATCH {
+            *logged += 1;
+            true
+        } else {
+            *left_out += 1;
+            false
+        }
+    }
+
+    /// (entity, from, to, logged, left out) of every kind with transitions left out.
+    fn left_out(&self) -> impl Iterator<Item = (&str, &str, &str, usize, usize)> {
+        self.kinds
+            .iter()
+            .filter(|(_, (_, left_out))| *left_out > 0)
+            .map(|((entity, from, to), (logged, left_out))| {
+                (entity.as_str(), *from, *to, *logged, *left_out)
+            })
+    }
+
+    fn summarise(&self) {
+        for (entity, from, to, logged, left_out) in self.left_out() {
+            tracing::info!(
+                entity,
+                from,
+                to,
+                logged,
+                not_logged = left_out,
+                "incident storm: {} transitions {from} -> {to} of entity {entity} in one batch; \
+                 {left_out} not logged one by one (stalewatch_transitions_total counts them all)",
+                logged + left_out
+            );
+        }
     }
 }
 
@@ -371,4 +450,39 @@ pub async fn refresh_open_gauge(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_logs_a_few_lines_per_kind_and_summarises_the_rest() {
+        let mut log = TransitionLog::default();
+        let admitted = (0..1000)
+            .filter(|_| log.admit("item", "none", "detected"))
+            .count();
+        assert_eq!(admitted, LOGGED_PER_BATCH);
+        // Another kind, or another entity, has its own allowance.
+        assert!(log.admit("item", "detected", "confirmed"));
+        assert!(log.admit("user", "none", "detected"));
+        let left_out: Vec<_> = log.left_out().collect();
+        assert_eq!(
+            left_out,
+            [(
+                "item",
+                "none",
+                "detected",
+                LOGGED_PER_BATCH,
+                1000 - LOGGED_PER_BATCH
+            )]
+        );
+    }
+
+    #[test]
+    fn a_quiet_batch_leaves_nothing_out() {
+        let mut log = TransitionLog::default();
+        assert!((0..LOGGED_PER_BATCH).all(|_| log.admit("item", "none", "detected")));
+        assert_eq!(log.left_out().count(), 0);
+    }
 }
