@@ -14,6 +14,10 @@
 //! - Open incidents of the entity are marked as being rewritten by a repair first and checked
 //!   again after the pass, so those the rebuild fixed resolve with cause `repair`.
 
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
 use std::time::{Duration, Instant};
 
 use diesel::sql_types::BigInt;
@@ -164,6 +168,31 @@ pub async fn lock(
                 key,
                 holder,
             });
+        }
+    }
+}
+
+/// Renews `lease` every third of its TTL until dropped (abort the task); sets `lost` when it
+/// was lost, or could not be renewed for a whole TTL (it may have expired and been taken).
+/// The rebuild checks `lost` before each page.
+pub async fn keep_renewed(lease: Arc<Lease>, lost: Arc<AtomicBool>) {
+    let ttl = lease.ttl();
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match lease.renew().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the rebuild lock");
+                if renewed.elapsed() >= ttl {
+                    lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
         }
     }
 }

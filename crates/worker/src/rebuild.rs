@@ -14,7 +14,6 @@ use std::{
 use anyhow::Context;
 use stalewatch_core::{
     config::Config,
-    lease::Lease,
     rebuild::{self, Progress, Rebuild, Summary},
 };
 
@@ -56,7 +55,7 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
     .await?;
     let lease = Arc::new(lease);
     let lost = Arc::new(AtomicBool::new(false));
-    let renewer = tokio::spawn(renew(lease.clone(), lost.clone()));
+    let renewer = tokio::spawn(rebuild::keep_renewed(lease.clone(), lost.clone()));
 
     let redis = rebuild::connection(&config.redis()?)
         .await
@@ -88,30 +87,6 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
         }
     }
     Ok(result?)
-}
-
-/// Renews the lease every third of its TTL; sets `lost` when it was lost, or when it could
-/// not be renewed for a whole TTL (it may have expired and been taken).
-async fn renew(lease: Arc<Lease>, lost: Arc<AtomicBool>) {
-    let ttl = lease.ttl();
-    let mut renewed = Instant::now();
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        match lease.renew().await {
-            Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not renew the rebuild lock");
-                if renewed.elapsed() >= ttl {
-                    lost.store(true, Ordering::Relaxed);
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// The progress on stderr: a bar redrawn in place on a terminal, else a plain line now and

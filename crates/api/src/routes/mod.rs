@@ -4,6 +4,7 @@
 pub mod incidents;
 pub mod items;
 pub mod ops;
+pub mod rebuild;
 
 use actix_web::web;
 
@@ -42,5 +43,7 @@ routes![
     ops::readyz,
     ops::metrics,
     ops::stats,
+    rebuild::start,
+    rebuild::progress,
     crate::openapi::openapi_json,
 ];
