@@ -102,11 +102,9 @@ impl Progress {
 
     /// `12000/100000 keys (12%), 4000 keys/s, ETA 22 s`: one line, for a log or a terminal.
     pub fn line(&self) -> String {
-        let percent = if self.estimated > 0 {
-            (self.done.min(self.estimated) * 100 / self.estimated).to_string()
-        } else {
-            "?".to_string()
-        };
+        let percent = (self.done.min(self.estimated) * 100)
+            .checked_div(self.estimated)
+            .map_or_else(|| "?".to_string(), |p| p.to_string());
         let eta = match self.eta() {
             Some(eta) => format!("ETA {} s", eta.as_secs_f64().ceil() as u64),
             None => "ETA ?".to_string(),

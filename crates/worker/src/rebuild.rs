@@ -136,11 +136,9 @@ impl Shown {
 /// `[#########...........]`, 30 wide.
 fn bar(p: &Progress) -> String {
     const WIDTH: u64 = 30;
-    let filled = if p.estimated > 0 {
-        (p.done.min(p.estimated) * WIDTH / p.estimated) as usize
-    } else {
-        0
-    };
+    let filled = (p.done.min(p.estimated) * WIDTH)
+        .checked_div(p.estimated)
+        .unwrap_or(0) as usize;
     format!(
         "[{}{}]",
         "#".repeat(filled),

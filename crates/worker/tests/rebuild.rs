@@ -209,7 +209,7 @@ async fn a_flushed_entity_is_rebuilt_whole_and_its_incidents_resolve_with_cause_
     let checker = env.checker(&config).await.unwrap();
     for _ in 0..2 {
         checker
-            .check_keys("account", &[stale.clone()], Source::Sweep, None)
+            .check_keys("account", std::slice::from_ref(&stale), Source::Sweep, None)
             .await
             .unwrap();
     }
@@ -361,7 +361,7 @@ async fn a_rebuild_racing_a_thousand_newer_writes_leaves_every_key_at_its_newest
         let doc = cached
             .get(id)
             .unwrap_or_else(|| panic!("acct:{id} missing"));
-        if doc["version"] != Value::from(*version) {
+        if doc["version"] != *version {
             behind.push((*id, doc["version"].clone(), *version));
         }
     }
