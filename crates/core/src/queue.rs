@@ -64,6 +64,57 @@ pub async fn connect(
     ConnectionManager::new_with_config(client, config).await
 }
 
+/// Forgets worker `name` of the queue with namespace `ns` (`Keys::queue`). apalis-redis
+/// registers every worker (a member of `{ns}:workers` scored by its last heartbeat, and a hash
+/// `{ns}:workers:metadata:{name}`) and never removes either, so every restart of a worker and
+/// every replica a deployment ever ran would stay in Redis for good.
+pub async fn forget_worker(
+    conn: &mut ConnectionManager,
+    ns: &str,
+    name: &str,
+) -> Result<(), redis::RedisError> {
+    redis::pipe()
+        .zrem(format!("{ns}:workers"), name)
+        .ignore()
+        .del(format!("{ns}:workers:metadata:{name}"))
+        .ignore()
+        .query_async(conn)
+        .await
+}
+
+/// Forgets the workers of `ns` not heard from for `idle`: the ones that died without
+/// [`forget_worker`] (killed, or their host lost). Returns how many.
+pub async fn forget_idle_workers(
+    conn: &mut ConnectionManager,
+    ns: &str,
+    idle: Duration,
+) -> Result<usize, redis::RedisError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let cutoff = now.saturating_sub(idle).as_secs();
+    let workers = format!("{ns}:workers");
+    let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(&workers)
+        .arg("-inf")
+        .arg(cutoff)
+        .arg("LIMIT")
+        .arg(0)
+        .arg(1000)
+        .query_async(conn)
+        .await?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    pipe.zrem(&workers, &names).ignore();
+    for name in &names {
+        pipe.del(format!("{workers}:metadata:{name}")).ignore();
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(names.len())
+}
+
 /// apalis schedules at whole seconds, rounding down. Rounding down here too, a job runs at
 /// most a second before `at`; handlers that must not run early wait out the rest.
 pub fn run_at_secs(at: DateTime<Utc>) -> u64 {

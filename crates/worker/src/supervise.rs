@@ -126,13 +126,23 @@ where
                 stop.cancelled().await;
                 Ok::<(), std::io::Error>(())
             };
-            WorkerBuilder::new(name)
+            let (mut registry, ns, own) = (
+                ctx.queue_conn.clone(),
+                ctx.keys().queue(J::QUEUE),
+                name.clone(),
+            );
+            let ran = WorkerBuilder::new(name)
                 .backend(storage)
                 .data(ctx)
                 .concurrency(FETCH_BATCH)
                 .build(handler)
                 .run_until(signal)
-                .await?;
+                .await;
+            // This incarnation's name is never used again: its registration would stay.
+            if let Err(e) = queue::forget_worker(&mut registry, &ns, &own).await {
+                tracing::debug!(worker = %own, error = %e, "worker registration left in Redis; upkeep removes it later");
+            }
+            ran?;
             if !shutdown.is_cancelled() {
                 // The backend's stream ended on an error it swallowed: start over.
                 anyhow::bail!("worker ended by itself");

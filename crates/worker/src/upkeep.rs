@@ -24,6 +24,9 @@ const DEAD_PER_ROUND: usize = 1000;
 /// Closed incidents deleted per statement; a round repeats up to `DELETE_ROUNDS` times.
 const DELETE_BATCH: i64 = 5000;
 const DELETE_ROUNDS: usize = 20;
+/// A worker registration without a heartbeat for this long belongs to a worker that died
+/// without removing it (a live one beats every 2 s).
+const WORKER_GONE_AFTER: Duration = Duration::from_secs(3600);
 
 pub struct Upkeep {
     pub conn: ConnectionManager,
@@ -100,6 +103,16 @@ impl Upkeep {
                 ] {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "dead-job upkeep failed");
+                    }
+                }
+                for queue in [CheckJob::QUEUE, ConfirmJob::QUEUE, SloJob::QUEUE] {
+                    let ns = self.keys.queue(queue);
+                    match queue::forget_idle_workers(&mut self.conn, &ns, WORKER_GONE_AFTER).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(queue, workers = n, "forgot workers gone for an hour")
+                        }
+                        Err(e) => tracing::debug!(error = %e, "worker registrations not tended"),
                     }
                 }
                 if let Err(e) = self.retention().await {

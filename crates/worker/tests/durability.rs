@@ -10,7 +10,7 @@ use std::{collections::HashMap, time::Duration};
 use common::*;
 use stalewatch_core::{
     incident::Source,
-    jobs::{CheckJob, ConfirmJob},
+    jobs::{CheckJob, ConfirmJob, Job},
     keys::Keys,
     queue,
 };
@@ -366,4 +366,110 @@ async fn a_job_in_flight_on_a_killed_worker_is_run_again_by_another() {
     .await;
     assert_eq!(row.id, incident.id);
     assert_eq!(row.observations, 2, "confirmed once");
+}
+
+/// Names registered in `queue`'s worker set, and the metadata hashes left under it.
+async fn registrations(env: &TestEnv, queue: &str) -> (Vec<String>, Vec<String>) {
+    let ns = env.keys().queue(queue);
+    let mut conn = env.cache.connection();
+    let names: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{ns}:workers"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:workers:metadata:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (names, hashes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_that_stop_or_die_leave_no_registration_behind() {
+    let env = TestEnv::new().await.unwrap();
+    let settings = [
+        ("SWEEP_INTERVAL_MS", "0"),
+        ("KEYSPACE_NOTIFICATIONS", "off"),
+    ];
+    let registered = |n: usize| {
+        let env = &env;
+        move || async move {
+            let mut all = Vec::new();
+            for queue in [CheckJob::QUEUE, ConfirmJob::QUEUE] {
+                let (names, hashes) = registrations(env, queue).await;
+                if names.len() != n || hashes.len() != n {
+                    return None;
+                }
+                all.extend(names);
+            }
+            Some(all)
+        }
+    };
+
+    // A clean stop removes what apalis-redis registered.
+    let (mut first, _) = worker(&env, &settings);
+    eventually(
+        Duration::from_secs(30),
+        "the workers registered",
+        registered(1),
+    )
+    .await;
+    let status = first.terminate(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    for queue in [CheckJob::QUEUE, ConfirmJob::QUEUE] {
+        assert_eq!(
+            registrations(&env, queue).await,
+            (vec![], vec![]),
+            "{queue} after a clean stop"
+        );
+    }
+
+    // A killed worker cannot: its registration stays until upkeep finds it gone for an hour.
+    let (mut killed, _) = worker(&env, &settings);
+    let dead = eventually(
+        Duration::from_secs(30),
+        "the workers registered",
+        registered(1),
+    )
+    .await;
+    killed.kill9();
+    let mut conn = env.cache.connection();
+    for queue in [CheckJob::QUEUE, ConfirmJob::QUEUE] {
+        let (names, _) = registrations(&env, queue).await;
+        assert_eq!(
+            names.len(),
+            1,
+            "{queue}: the killed worker's registration stays"
+        );
+        // An hour without a heartbeat, without waiting an hour: its last beat moved back.
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("{}:workers", env.keys().queue(queue)))
+            .arg("XX")
+            .arg(0)
+            .arg(&names[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (_survivor, _) = worker(&env, &settings);
+    let alive = eventually(
+        Duration::from_secs(30),
+        "the dead worker forgotten, the live one registered",
+        || {
+            let (registered, dead) = (registered(1), &dead);
+            async move {
+                registered()
+                    .await
+                    .filter(|names| names.iter().all(|name| !dead.contains(name)))
+            }
+        },
+    )
+    .await;
+    assert_eq!(alive.len(), 2, "one worker per queue: {alive:?}");
 }
