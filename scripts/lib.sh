@@ -1,12 +1,48 @@
 # Shared by scripts/dev, scripts/test and scripts/bench: make sure PostgreSQL and Redis answer,
 # installing and starting them from Debian's packages when they don't (needs root).
+#
+# Which servers: the caller sets SERVICES_PG_URL and SERVICES_REDIS_URL from the URLs it will use
+# (DATABASE_URL, TEST_PG_URL, REDIS_URL, ...) before sourcing this file; host and port come
+# from them. A server on this machine that does not answer is installed and started; one
+# elsewhere is only waited for, with an error naming the URL.
 
+log() {
+  if [ -t 2 ]; then printf '\033[1m==> %s\033[0m\n' "$*" >&2; else printf '==> %s\n' "$*" >&2; fi
+}
+
+# host and port of a postgres:// or redis(s):// URL ($2: the default port).
+url_host() {
+  local rest=${1#*://}
+  rest=${rest##*@}
+  rest=${rest%%/*}
+  rest=${rest%%\?*}
+  if [[ $rest == \[* ]]; then rest=${rest#[}; echo "${rest%%]*}"; else echo "${rest%%:*}"; fi
+}
+url_port() {
+  local rest=${1#*://}
+  rest=${rest##*@}
+  rest=${rest%%/*}
+  rest=${rest%%\?*}
+  rest=${rest##*]}
+  if [[ $rest == *:* ]]; then echo "${rest##*:}"; else echo "$2"; fi
+}
+
+PG_HOST=${PG_HOST:-$(url_host "${SERVICES_PG_URL:-postgres://127.0.0.1}" 5432)}
+PG_PORT=${PG_PORT:-$(url_port "${SERVICES_PG_URL:-postgres://127.0.0.1}" 5432)}
+REDIS_HOST=${REDIS_HOST:-$(url_host "${SERVICES_REDIS_URL:-redis://127.0.0.1}" 6379)}
+REDIS_PORT=${REDIS_PORT:-$(url_port "${SERVICES_REDIS_URL:-redis://127.0.0.1}" 6379)}
 PG_HOST=${PG_HOST:-127.0.0.1}
-PG_PORT=${PG_PORT:-5432}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
-REDIS_PORT=${REDIS_PORT:-6379}
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+is_local() { [[ $1 =~ ^(127\.[0-9.]+|localhost|::1)$ ]]; }
+
+# need COMMAND PACKAGE: installs Debian's PACKAGE when COMMAND is missing (as root), or stops
+# naming it.
+need() {
+  command -v "$1" >/dev/null && return 0
+  log "$1 is missing: installing Debian's $2"
+  apt_install "$2"
+}
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -29,6 +65,10 @@ apt_install() {
 
 ensure_postgres() {
   if port_open "$PG_HOST" "$PG_PORT"; then return 0; fi
+  if ! is_local "$PG_HOST"; then
+    log "PostgreSQL at $PG_HOST:$PG_PORT does not answer (from ${SERVICES_PG_URL:-PG_HOST/PG_PORT}); start it or change the URL"
+    exit 1
+  fi
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
     log "installing PostgreSQL"
     apt_install postgresql
@@ -51,8 +91,8 @@ ensure_postgres() {
 # takes a restart. Done here for the local cluster this script manages; for any other server it
 # says what to set (the worker then logs that capture is off and the sweep covers changes).
 ensure_logical_decoding() {
-  if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
-  local url="postgres://postgres@$PG_HOST:$PG_PORT/postgres" level version
+  need psql postgresql-client
+  local url=${SERVICES_PG_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres} level version
   level=$(psql "$url" -tAc "SHOW wal_level")
   [ "$level" = logical ] && return 0
   if [ "$(id -u)" != 0 ] || ! ls /etc/postgresql/*/main >/dev/null 2>&1 \
@@ -70,6 +110,10 @@ ensure_logical_decoding() {
 
 ensure_redis() {
   if port_open "$REDIS_HOST" "$REDIS_PORT"; then return 0; fi
+  if ! is_local "$REDIS_HOST"; then
+    log "Redis at $REDIS_HOST:$REDIS_PORT does not answer (from ${SERVICES_REDIS_URL:-REDIS_HOST/REDIS_PORT}); start it or change the URL"
+    exit 1
+  fi
   if ! command -v redis-server >/dev/null; then
     log "installing Redis"
     apt_install redis-server
@@ -90,7 +134,9 @@ ensure_services() {
 # Creates database $1 on the local server when it does not exist.
 ensure_database() {
   local name=$1
-  if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
+  # A server elsewhere is the operator's: its database is theirs to create.
+  is_local "$PG_HOST" || return 0
+  need psql postgresql-client
   local url="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
   if [ "$(psql "$url" -tAc "SELECT 1 FROM pg_database WHERE datname = '$name'")" != 1 ]; then
     psql "$url" -qc "CREATE DATABASE $name" >/dev/null
