@@ -410,7 +410,7 @@ impl TransitionLog {
                 logged,
                 not_logged = left_out,
                 "incident storm: {} transitions {from} -> {to} of entity {entity} in one batch; \
-                 {left_out} not logged one by one (stalewatch_transitions_total counts them all)",
+                 {left_out} not logged one by one (stalewatch_incident_transitions_total counts them all)",
                 logged + left_out
             );
         }
