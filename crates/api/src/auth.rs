@@ -1,4 +1,5 @@
-//! The admin token of the mutating routes (the refreshes: they rewrite cache keys).
+//! The admin token of the mutating routes (the refreshes: they rewrite cache keys), and of
+//! the read routes under `READ_ACCESS=token` ([`Reader`]).
 //!
 //! A handler takes [`Admin`] as its first argument: the request must carry
 //! `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time, or it gets a 401 in the
@@ -11,7 +12,7 @@
 use std::future::{ready, Ready};
 
 use actix_web::{dev::Payload, http::header, web, FromRequest, HttpRequest};
-use stalewatch_core::config::AdminToken;
+use stalewatch_core::config::{AdminToken, ReadAccess};
 use subtle::ConstantTimeEq;
 
 use crate::{error::ApiError, state::AppState};
@@ -29,11 +30,48 @@ impl FromRequest for Admin {
     }
 }
 
+/// Proof that the request may read incidents, stats and rebuild progress: anyone under
+/// `READ_ACCESS=open` (the default), the admin token's holder under `READ_ACCESS=token`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader;
+
+impl FromRequest for Reader {
+    type Error = ApiError;
+    type Future = Ready<Result<Reader, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(state(req).and_then(|state| match state.config.read_access {
+            ReadAccess::Open => Ok(Reader),
+            ReadAccess::Token => authorize(req, &state.config.admin_token).map(|()| Reader),
+        }))
+    }
+}
+
+fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
+    req.app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal("no AppState registered"))
+}
+
 fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .ok_or_else(|| ApiError::internal("no AppState registered"))?;
-    match &state.config.admin_token {
+    authorize(req, &state(req)?.config.admin_token)?;
+    if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
+        let json = content_type
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::BadRequest(
+                "expected no body, or Content-Type: application/json".into(),
+            ));
+        }
+    }
+    Ok(Admin)
+}
+
+/// The bearer token, compared in constant time; anyone under `ADMIN_TOKEN=disabled`.
+fn authorize(req: &HttpRequest, token: &AdminToken) -> Result<(), ApiError> {
+    match token {
         AdminToken::Disabled => {}
         // Fail closed: a library user who built the state without a token gets no access.
         AdminToken::Unset => {
@@ -61,19 +99,7 @@ fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
             }
         }
     }
-    if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
-        let json = content_type
-            .to_str()
-            .ok()
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ApiError::BadRequest(
-                "expected no body, or Content-Type: application/json".into(),
-            ));
-        }
-    }
-    Ok(Admin)
+    Ok(())
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme case-insensitive).

@@ -253,7 +253,8 @@ pub enum NotFoundError {
 
 #[derive(utoipa::IntoResponses)]
 pub enum AdminErrors {
-    /// No `Authorization: Bearer <ADMIN_TOKEN>`, or a wrong one.
+    /// No `Authorization: Bearer <ADMIN_TOKEN>`, or a wrong one (the mutating routes always;
+    /// the read routes under `READ_ACCESS=token`).
     #[response(status = 401, headers(("WWW-Authenticate" = String)))]
     Unauthorized(ErrorBody),
 }

@@ -20,7 +20,7 @@ use futures::future::{join_all, LocalBoxFuture};
 use serde_json::{json, Value};
 use stalewatch_api::{error::ApiError, state::AppState, BODY_LIMIT};
 use stalewatch_core::{
-    config::{AdminToken, Config, FailureMode},
+    config::{AdminToken, Config, FailureMode, ReadAccess},
     db::DbError,
     incident::{Source, State},
 };
@@ -194,8 +194,11 @@ async fn cached_version(env: &TestEnv, key: &str) -> Option<i64> {
 
 /// The incidents recorded for `key`, newest first, as the API lists them.
 async fn incidents_for(api: &Api, key: &str) -> Vec<Value> {
+    // With the token, which an open read ignores: helpers work under READ_ACCESS=token too.
     let body = api
-        .get(&format!("/inconsistencies?key={key}"))
+        .send(admin(
+            TestRequest::get().uri(&format!("/inconsistencies?key={key}")),
+        ))
         .await
         .expect(StatusCode::OK, "GET /inconsistencies?key=");
     body["data"].as_array().expect("data is a list").clone()
@@ -1701,6 +1704,76 @@ async fn mutating_routes_need_the_admin_token() {
     api.delete(&item)
         .await
         .expect(StatusCode::OK, "DELETE without a token");
+}
+
+/// Under `READ_ACCESS=token` the incident reads, `/stats` and rebuild progress answer 401
+/// without the token and run with it; probes, scrapes, the document and the demo's items
+/// stay open. Without it (the default) the same reads need nothing.
+#[actix_web::test]
+async fn read_routes_need_the_token_only_under_read_access_token() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(Config {
+        read_access: ReadAccess::Token,
+        ..no_grace(&env)
+    })
+    .await;
+    let (id, _key, incident) = confirmed_incident(&env, &api).await;
+    let reads = [
+        "/inconsistencies".to_string(),
+        format!("/inconsistencies/{incident}"),
+        "/items/inconsistencies/all".to_string(),
+        "/items/inconsistencies/active".to_string(),
+        "/stats".to_string(),
+        "/entities/item/rebuild".to_string(),
+    ];
+    for uri in &reads {
+        let body = api.get(uri).await.expect(
+            StatusCode::UNAUTHORIZED,
+            &format!("GET {uri} without a token"),
+        );
+        assert_eq!(body["error"]["code"], "unauthorized", "GET {uri}: {body}");
+        let wrong = TestRequest::get()
+            .uri(uri)
+            .insert_header((header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}x")));
+        api.send(wrong).await.expect(
+            StatusCode::UNAUTHORIZED,
+            &format!("GET {uri} with a wrong token"),
+        );
+        api.send(admin(TestRequest::get().uri(uri)))
+            .await
+            .expect(StatusCode::OK, &format!("GET {uri} with the token"));
+    }
+    for uri in [
+        "/healthz".to_string(),
+        "/readyz".to_string(),
+        "/openapi.json".to_string(),
+        format!("/items/{id}"),
+    ] {
+        let reply = api.get(&uri).await;
+        assert_eq!(reply.status, StatusCode::OK, "GET {uri} stays open");
+    }
+    let metrics = api.get("/metrics").await;
+    assert_eq!(metrics.status, StatusCode::OK, "GET /metrics stays open");
+
+    // The default: the same reads are open.
+    let open = Api::start(no_grace(&env)).await;
+    for uri in &reads {
+        open.get(uri)
+            .await
+            .expect(StatusCode::OK, &format!("GET {uri} under READ_ACCESS=open"));
+    }
+}
+
+/// `READ_ACCESS=token` with `ADMIN_TOKEN=disabled` would protect nothing: refused at start.
+#[test]
+fn read_access_token_needs_a_real_token() {
+    let config = Config {
+        read_access: ReadAccess::Token,
+        admin_token: AdminToken::Disabled,
+        ..Config::default()
+    };
+    let err = config.require_admin_token().unwrap_err();
+    assert_eq!(err.var, "READ_ACCESS", "{err}");
 }
 
 /// A mutating route refuses a body that is not declared JSON, token or not: a cross-site

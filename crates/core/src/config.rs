@@ -254,6 +254,11 @@ pub const SETTINGS: &[Setting] = &[
             "bearer token of the API's refresh routes (16+ characters), or `disabled` (demo only); the API refuses to start without it",
         )
     },
+    setting(
+        "READ_ACCESS",
+        "open",
+        "open or token: whether the API's incident, stats and rebuild-progress reads need ADMIN_TOKEN too",
+    ),
     setting("RUST_LOG", "info", "log filter"),
 ];
 
@@ -487,6 +492,28 @@ pub enum AdminToken {
     Bearer(Secret),
 }
 
+/// Who may read the API's incidents, stats and rebuild progress (`READ_ACCESS`). Health,
+/// readiness, metrics, the OpenAPI document and the demo's items routes stay open either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadAccess {
+    /// Anyone who reaches the API.
+    #[default]
+    Open,
+    /// Requests must carry the admin token, as the mutating routes do.
+    Token,
+}
+
+impl FromStr for ReadAccess {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "token" => Ok(Self::Token),
+            _ => Err("`open` or `token`".into()),
+        }
+    }
+}
+
 impl FromStr for AdminToken {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -700,6 +727,8 @@ pub struct Config {
     pub invalidation_claim_idle: Duration,
     /// Who may use the API's mutating routes.
     pub admin_token: AdminToken,
+    /// Whether the API's reads of incidents, stats and rebuild progress need the token too.
+    pub read_access: ReadAccess,
 }
 
 impl Default for Config {
@@ -773,6 +802,7 @@ impl Config {
                 None => AdminToken::Unset,
                 Some(_) => env.parse("ADMIN_TOKEN")?,
             },
+            read_access: env.parse("READ_ACCESS")?,
         })
     }
 
@@ -784,6 +814,11 @@ impl Config {
                 var: "ADMIN_TOKEN",
                 value: String::new(),
                 expected: "a token of at least 16 characters for the refresh routes (e.g. `openssl rand -hex 32`), or `disabled` to leave them open (demo only)".into(),
+            }),
+            AdminToken::Disabled if self.read_access == ReadAccess::Token => Err(ConfigError {
+                var: "READ_ACCESS",
+                value: "token".into(),
+                expected: "`open`, or `token` with an ADMIN_TOKEN (not `disabled`) for the reads to need".into(),
             }),
             AdminToken::Disabled | AdminToken::Bearer(_) => Ok(()),
         }

@@ -14,7 +14,7 @@ use stalewatch_core::{
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{
-    auth::Admin,
+    auth::{Admin, Reader},
     error::{AdminErrors, ApiError, BadRequest, NotFoundError, StoreErrors},
     openapi::IncidentDoc,
     state::AppState,
@@ -159,11 +159,12 @@ async fn counted(
     params(PageParams),
     responses(
         (status = 200, description = "A page", body = CountedPage),
-        BadRequest, StoreErrors,
+        BadRequest, AdminErrors, StoreErrors,
     )
 )]
 #[get("/items/inconsistencies/all")]
 pub async fn all(
+    _reader: Reader,
     state: web::Data<AppState>,
     params: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
@@ -178,11 +179,12 @@ pub async fn all(
     params(PageParams),
     responses(
         (status = 200, description = "A page", body = CountedPage),
-        BadRequest, StoreErrors,
+        BadRequest, AdminErrors, StoreErrors,
     )
 )]
 #[get("/items/inconsistencies/active")]
 pub async fn active(
+    _reader: Reader,
     state: web::Data<AppState>,
     params: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
@@ -219,11 +221,12 @@ pub struct ListParams {
     params(ListParams),
     responses(
         (status = 200, description = "A page", body = IncidentPage),
-        BadRequest, StoreErrors,
+        BadRequest, AdminErrors, StoreErrors,
     )
 )]
 #[get("/inconsistencies")]
 pub async fn list(
+    _reader: Reader,
     state: web::Data<AppState>,
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
@@ -300,11 +303,15 @@ pub async fn refresh(
     params(("id" = i64, Path, description = "The incident's id")),
     responses(
         (status = 200, description = "The incident", body = IncidentDoc),
-        BadRequest, NotFoundError, StoreErrors,
+        BadRequest, AdminErrors, NotFoundError, StoreErrors,
     )
 )]
 #[get("/inconsistencies/{id}")]
-pub async fn one(state: web::Data<AppState>, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
+pub async fn one(
+    _reader: Reader,
+    state: web::Data<AppState>,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let row = db::idempotent(&state.pool, async |conn| incidents::by_id(conn, id).await)
         .await?

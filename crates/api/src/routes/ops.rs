@@ -101,10 +101,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     tag = "operations",
     responses(
         (status = 200, description = "The summary", body = crate::summary::Summary),
-        StoreErrors,
+        crate::error::AdminErrors, StoreErrors,
     )
 )]
 #[get("/stats")]
-pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn stats(
+    _reader: crate::auth::Reader,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(crate::summary::read(&state).await?))
 }

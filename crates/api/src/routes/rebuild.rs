@@ -208,11 +208,12 @@ pub async fn start(
     params(("name" = String, Path, description = "The entity, as named in the ENTITIES file")),
     responses(
         (status = 200, description = "The last rebuild started here, or `elsewhere` / `none`", body = RebuildStatus),
-        NotFoundError, StoreErrors,
+        crate::error::AdminErrors, NotFoundError, StoreErrors,
     )
 )]
 #[get("/entities/{name}/rebuild")]
 pub async fn progress(
+    _reader: crate::auth::Reader,
     state: web::Data<AppState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
