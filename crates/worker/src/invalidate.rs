@@ -266,7 +266,8 @@ async fn handle(
     if patterns.is_empty() {
         pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
     }
-    if !(keys.is_empty() && !patterns.is_empty()) {
+    // Empty only when there are no keys and a pattern (with the XACK) follows.
+    if !keys.is_empty() || patterns.is_empty() {
         pipe.query_async::<()>(&mut **conn)
             .await
             .context("deleting invalidated keys")?;
