@@ -58,6 +58,11 @@ pub struct Entry {
     pub op: String,
     /// The entity whose keys these are, or the `[[invalidate]]` rule's name.
     pub entity: String,
+    /// The changed row's primary key, in the entity's `primary_key` order (the new row's
+    /// values, the old row's for a delete). Empty for rules, which name no primary key, and
+    /// for a batch.
+    #[serde(default)]
+    pub primary_key: Vec<String>,
     pub keys: Vec<String>,
     /// Redis globs whose every key is deleted (`SCAN MATCH`, then `UNLINK`), for rules whose
     /// key templates end in `*`. Absent in entries written before rules had patterns.
@@ -138,6 +143,7 @@ impl Batcher {
                     self.held.push(Held {
                         entry: Entry {
                             op: "batch".into(),
+                            primary_key: Vec::new(),
                             keys: Vec::new(),
                             patterns: Vec::new(),
                             strategy: Mode::Batched,
@@ -204,6 +210,7 @@ mod tests {
             table: "public.users".into(),
             op: "update".into(),
             entity: "user_by_email".into(),
+            primary_key: vec!["7".into()],
             keys: vec!["app:user:email:a@x".into(), "app:user:email:b@x".into()],
             patterns: vec!["app:cat:1:products:*".into()],
             strategy: Mode::Immediate,
@@ -230,6 +237,7 @@ mod tests {
             table: "public.products".into(),
             op: op.into(),
             entity: rule.into(),
+            primary_key: Vec::new(),
             keys: vec![key.into()],
             patterns: vec![pattern.into()],
             strategy: Mode::Immediate,

@@ -389,10 +389,11 @@ impl<'a> Reader<'a> {
             }
         }
         let (commit_lsn, commit_time_us) = self.begin;
-        let entry = |entity: &str, keys: Vec<String>, patterns: Vec<String>| Entry {
+        let entry = |entity: &str, primary_key, keys, patterns| Entry {
             table: format!("{}.{}", rel.namespace, rel.name),
             op: op.to_string(),
             entity: entity.to_string(),
+            primary_key,
             keys,
             patterns,
             strategy: Mode::Immediate,
@@ -400,7 +401,10 @@ impl<'a> Reader<'a> {
             commit_time_us: commit_time_us + PG_EPOCH_UNIX_US,
         };
         for (entity, keys) in by_entity {
-            let e = entry(self.router.entity(entity), keys, Vec::new());
+            let primary_key = self
+                .router
+                .primary_key(entity, rel, old.as_ref(), new.as_ref());
+            let e = entry(self.router.entity(entity), primary_key, keys, Vec::new());
             self.txn_invalidations.push((e, Strategy::Immediate));
         }
         // The `[[invalidate]]` rules on this table: their keys and patterns, one entry each.
@@ -420,7 +424,12 @@ impl<'a> Reader<'a> {
             if hit.keys.is_empty() && hit.patterns.is_empty() {
                 continue;
             }
-            let e = entry(self.router.rule(hit.rule), hit.keys, hit.patterns);
+            let e = entry(
+                self.router.rule(hit.rule),
+                Vec::new(),
+                hit.keys,
+                hit.patterns,
+            );
             self.txn_invalidations
                 .push((e, self.router.rule_strategy(hit.rule)));
         }

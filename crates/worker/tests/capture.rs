@@ -1032,6 +1032,13 @@ async fn a_capture_process_killed_mid_stream_publishes_every_commit_at_least_onc
     let per_commit: std::collections::BTreeSet<&str> =
         entries.iter().map(|e| e.commit_lsn.as_str()).collect();
     assert_eq!(per_commit.len() as i64, N, "one commit LSN per transaction");
+    // Each entry names its row by primary key, and the row's key.
+    for e in &entries {
+        let [id] = &e.primary_key[..] else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.keys, vec![app.email_key(&format!("u{id}@example.com"))]);
+    }
     eprintln!(
         "{} entries for {N} commits ({} published twice)",
         entries.len(),

@@ -36,6 +36,7 @@ pub struct RuleHit {
 #[derive(Debug, Clone)]
 struct Target {
     entity: String,
+    primary_key: Vec<String>,
     key: Template,
     on_change: OnChange,
 }
@@ -73,6 +74,7 @@ impl Router {
                 by_table.entry(e.table.clone()).or_default().push(i);
                 Target {
                     entity: e.name.clone(),
+                    primary_key: e.primary_key.clone(),
                     key: e.key.clone(),
                     on_change: e.on_change,
                 }
@@ -170,6 +172,25 @@ impl Router {
     /// The name of entity `i`.
     pub fn entity(&self, i: usize) -> &str {
         &self.targets[i].entity
+    }
+
+    /// Entity `i`'s primary key values of a change: the new row's, or the old row's for a
+    /// delete; a value the stream did not carry is empty.
+    pub fn primary_key(
+        &self,
+        i: usize,
+        rel: &Relation,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+    ) -> Vec<String> {
+        self.targets[i]
+            .primary_key
+            .iter()
+            .map(|c| match value_of(rel, &Side::New, old, new, c) {
+                Lookup::Text(s) => s,
+                Lookup::Null | Lookup::Missing => String::new(),
+            })
+            .collect()
     }
 
     /// Whether a change deletes entity `i`'s keys (`on_change = "invalidate"`).
@@ -374,6 +395,8 @@ mod tests {
             ["app:user:7", "app:user:email:old@x", "app:user:email:new@x"]
         );
         assert!(unmapped.is_empty());
+        assert_eq!(router().primary_key(1, &rel, Some(&old), Some(&new)), ["7"]);
+        assert_eq!(router().primary_key(0, &rel, Some(&old), None), ["7"]);
     }
 
     #[test]
