@@ -1764,6 +1764,18 @@ async fn read_routes_need_the_token_only_under_read_access_token() {
     }
 }
 
+/// A refresh of an incident that does not exist answers 404 in the error format.
+#[actix_web::test]
+async fn refreshing_an_unknown_incident_is_a_404() {
+    let env = TestEnv::new().await.unwrap();
+    let api = Api::start(env.config()).await;
+    let body = api
+        .post("/inconsistencies/999999/refresh")
+        .await
+        .expect(StatusCode::NOT_FOUND, "refresh of incident 999999");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+}
+
 /// `READ_ACCESS=token` with `ADMIN_TOKEN=disabled` would protect nothing: refused at start.
 #[test]
 fn read_access_token_needs_a_real_token() {
