@@ -42,22 +42,7 @@ impl Lease {
         key: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, redis::RedisError> {
-        let token = Uuid::new_v4().to_string();
-        let mut c = conn.clone();
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async(&mut c)
-            .await?;
-        Ok(ok.map(|_| Lease {
-            key: key.to_string(),
-            token,
-            ttl,
-            conn: conn.clone(),
-        }))
+        Self::acquire(conn, key, ttl, Uuid::new_v4().to_string()).await
     }
 
     /// Takes the lease if nobody holds it, as `holder` (who, for whoever finds it taken:
@@ -70,14 +55,22 @@ impl Lease {
         holder: &str,
     ) -> Result<Option<Lease>, redis::RedisError> {
         let token = format!("{holder} #{}", Uuid::new_v4().simple());
-        let mut c = conn.clone();
+        Self::acquire(conn, key, ttl, token).await
+    }
+
+    async fn acquire(
+        conn: &ConnectionManager,
+        key: &str,
+        ttl: Duration,
+        token: String,
+    ) -> Result<Option<Lease>, redis::RedisError> {
         let ok: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(&token)
             .arg("NX")
             .arg("PX")
             .arg(ttl.as_millis() as u64)
-            .query_async(&mut c)
+            .query_async(&mut conn.clone())
             .await?;
         Ok(ok.map(|_| Lease {
             key: key.to_string(),

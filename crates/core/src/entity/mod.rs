@@ -573,6 +573,37 @@ impl Builder<'_> {
     }
 
     /// Replaces `${VAR}`; in a template, the values' braces are escaped.
+    /// An entity's or a rule's `name`: `[a-z0-9_]+`. Also names the errors that follow.
+    fn name(&mut self, s: &Spanned<String>) -> Option<String> {
+        let name = self.expand("name", s, false)?;
+        self.name = Some(name.clone());
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if valid {
+            Some(name)
+        } else {
+            self.error(
+                Some(s.span()),
+                "name must be lower-case letters, digits and '_' ([a-z0-9_]+)".into(),
+            );
+            None
+        }
+    }
+
+    /// An entity's or a rule's `table`, `schema.table` or `table`.
+    fn table(&mut self, s: &Spanned<String>) -> Option<Table> {
+        let t = self.expand("table", s, false)?;
+        match Table::parse(&t) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error(Some(s.span()), e);
+                None
+            }
+        }
+    }
+
     fn expand(&mut self, field: &str, s: &Spanned<String>, template: bool) -> Option<String> {
         match expand(s.get_ref(), self.vars, template) {
             Ok(v) => Some(v),
@@ -647,22 +678,7 @@ impl Builder<'_> {
                 self.missing("name", "");
                 None
             }
-            Some(s) => self.expand("name", s, false).and_then(|name| {
-                self.name = Some(name.clone());
-                let valid = !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if valid {
-                    Some(name)
-                } else {
-                    self.error(
-                        Some(s.span()),
-                        "name must be lower-case letters, digits and '_' ([a-z0-9_]+)".into(),
-                    );
-                    None
-                }
-            }),
+            Some(s) => self.name(s),
         };
 
         let table = match &raw.table {
@@ -670,15 +686,7 @@ impl Builder<'_> {
                 self.missing("table", "");
                 None
             }
-            Some(s) => self
-                .expand("table", s, false)
-                .and_then(|t| match Table::parse(&t) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        self.error(Some(s.span()), e);
-                        None
-                    }
-                }),
+            Some(s) => self.table(s),
         };
 
         let primary_key = match &raw.primary_key {

@@ -104,37 +104,14 @@ impl Builder<'_> {
         let before = self.errors.len();
         let name = match &raw.name {
             None => Some(format!("invalidate_{}", self.header)),
-            Some(s) => self.expand("name", s, false).and_then(|name| {
-                self.name = Some(name.clone());
-                let valid = !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if valid {
-                    Some(name)
-                } else {
-                    self.error(
-                        Some(s.span()),
-                        "name must be lower-case letters, digits and '_' ([a-z0-9_]+)".into(),
-                    );
-                    None
-                }
-            }),
+            Some(s) => self.name(s),
         };
         let table = match &raw.table {
             None => {
                 self.missing("table", ": the table whose changes invalidate the keys");
                 None
             }
-            Some(s) => self
-                .expand("table", s, false)
-                .and_then(|t| match Table::parse(&t) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        self.error(Some(s.span()), e);
-                        None
-                    }
-                }),
+            Some(s) => self.table(s),
         };
         let keys = match &raw.keys {
             None => {
