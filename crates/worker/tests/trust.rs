@@ -249,6 +249,25 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
     })
     .await;
 
+    // The incident is committed before its confirmation is pushed: wait for the push, or
+    // the queue lost below could be written again by it.
+    let config = queue::config::<ConfirmJob>(env.keys(), 1);
+    eventually(
+        Duration::from_secs(20),
+        "the confirmation scheduled",
+        || {
+            let config = &config;
+            let env = &env;
+            async move {
+                let depth = queue::depth(&mut env.cache.connection(), config)
+                    .await
+                    .unwrap();
+                (depth.scheduled == 1).then_some(())
+            }
+        },
+    )
+    .await;
+
     // Lose the confirm queue: every key of it, whatever apalis keeps there.
     let confirm_queue = env.keys().queue("confirm");
     let lost = keys_starting_with(&env, &confirm_queue).await;
@@ -263,7 +282,6 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
         chrono::Utc::now() + chrono::Duration::seconds(1) < detected.confirm_due_at,
         "the queue was lost before its confirm job could be fetched"
     );
-    let config = queue::config::<ConfirmJob>(env.keys(), 1);
     let depth = queue::depth(&mut env.cache.connection(), &config)
         .await
         .unwrap();
