@@ -17,6 +17,10 @@ use stalewatch_core::{
 
 const BIN: &str = "stalewatch-api";
 
+/// mimalloc, not glibc's malloc: see the workspace Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Serves the items API (cache-aside reads, writes that ask for checks) and the incident API
 /// of stalewatch, which finds divergences between PostgreSQL rows and their Redis copies.
 #[derive(Parser)]

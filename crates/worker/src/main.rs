@@ -25,6 +25,10 @@ use stalewatch_worker::{app, rebuild, sweep};
 
 const BIN: &str = "stalewatch-worker";
 
+/// mimalloc, not glibc's malloc: see the workspace Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Finds divergences between PostgreSQL rows and their Redis copies: runs the check and
 /// confirm jobs, change capture, the backup sweep and the queue upkeep.
 #[derive(Parser)]
