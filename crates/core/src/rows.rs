@@ -2,7 +2,7 @@
 //! behind cache keys, read in batches.
 //!
 //! stalewatch only reads these tables. Every read renders the row the way PostgreSQL's own
-//! `jsonb_build_object` does (typed JSON: numbers, strings, timestamps in RFC 3339, nested
+//! `json_build_object` does (typed JSON: numbers, strings, timestamps in RFC 3339, nested
 //! json), which the comparator then reads by the columns' types. The document is handed over
 //! unparsed and decoded row by row, so one value the parser refuses is that key's verdict,
 //! not the batch's failure.
@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Jsonb, Text};
+use diesel::sql_types::{Array, BigInt, Json, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
 
@@ -18,7 +18,7 @@ use crate::column::ColumnType;
 use crate::db::{self, items::RawJson, DbError};
 use crate::entity::{quote_ident as ident, Catalog, Column, Entity, Representation, Table};
 
-/// `jsonb_build_object` takes at most 100 arguments: 50 columns per call, joined with `||`.
+/// `json_build_object` takes at most 100 arguments: 50 columns per call.
 const COLUMNS_PER_OBJECT: usize = 50;
 
 /// Reads the columns of `tables` from the catalog, and whether this role may read them.
@@ -142,7 +142,7 @@ impl Rows {
             Representation::String { value } => (object(&[value.as_str()], false), false),
             Representation::Set { member } => {
                 let members = object(&member.columns(), true);
-                (format!("jsonb_agg({members})"), true)
+                (format!("json_agg({members})"), true)
             }
         };
         let walk: Vec<&str> = if grouped {
@@ -276,7 +276,7 @@ impl Rows {
         struct Hit {
             #[diesel(sql_type = BigInt)]
             ord: i64,
-            #[diesel(sql_type = Jsonb)]
+            #[diesel(sql_type = Json)]
             doc: RawJson,
         }
         let mut query = diesel::sql_query(&self.by_key).into_boxed();
@@ -338,7 +338,7 @@ impl Rows {
         }
         #[derive(diesel::QueryableByName)]
         struct Raw {
-            #[diesel(sql_type = Jsonb)]
+            #[diesel(sql_type = Json)]
             keys: RawJson,
         }
         let table = self.entity.table.sql();
@@ -385,9 +385,9 @@ impl Rows {
     ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
         #[derive(diesel::QueryableByName)]
         struct Raw {
-            #[diesel(sql_type = Jsonb)]
+            #[diesel(sql_type = Json)]
             keys: RawJson,
-            #[diesel(sql_type = Jsonb)]
+            #[diesel(sql_type = Json)]
             doc: RawJson,
         }
         let statement = &self.pages[cursor.is_some() as usize][until.is_some() as usize];
@@ -443,24 +443,33 @@ impl Rows {
     }
 }
 
-/// `jsonb_build_object('a', t."a", ...)` over `names`, as text when `as_text`.
+/// `json_build_object('a', t."a", ...)` over `names`, as text when `as_text`.
+///
+/// json, not jsonb: PostgreSQL concatenates a json object's text as it goes, where jsonb
+/// converts every value and sorts the keys, only for the client to read the text back (a sweep
+/// page of the demo table cost it about a fifth more). The comparator reads values by their
+/// columns' types, so key order and spacing do not matter. jsonb only for a table of more than
+/// 50 compared columns: json objects have no `||`.
 fn object(names: &[&str], as_text: bool) -> String {
-    let chunks: Vec<String> = names
-        .chunks(COLUMNS_PER_OBJECT)
-        .map(|chunk| {
-            let args: Vec<String> = chunk
-                .iter()
-                .map(|n| {
-                    let cast = if as_text { "::text" } else { "" };
-                    format!("{}, t.{}{cast}", literal(n), ident(n))
-                })
+    let chunk = |function: &str, chunk: &[&str]| {
+        let args: Vec<String> = chunk
+            .iter()
+            .map(|n| {
+                let cast = if as_text { "::text" } else { "" };
+                format!("{}, t.{}{cast}", literal(n), ident(n))
+            })
+            .collect();
+        format!("{function}({})", args.join(", "))
+    };
+    match names.len() {
+        0 => "'{}'::json".to_string(),
+        n if n <= COLUMNS_PER_OBJECT => chunk("json_build_object", names),
+        _ => {
+            let parts: Vec<String> = names
+                .chunks(COLUMNS_PER_OBJECT)
+                .map(|c| chunk("jsonb_build_object", c))
                 .collect();
-            format!("jsonb_build_object({})", args.join(", "))
-        })
-        .collect();
-    if chunks.is_empty() {
-        "'{}'::jsonb".to_string()
-    } else {
-        chunks.join(" || ")
+            format!("({})::json", parts.join(" || "))
+        }
     }
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::deserialize::{self, FromSql};
 use diesel::pg::{Pg, PgValue};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Json, Jsonb, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -60,6 +60,20 @@ impl FromSql<Jsonb, Pg> for RawJson {
             Some((1, text)) => Ok(RawJson(text.to_vec())),
             _ => Err("unsupported jsonb version".into()),
         }
+    }
+}
+
+/// A json value's binary form is its text: a row rendered with `json_build_object`.
+impl FromSql<Json, Pg> for RawJson {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        Ok(RawJson(value.as_bytes().to_vec()))
+    }
+}
+
+impl diesel::Queryable<Json, Pg> for RawJson {
+    type Row = RawJson;
+    fn build(row: RawJson) -> deserialize::Result<Self> {
+        Ok(row)
     }
 }
 

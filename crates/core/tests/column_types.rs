@@ -1,0 +1,201 @@
+//! Every column type as stalewatch reads it from the real PostgreSQL, against the documents an
+//! application caches: rows rendered by PostgreSQL's `to_jsonb` (numbers with every digit,
+//! `+00:00` offsets) and by `row_to_json` (floats as `1e-07`, json columns as written) both
+//! match the row, through a key lookup and through a sweep page, and a changed value does not.
+
+use diesel_async::RunQueryDsl;
+use stalewatch_core::{cache::Cached, compare::Kind, rows::Rows, watch, watch::Watched};
+use stalewatch_testkit::TestEnv;
+
+const SCHEMA: &str = "
+CREATE TYPE mood AS ENUM ('calm', 'cross');
+CREATE TABLE typed (
+    id      bigint PRIMARY KEY,
+    small   smallint,
+    whole   integer,
+    money   numeric(20, 6),
+    huge    numeric,
+    single  real,
+    double  double precision,
+    flag    boolean,
+    name    text,
+    code    varchar(10),
+    fixed   char(6),
+    uid     uuid,
+    day     date,
+    at      timestamp,
+    at_tz   timestamptz,
+    doc     json,
+    docb    jsonb,
+    ints    integer[],
+    floats  double precision[],
+    span    interval,
+    feeling mood
+);
+INSERT INTO typed
+SELECT g,
+       (g * 7 - 100)::smallint,
+       g * 1000003,
+       g * 1.000001 - 20,
+       (10::numeric ^ (g % 40)) + 0.5,
+       (g / 3.0)::real,
+       CASE g % 6 WHEN 0 THEN 1.7976931348623157e308 WHEN 1 THEN 5e-324
+                  WHEN 2 THEN 1e-7 WHEN 3 THEN -0.1 ELSE g / 7.0 END,
+       g % 2 = 0,
+       'name \"' || g || E'\\n',
+       'c' || g,
+       'f' || g,
+       md5(g::text)::uuid,
+       DATE '2024-02-28' + g,
+       TIMESTAMP '2024-01-01 12:00:00.123456' + g * INTERVAL '1 hour',
+       TIMESTAMPTZ '2024-06-30 23:59:59.5+02' + g * INTERVAL '1 day',
+       ('{ \"b\": [1, 2.50, {\"c\": null}], \"a\":  \"x\" }')::json,
+       jsonb_build_object('n', g, 'f', g / 8.0, 'deep', jsonb_build_array(1e-5, 'é')),
+       ARRAY[g, -g, 0],
+       ARRAY[g / 3.0, 1e300, 1e-7]::double precision[],
+       g * INTERVAL '90 minutes',
+       (CASE WHEN g % 2 = 0 THEN 'calm' ELSE 'cross' END)::mood
+FROM generate_series(1, 40) g;
+-- Every nullable column SQL NULL in a row of its own.
+INSERT INTO typed (id) VALUES (41);
+";
+
+fn entities(prefix: &str) -> String {
+    format!(
+        r#"
+[[entity]]
+name = "typed_jsonb"
+table = "public.typed"
+primary_key = ["id"]
+key = "{prefix}b:{{id}}"
+representation = "json"
+
+[[entity]]
+name = "typed_json"
+table = "public.typed"
+primary_key = ["id"]
+key = "{prefix}j:{{id}}"
+representation = "json"
+"#
+    )
+}
+
+async fn sql(env: &TestEnv, query: &str) {
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(query)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{query}: {e}"));
+}
+
+/// Caches every row under `key` as PostgreSQL's `render` prints it.
+async fn cache_rows(env: &TestEnv, key: &str, render: &str) {
+    sql(
+        env,
+        &format!("CREATE TABLE cached_{key} AS SELECT id, {render}(t)::text AS doc FROM typed t"),
+    )
+    .await;
+    #[derive(diesel::QueryableByName)]
+    struct Doc {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        doc: String,
+    }
+    let mut conn = env.pool.get().await.unwrap();
+    let docs: Vec<Doc> = diesel::sql_query(format!("SELECT id, doc FROM cached_{key}"))
+        .load(&mut conn)
+        .await
+        .unwrap();
+    for d in docs {
+        let full = format!("{}{key}:{}", env.prefix, d.id);
+        env.cache
+            .set(&full, d.doc.as_bytes(), std::time::Duration::from_secs(600))
+            .await
+            .unwrap();
+    }
+}
+
+/// Each key's verdict, read by key (as a check job reads) and by page (as the sweep reads).
+async fn verdicts(env: &TestEnv, watched: &Watched, rows: &Rows) -> Vec<(String, Kind, Kind)> {
+    let mut conn = env.pool.get().await.unwrap();
+    let (_, page, _) = rows.page(&mut conn, None, None, 1000).await.unwrap();
+    let shape = watch::shape(&rows.entity.representation);
+    let keys: Vec<String> = page.iter().map(|r| r.key.clone().unwrap()).collect();
+    let cached: Vec<Cached> = env.cache.read_many(shape, &keys).await.unwrap();
+    let values: Vec<Vec<String>> = keys.iter().map(|k| rows.key_values(k).unwrap()).collect();
+    let (_, by_key) = rows.by_keys(&mut conn, &values).await.unwrap();
+    page.into_iter()
+        .zip(by_key)
+        .zip(cached)
+        .map(|((row, found), cached)| {
+            let key = row.key.unwrap();
+            let paged = watched.evidence(rows, key.clone(), row.row, cached.clone());
+            let looked_up = watched.evidence(rows, key.clone(), found, cached);
+            (key, paged.kind, looked_up.kind)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change_does_not() {
+    let env = TestEnv::new().await.unwrap();
+    {
+        let mut conn = env.pool.get().await.unwrap();
+        for statement in SCHEMA.split(";\n").filter(|s| !s.trim().is_empty()) {
+            diesel::sql_query(statement)
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+    }
+    cache_rows(&env, "b", "to_jsonb").await;
+    cache_rows(&env, "j", "row_to_json").await;
+    let watched = Watched::load(&env.pool, &entities(&env.prefix), &|_| None)
+        .await
+        .unwrap();
+
+    for entity in ["typed_jsonb", "typed_json"] {
+        let rows = watched.source(entity).unwrap();
+        let seen = verdicts(&env, &watched, rows).await;
+        assert_eq!(seen.len(), 41, "{entity}: every row");
+        let wrong: Vec<_> = seen
+            .iter()
+            .filter(|(_, paged, looked_up)| *paged != Kind::Match || *looked_up != Kind::Match)
+            .collect();
+        assert!(wrong.is_empty(), "{entity}: rows that do not match: {wrong:?}");
+    }
+
+    // The comparison is real: the same rows, each changed in one column of its own type.
+    let changes = [
+        "small = small + 1",
+        "money = money + 0.000001",
+        "huge = huge + 1",
+        "double = double * 2",
+        "flag = NOT flag",
+        "fixed = 'g'",
+        "day = day + 1",
+        "at_tz = at_tz + INTERVAL '1 microsecond'",
+        "docb = jsonb_set(docb, '{n}', '0')",
+        "floats[1] = 0.5",
+        "span = span + INTERVAL '1 second'",
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        sql(&env, &format!("UPDATE typed SET {change} WHERE id = {}", i + 1)).await;
+    }
+    let rows = watched.source("typed_jsonb").unwrap();
+    let seen = verdicts(&env, &watched, rows).await;
+    for (i, change) in changes.iter().enumerate() {
+        let key = format!("{}b:{}", env.prefix, i + 1);
+        let (_, paged, looked_up) = seen.iter().find(|(k, _, _)| *k == key).unwrap();
+        assert!(
+            *paged != Kind::Match && *looked_up != Kind::Match,
+            "`{change}` went unnoticed: {paged:?} / {looked_up:?}"
+        );
+    }
+    let unchanged = seen[changes.len()..]
+        .iter()
+        .filter(|(_, paged, _)| *paged == Kind::Match)
+        .count();
+    assert_eq!(unchanged, 41 - changes.len(), "{seen:?}");
+}
