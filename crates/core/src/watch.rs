@@ -164,7 +164,7 @@ impl Watched {
     /// Compares what was read for `key` of `source`'s entity.
     pub fn evidence(&self, source: &Rows, key: String, found: Found, cached: Cached) -> Evidence {
         let opts = &self.options[self.index(source)];
-        let (verdict, db_value) = match found {
+        let (verdict, row) = match found {
             Err(reason) => (
                 Verdict {
                     kind: Kind::Undecodable,
@@ -174,13 +174,11 @@ impl Watched {
                 },
                 None,
             ),
-            Ok(row) => {
-                let verdict = verdict(source, row.as_ref(), &cached, opts);
-                (verdict, row.map(|r| snapshot(&r)))
-            }
+            Ok(row) => (verdict(source, row.as_ref(), &cached, opts), row),
         };
-        // Only an incident that opens stores the entity id, and only a mismatch opens one: a
-        // match (most keys, in a sweep) does not parse its key again for it.
+        // Only an incident that opens stores the entity id and the snapshots, and only a
+        // mismatch opens one: a match (most keys, in a sweep) neither parses its key again
+        // nor prints its row.
         let (db_value, cache_value, entity_id) = if verdict.kind.is_match() {
             (None, None, String::new())
         } else {
@@ -188,7 +186,7 @@ impl Watched {
                 .key_values(&key)
                 .map(|v| v.join(":"))
                 .unwrap_or_default();
-            (db_value, cached_snapshot(&cached), entity_id)
+            (row.as_ref().map(snapshot), cached_snapshot(&cached), entity_id)
         };
         Evidence {
             cache_key: key,
@@ -284,7 +282,7 @@ fn bytes(cached: &Cached) -> Option<&[u8]> {
 /// A row as stored with an incident: its JSON text.
 fn snapshot(row: &Row) -> String {
     match row {
-        Row::Doc(d) => Value::Object(d.clone()).to_string(),
+        Row::Doc(d) => serde_json::to_string(d).unwrap_or_default(),
         Row::Members(m) => serde_json::to_string(m).unwrap_or_default(),
     }
 }
