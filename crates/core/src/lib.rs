@@ -15,6 +15,7 @@ pub mod config;
 pub mod db;
 pub mod entity;
 pub mod incident;
+pub mod ingest;
 pub mod invalidation;
 pub mod jobs;
 pub mod keys;

@@ -197,7 +197,7 @@ pub async fn keep_renewed(lease: Arc<Lease>, lost: Arc<AtomicBool>) {
 
 /// How one key's reply in the pipeline is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
+pub(crate) enum Reply {
     /// The versioned compare-and-set's 1 (written) or 0 (skipped: newer).
     Versioned,
     /// No reply: the outcome is known when the pipeline succeeds.
@@ -208,7 +208,7 @@ enum Reply {
 /// writes, sent without waiting. `sha` is [`cache::SET_UNLESS_NEWER`]'s hash, `token` this
 /// rebuild's, for its temporary keys. Keys are given `ttl`, or none: a rebuilt cache is one
 /// the application keeps whole (write-through), where keys do not expire.
-fn append(
+pub(crate) fn append(
     pipe: &mut redis::Pipeline,
     key: &str,
     rendered: &Rendered,

@@ -107,7 +107,7 @@ pub struct Rows {
     sample: String,
 }
 
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -444,7 +444,7 @@ impl Rows {
 }
 
 /// `jsonb_build_object('a', t."a", ...)` over `names`, as text when `as_text`.
-fn object(names: &[&str], as_text: bool) -> String {
+pub(crate) fn object(names: &[&str], as_text: bool) -> String {
     let chunks: Vec<String> = names
         .chunks(COLUMNS_PER_OBJECT)
         .map(|chunk| {

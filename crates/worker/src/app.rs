@@ -19,7 +19,7 @@ use stalewatch_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backstop, capture, handlers, handlers::Ctx, invalidate, notify, outbox, supervise,
+    backstop, capture, handlers, handlers::Ctx, ingest, invalidate, notify, outbox, supervise,
     sweep::Sweeper, upkeep::Upkeep,
 };
 
@@ -161,6 +161,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.database_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,
+            shutdown.clone(),
+        ));
+    }
+    if !ctx.checker.watched.ingest_plans().is_empty() && config.ingest_consumers > 0 {
+        tasks.spawn(ingest::run(
+            ctx.clone(),
+            config.redis()?,
+            config.database_url.clone(),
+            ingest::Settings {
+                consumers: config.ingest_consumers,
+                batch: config.ingest_batch,
+                claim_idle: config.ingest_claim_idle,
+            },
             shutdown.clone(),
         ));
     }
