@@ -33,3 +33,4 @@ pub mod slo;
 pub mod tls;
 pub mod track;
 pub mod watch;
+pub mod watermark;

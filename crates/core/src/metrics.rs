@@ -107,6 +107,9 @@ pub struct Metrics {
     /// Ingest streams' length and their group's unacknowledged records (consumer lag).
     pub ingest_stream_length: IntGaugeVec,
     pub ingest_pending: IntGaugeVec,
+    /// How far each ingesting entity's watermark trails its table's highest version (-1: no
+    /// watermark while the table has rows).
+    pub watermark_lag: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -239,6 +242,11 @@ impl Metrics {
             g
         };
         Self {
+            watermark_lag: gauges(
+                "stalewatch_watermark_lag",
+                "How far an entity's watermark trails its table's highest version (-1: none)",
+                &["entity"],
+            ),
             ingest_records: counter(
                 "stalewatch_ingest_records_total",
                 "Ingest records written to the table and the cache, then acknowledged",
@@ -507,8 +515,9 @@ impl Metrics {
             ingest_reclaimed,
             ingest_stream_length,
             ingest_pending,
+            watermark_lag,
         } = self;
-        let collectors: [&dyn Collector; 44] = [
+        let collectors: [&dyn Collector; 45] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -553,6 +562,7 @@ impl Metrics {
             ingest_reclaimed,
             ingest_stream_length,
             ingest_pending,
+            watermark_lag,
         ];
         let rounds: [&dyn Collector; 4] = [
             sweep_rounds,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backstop, capture, handlers, handlers::Ctx, ingest, invalidate, notify, outbox, supervise,
-    sweep::Sweeper, upkeep::Upkeep,
+    sweep::Sweeper, upkeep::Upkeep, watermark,
 };
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
@@ -174,6 +174,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 batch: config.ingest_batch,
                 claim_idle: config.ingest_claim_idle,
             },
+            shutdown.clone(),
+        ));
+    }
+    if !config.watermark_check.is_zero() {
+        tasks.spawn(watermark::run(
+            ctx.clone(),
+            config.clone(),
             shutdown.clone(),
         ));
     }

@@ -31,6 +31,7 @@ use stalewatch_core::{
     cache,
     ingest::{self, Plan, FIELD, GROUP, MAX_DELIVERIES},
     rows::Rows,
+    watermark,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -306,6 +307,14 @@ impl Writer {
         if !records.is_empty() {
             let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
             let mut pipe = redis::pipe();
+            // The watermark first: once these are acknowledged, nothing would move it.
+            if let Some(highest) = plan.highest_version(&written) {
+                pipe.add_command(watermark::advance_cmd(
+                    &self.ctx.keys().watermark(entity),
+                    highest,
+                ))
+                .ignore();
+            }
             pipe.cmd("XACK")
                 .arg(&group.stream)
                 .arg(GROUP)

@@ -16,3 +16,4 @@ pub mod stream;
 pub mod supervise;
 pub mod sweep;
 pub mod upkeep;
+pub mod watermark;

@@ -504,3 +504,234 @@ async fn a_worker_killed_between_the_database_and_the_cache_write_is_redelivered
     assert_eq!(ingested(port, "account").await, 50.0);
     let _ = std::fs::remove_dir_all(&hooks);
 }
+
+// The watermark drift check: an ingesting entity's cache falling behind its table is an
+// incident of the whole entity, `cache_behind`, keyed by the watermark's own key.
+
+impl App {
+    fn watermark(&self) -> String {
+        self.key("watermark:account")
+    }
+
+    /// The newest incident of the entity's watermark key: (state, kind, resolution, diff).
+    async fn behind(&self) -> Option<(String, String, Option<String>, String)> {
+        self.newest_behind()
+            .await
+            .map(|i| (i.state, i.kind, i.resolution, i.diff))
+    }
+
+    async fn newest_behind(&self) -> Option<stalewatch_core::db::incidents::IncidentRow> {
+        incidents_of(&self.env, &self.watermark())
+            .await
+            .into_iter()
+            .next()
+    }
+
+    /// The id of the newest incident of the watermark key (0: none): later waits look at
+    /// newer ones only.
+    async fn last_behind(&self) -> i64 {
+        self.newest_behind().await.map_or(0, |i| i.id)
+    }
+
+    /// Waits until a `cache_behind` incident newer than `after` is in one of `states`; its
+    /// diff.
+    async fn until_behind(&self, after: i64, states: &[&str], what: &str) -> String {
+        eventually(Duration::from_secs(30), what, || async {
+            self.newest_behind()
+                .await
+                .filter(|i| {
+                    i.id > after && i.kind == "cache_behind" && states.contains(&i.state.as_str())
+                })
+                .map(|i| i.diff)
+        })
+        .await
+    }
+
+    /// Deletes every cached account.
+    async fn flush_accounts(&self) {
+        let keys: Vec<String> = self.redis(&["KEYS", &self.key("acct:*")]).await;
+        let mut args = vec!["DEL"];
+        args.extend(keys.iter().map(String::as_str));
+        let _: u64 = self.redis(&args).await;
+    }
+
+    async fn rebuild(&self) {
+        let mut cmd = std::process::Command::new(stalewatch_testkit::bin_path("stalewatch-worker"));
+        cmd.args(["rebuild", "--entity", "account"])
+            .envs(self.env.env_vars())
+            .env("ENTITIES", &self.file)
+            .env("LOG_FORMAT", "json");
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Ingests 100 accounts (version = id) and waits until both stores and the watermark
+    /// have them, and no `cache_behind` is open.
+    async fn ingest_accounts(&self) {
+        let records: Vec<String> = (1..=100).map(|id| account(id, "a", id)).collect();
+        self.push("account", &records).await;
+        self.agree(100).await;
+        eventually(Duration::from_secs(30), "the watermark at 100", || async {
+            let w: Option<String> = self.redis(&["GET", &self.watermark()]).await;
+            (w.as_deref() == Some("100")).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(30), "no open cache_behind", || async {
+            let open = self.behind().await.is_some_and(|(s, _, _, _)| {
+                ["detected", "confirmed", "persistent"].contains(&s.as_str())
+            });
+            (!open).then_some(())
+        })
+        .await;
+    }
+}
+
+const CHECKED: [(&str, &str); 2] = [("WATERMARK_CHECK_MS", "100"), ("GRACE_PERIOD_MS", "500")];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_cache_raises_cache_behind_and_a_rebuild_resolves_it_with_cause_repair() {
+    let app = App::new().await;
+    let (_w, port) = app.worker(&CHECKED);
+    wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+    app.ingest_accounts().await;
+    assert!(
+        app.behind()
+            .await
+            .is_none_or(|(state, _, _, _)| state == "transient"),
+        "{:?}",
+        app.behind().await
+    );
+
+    // The keys flushed, the watermark kept (as when it lives in another Redis): the newest
+    // row's key is missing.
+    let before = app.last_behind().await;
+    app.flush_accounts().await;
+    let diff = app
+        .until_behind(
+            before,
+            &["confirmed", "persistent"],
+            "cache_behind confirmed",
+        )
+        .await;
+    assert!(
+        diff.contains(&format!("{} is missing_in_cache", app.key("acct:100"))),
+        "{diff}"
+    );
+    assert!(
+        metric(
+            port,
+            "stalewatch_checks_total",
+            &[
+                "entity=\"account\"",
+                "source=\"watermark\"",
+                "verdict=\"cache_behind\""
+            ]
+        )
+        .await
+            >= 1.0
+    );
+    app.rebuild().await;
+    app.until_behind(before, &["resolved"], "cache_behind resolved")
+        .await;
+    assert_eq!(app.behind().await.unwrap().2.as_deref(), Some("repair"));
+    app.agree(100).await;
+
+    // Keys and watermark flushed, as FLUSHALL does to a Redis holding both: no watermark.
+    let before = app.last_behind().await;
+    app.flush_accounts().await;
+    let _: u64 = app.redis(&["DEL", &app.watermark()]).await;
+    let diff = app
+        .until_behind(
+            before,
+            &["confirmed", "persistent"],
+            "cache_behind confirmed again",
+        )
+        .await;
+    assert!(diff.contains("no watermark"), "{diff}");
+    assert_eq!(
+        metric(port, "stalewatch_watermark_lag", &["entity=\"account\""]).await,
+        -1.0
+    );
+    app.rebuild().await;
+    app.until_behind(before, &["resolved"], "cache_behind resolved again")
+        .await;
+    assert_eq!(app.behind().await.unwrap().2.as_deref(), Some("repair"));
+    let w: Option<String> = app.redis(&["GET", &app.watermark()]).await;
+    assert_eq!(w.as_deref(), Some("100"), "the rebuild set the watermark");
+    app.agree(100).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watermark_trailing_the_table_is_behind_until_ingestion_catches_up() {
+    let app = App::new().await;
+    let (_w, port) = app.worker(&CHECKED);
+    wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+    app.ingest_accounts().await;
+    // A newer row written straight to PostgreSQL, not through the stream: the cache is behind.
+    let before = app.last_behind().await;
+    app.sql("INSERT INTO accounts VALUES (101, 'sql', 101)")
+        .await;
+    let diff = app
+        .until_behind(
+            before,
+            &["confirmed", "persistent"],
+            "cache_behind confirmed",
+        )
+        .await;
+    assert!(diff.contains("watermark 100 is 1 behind"), "{diff}");
+    // The same row through the stream: both stores, the watermark moves, the incident closes.
+    app.push("account", &[account(101, "sql", 101)]).await;
+    app.until_behind(before, &["resolved"], "cache_behind resolved")
+        .await;
+    assert_eq!(app.behind().await.unwrap().2.as_deref(), Some("write"));
+    app.agree(101).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_watermark_rebuild_on_a_confirmed_cache_behind_rebuilds_the_entity_by_itself() {
+    let app = App::new().await;
+    let mut settings = CHECKED.to_vec();
+    settings.push(("WATERMARK_REBUILD", "on"));
+    let (_w, port) = app.worker(&settings);
+    let (_api, api) = api(&app.env, &[("ENTITIES", &app.file.display().to_string())]);
+    wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+    wait_http(&format!("{api}/healthz")).await;
+    app.ingest_accounts().await;
+    let before = app.last_behind().await;
+    app.flush_accounts().await;
+    let _: u64 = app.redis(&["DEL", &app.watermark()]).await;
+    app.until_behind(
+        before,
+        &["resolved"],
+        "cache_behind resolved by the rebuild",
+    )
+    .await;
+    let (_, kind, resolution, _) = app.behind().await.unwrap();
+    assert_eq!(
+        (kind.as_str(), resolution.as_deref()),
+        ("cache_behind", Some("repair"))
+    );
+    app.agree(100).await;
+    // The API lists it as an incident of the entity, under the watermark's key.
+    let listed: Value = reqwest::get(format!("{api}/inconsistencies?entity=account"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let found = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "cache_behind")
+        .unwrap_or_else(|| panic!("{listed:#}"));
+    assert_eq!(found["key"], app.watermark().as_str());
+    assert_eq!(found["entity"], "account");
+    assert_eq!(found["resolution"], "repair");
+}
