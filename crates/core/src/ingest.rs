@@ -59,21 +59,15 @@ pub struct TableColumn {
     pub identity_always: bool,
 }
 
-/// What an ingesting entity's table must offer, checked at load: every mistake, as reasons.
+/// What an ingesting entity's table must offer for its upsert to be written at all, checked
+/// at load by every process that reads the file: every mistake, as reasons. (The rights to
+/// write it are only the ingesting worker's concern: [`missing_grant`].)
 pub fn check_table(
     entity: &Entity,
     columns: &[TableColumn],
     access: &TableAccess,
 ) -> Result<(), Vec<String>> {
-    let table = entity.table.sql();
     let mut errors = Vec::new();
-    if !access.insert || !access.update {
-        errors.push(format!(
-            "ingest = true upserts the records into {}: GRANT INSERT, UPDATE ON {table} TO \
-             <stalewatch's role>",
-            entity.table
-        ));
-    }
     if !access.unique_primary_key {
         errors.push(format!(
             "ingest = true upserts with INSERT ... ON CONFLICT ({}), which needs a primary key \
@@ -95,6 +89,19 @@ pub fn check_table(
     } else {
         Err(errors)
     }
+}
+
+/// The GRANT this role lacks to upsert into `entity`'s table, if it lacks one: the worker
+/// that would ingest stops at start-up with it; an API reading the same file does not care.
+pub fn missing_grant(entity: &Entity, access: &TableAccess) -> Option<String> {
+    (!access.insert || !access.update).then(|| {
+        format!(
+            "ingest = true upserts the records into {}: GRANT INSERT, UPDATE ON {} TO \
+             <stalewatch's role>",
+            entity.table,
+            entity.table.sql()
+        )
+    })
 }
 
 /// The rights and index the upsert needs.
@@ -185,6 +192,8 @@ pub async fn inspect(
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub entity: String,
+    /// The GRANT this role lacks to run the upsert ([`missing_grant`]), if any.
+    pub missing_grant: Option<String>,
     table: String,
     /// The columns a record holds: every column but the generated ones, in table order.
     columns: Vec<TableColumn>,
@@ -212,6 +221,15 @@ pub struct Refused {
 impl Plan {
     /// The plan of `entity`, whose table has `columns` (validated by [`check_table`]).
     pub fn new(entity: &Entity, columns: &[TableColumn]) -> Plan {
+        Plan::with_access(entity, columns, None)
+    }
+
+    /// [`Plan::new`], noting the GRANT the role lacks.
+    pub fn with_access(
+        entity: &Entity,
+        columns: &[TableColumn],
+        missing_grant: Option<String>,
+    ) -> Plan {
         let table = entity.table.sql();
         let written: Vec<&TableColumn> = columns.iter().filter(|c| !c.generated).collect();
         let generated = columns
@@ -300,6 +318,7 @@ impl Plan {
         );
         Plan {
             entity: entity.name.clone(),
+            missing_grant,
             table: entity.table.to_string(),
             columns: written.into_iter().cloned().collect(),
             generated,
@@ -843,18 +862,19 @@ ingest = true
             unique_primary_key: true,
         };
         check_table(e, &accounts(), &fine).unwrap();
-        let errors = check_table(
-            e,
-            &accounts(),
-            &TableAccess {
-                update: false,
-                unique_primary_key: false,
-                ..fine
-            },
-        )
-        .unwrap_err();
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].contains("GRANT INSERT, UPDATE ON \"public\".\"accounts\""));
-        assert!(errors[1].contains("ON CONFLICT (id)"));
+        assert_eq!(missing_grant(e, &fine), None);
+        let poor = TableAccess {
+            update: false,
+            unique_primary_key: false,
+            ..fine
+        };
+        let errors = check_table(e, &accounts(), &poor).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("ON CONFLICT (id)"));
+        let grant = missing_grant(e, &poor).unwrap();
+        assert!(
+            grant.contains("GRANT INSERT, UPDATE ON \"public\".\"accounts\""),
+            "{grant}"
+        );
     }
 }

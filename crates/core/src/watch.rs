@@ -122,6 +122,23 @@ impl Watched {
         &self.ingest
     }
 
+    /// The GRANTs this role lacks to ingest, as mistakes of the file: what stops a worker that
+    /// would ingest, and `entities check`.
+    pub fn ingest_grants_missing(&self) -> Vec<ModelError> {
+        self.ingest
+            .iter()
+            .filter_map(|p| {
+                let reason = p.missing_grant.clone()?;
+                let e = self.model.entity(&p.entity)?;
+                Some(ModelError {
+                    line: Some(e.line),
+                    entity: Some(e.name.clone()),
+                    reason,
+                })
+            })
+            .collect()
+    }
+
     /// The `[[invalidate]]` rules (checked against their tables like the entities).
     pub fn rules(&self) -> &[entity::Rule] {
         &self.model.rules
@@ -227,7 +244,11 @@ async fn ingest_plans(
             crate::ingest::inspect(&mut conn, e).await?
         };
         match crate::ingest::check_table(e, &columns, &access) {
-            Ok(()) => plans.push(crate::ingest::Plan::new(e, &columns)),
+            Ok(()) => plans.push(crate::ingest::Plan::with_access(
+                e,
+                &columns,
+                crate::ingest::missing_grant(e, &access),
+            )),
             Err(reasons) => errors.extend(reasons.into_iter().map(|reason| ModelError {
                 line: Some(e.line),
                 entity: Some(e.name.clone()),

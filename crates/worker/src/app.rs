@@ -85,6 +85,14 @@ async fn healthz() -> HttpResponse {
 /// Runs until SIGTERM or Ctrl-C, then lets in-flight jobs finish and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = connect(&config).await?;
+    let missing = ctx.checker.watched.ingest_grants_missing();
+    if !missing.is_empty() && config.ingest_consumers > 0 {
+        let reasons: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        anyhow::bail!(
+            "{} (or INGEST_CONSUMERS=0 for a worker that does not ingest)",
+            reasons.join("; ")
+        );
+    }
     let metrics = ctx.checker.metrics.clone();
     let shutdown = CancellationToken::new();
 
