@@ -100,15 +100,20 @@ async fn consume_all(
             return;
         }
     };
-    let groups: Vec<Group> = ctx
+    let groups: Vec<(String, Group)> = ctx
         .checker
         .watched
         .ingest_plans()
         .iter()
-        .map(|p| group(&ctx, &p.entity, settings.claim_idle))
+        .map(|p| {
+            (
+                p.entity.clone(),
+                group(&ctx, &p.entity, settings.claim_idle),
+            )
+        })
         .collect();
     tracing::info!(
-        streams = ?groups.iter().map(|g| g.stream.as_str()).collect::<Vec<_>>(),
+        streams = ?groups.iter().map(|(_, g)| g.stream.as_str()).collect::<Vec<_>>(),
         consumers = settings.consumers,
         "consuming ingest streams"
     );
@@ -120,18 +125,18 @@ async fn consume_all(
     .await
 }
 
-/// One consumer: reads new records of every stream, and now and then claims records others
-/// left pending.
+/// One consumer: reads new records of every stream (`groups`: each entity's), and now and
+/// then claims records others left pending.
 async fn consume(
     ctx: Ctx,
     pool: &Pool,
-    groups: &[Group],
+    groups: &[(String, Group)],
     batch: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = stream::consumer_name();
     let mut conn = pool.get().await.context("a connection for the consumer")?;
-    for g in groups {
+    for (_, g) in groups {
         stream::create_group(&mut conn, g).await?;
     }
     let mut cache = ctx.checker.cache.connection();
@@ -147,7 +152,7 @@ async fn consume(
         token: uuid::Uuid::new_v4().simple().to_string(),
         shutdown,
     };
-    let refs: Vec<&Group> = groups.iter().collect();
+    let refs: Vec<&Group> = groups.iter().map(|(_, g)| g).collect();
     // A consumer that starts looks for orphaned records at once: it may be the restart of one
     // that died holding some.
     let mut claimed_at: Option<Instant> = None;
@@ -156,13 +161,16 @@ async fn consume(
             return Ok(());
         }
         for (i, records) in stream::read(&mut conn, &refs, &name, batch).await? {
-            writer.batch(&mut conn, &groups[i], records).await?;
+            let (entity, group) = &groups[i];
+            writer.batch(&mut conn, entity, group, records).await?;
         }
         if claimed_at.is_none_or(|at| at.elapsed() >= stream::CLAIM_EVERY) {
             claimed_at = Some(Instant::now());
-            for g in groups {
-                writer.reclaim(&mut conn, g, &name, batch).await?;
-                stream::sample(&mut conn, g).await?;
+            for (entity, group) in groups {
+                writer
+                    .reclaim(&mut conn, entity, group, &name, batch)
+                    .await?;
+                stream::sample(&mut conn, group).await?;
             }
         }
     }
@@ -180,14 +188,6 @@ struct Writer {
     shutdown: CancellationToken,
 }
 
-/// The entity whose ingest stream `group` reads.
-fn entity_of(group: &Group) -> &str {
-    group
-        .stream
-        .rsplit_once("ingest:")
-        .map_or("", |(_, entity)| entity)
-}
-
 impl Writer {
     /// Writes one read's `records` of `group`'s entity: malformed ones dead-lettered, the rest
     /// written to both stores and acknowledged, retried in place with backoff while a store
@@ -195,11 +195,11 @@ impl Writer {
     async fn batch(
         &mut self,
         conn: &mut Connection,
+        entity: &str,
         group: &Group,
         records: Vec<StreamId>,
     ) -> anyhow::Result<()> {
         let watched = self.ctx.checker.watched.clone();
-        let entity = entity_of(group);
         let (Some(plan), Some(rows)) = (
             watched.ingest_plans().iter().find(|p| p.entity == entity),
             watched.source(entity),
@@ -366,12 +366,13 @@ impl Writer {
     async fn reclaim(
         &mut self,
         conn: &mut Connection,
+        entity: &str,
         group: &Group,
         name: &str,
         batch: usize,
     ) -> anyhow::Result<()> {
         let found = stream::reclaim(conn, group, name, batch).await?;
-        let errors = self.ctx.keys().ingest_errors(entity_of(group));
+        let errors = self.ctx.keys().ingest_errors(entity);
         for (record, times) in found.exhausted {
             let last: Option<String> = conn.hget(&errors, &record.id).await?;
             let reason = match last {
@@ -384,7 +385,7 @@ impl Writer {
             let _: () = conn.hdel(&errors, &record.id).await?;
         }
         if !found.claimed.is_empty() {
-            self.batch(conn, group, found.claimed).await?;
+            self.batch(conn, entity, group, found.claimed).await?;
         }
         Ok(())
     }
