@@ -59,8 +59,11 @@ pub struct Checker {
     pub watched: Arc<Watched>,
     pub grace: Duration,
     pub repair: RepairPolicy,
-    /// Where confirmation jobs are pushed.
+    /// Where confirmation jobs are pushed: stalewatch's own Redis, which also holds the
+    /// watermarks (`crate::watermark`).
     pub queue: ConnectionManager,
+    /// `WATERMARK_MAX_LAG`: how far a watermark may trail its table before the cache is behind.
+    pub watermark_max_lag: u64,
 }
 
 /// Summary of one batch, for callers that count.
@@ -119,6 +122,7 @@ impl Checker {
             grace: config.grace_period,
             repair: config.repair_policy,
             queue,
+            watermark_max_lag: config.watermark_max_lag,
         }
     }
 
@@ -152,22 +156,39 @@ impl Checker {
     }
 
     /// Confirms incidents: `expected` maps each key to the Detected incident the confirmation
-    /// was scheduled for (see `track::Context::confirming`).
+    /// was scheduled for (see `track::Context::confirming`). The entity's watermark key stands
+    /// for a `cache_behind` incident of the whole entity: it is confirmed by checking the
+    /// watermark again.
     pub async fn confirm(
         &self,
         entity: &str,
         keys: &[String],
         expected: &HashMap<String, i64>,
     ) -> Result<Outcome, CheckError> {
-        self.check_keys_with(
-            entity,
-            keys,
-            Source::Confirm,
-            None,
-            Some(expected),
-            Repairs::Allowed,
-        )
-        .await
+        let watermark = self.cache.keys().watermark(entity);
+        let (entity_level, keys): (Vec<&String>, Vec<&String>) =
+            keys.iter().partition(|k| **k == watermark);
+        let keys: Vec<String> = keys.into_iter().cloned().collect();
+        let mut outcome = self
+            .check_keys_with(
+                entity,
+                &keys,
+                Source::Confirm,
+                None,
+                Some(expected),
+                Repairs::Allowed,
+            )
+            .await?;
+        if !entity_level.is_empty() {
+            let behind =
+                crate::watermark::observe(self, entity, Source::Confirm, None, Some(expected))
+                    .await?;
+            outcome.recorded.extend(behind.recorded);
+            for (kind, n) in behind.verdicts {
+                *outcome.verdicts.entry(kind).or_insert(0) += n;
+            }
+        }
+        Ok(outcome)
     }
 
     async fn check_keys_with(
@@ -378,7 +399,7 @@ impl Checker {
     /// One confirmation job per entity for every incident these observations opened, due
     /// when the last of them is. A push that fails is not fatal: the backstop confirms
     /// overdue incidents.
-    async fn schedule_confirmations(&self, recorded: &[Recorded]) {
+    pub(crate) async fn schedule_confirmations(&self, recorded: &[Recorded]) {
         let mut by_entity: BTreeMap<&str, Vec<(ConfirmTarget, DateTime<Utc>)>> = BTreeMap::new();
         for r in recorded {
             let (Some(at), Some(incident)) = (r.confirm_at, r.incident.as_ref()) else {
@@ -416,6 +437,17 @@ impl Checker {
     /// and checks it, so that its open incident resolves with cause `refresh`.
     pub async fn refresh(&self, entity: &str, key: &str) -> Result<Outcome, CheckError> {
         let rows = self.rows(entity)?;
+        if key == self.cache.keys().watermark(entity) {
+            // A whole entity's `cache_behind`: a rebuild rewrites it; a refresh checks again.
+            return crate::watermark::observe(
+                self,
+                entity,
+                Source::Manual,
+                Some(Cause::Refresh),
+                None,
+            )
+            .await;
+        }
         self.write_back(rows, &[key.to_string()], Cause::Refresh)
             .await?;
         self.check_keys_with(

@@ -236,6 +236,36 @@ pub const SETTINGS: &[Setting] = &[
         "an invalidation left unacknowledged this long by its consumer is taken over by another",
     ),
     setting(
+        "INGEST_CONSUMERS",
+        "1",
+        "ingest consumers per worker (entities with ingest = true); 0: none",
+    ),
+    setting(
+        "INGEST_BATCH",
+        "1000",
+        "ingest: records read at once per stream, upserted in one statement and cached in one pipeline",
+    ),
+    setting(
+        "INGEST_CLAIM_IDLE_MS",
+        "10000",
+        "an ingest record left unacknowledged this long by its consumer is taken over by another",
+    ),
+    setting(
+        "WATERMARK_CHECK_MS",
+        "1000",
+        "how often the worker compares each ingesting entity's watermark with its table; 0: never",
+    ),
+    setting(
+        "WATERMARK_MAX_LAG",
+        "0",
+        "how far a watermark may trail its table's highest version before the cache is behind: versions, or milliseconds for a timestamp version",
+    ),
+    setting(
+        "WATERMARK_REBUILD",
+        "off",
+        "on or off: rebuild an entity once its cache_behind incident is confirmed",
+    ),
+    setting(
         "SLO_WINDOWS",
         crate::slo::DEFAULT_WINDOWS,
         "the consistency SLO's windows: each changed key is probed this long after its commit; off for none",
@@ -725,6 +755,18 @@ pub struct Config {
     pub invalidation_consumers: usize,
     /// How long an entry stays pending with its consumer before another claims it.
     pub invalidation_claim_idle: Duration,
+    /// Ingest stream consumers per worker process (`crate::ingest`).
+    pub ingest_consumers: usize,
+    /// Records read from an ingest stream at once: one statement, one cache pipeline.
+    pub ingest_batch: usize,
+    /// How long an ingest record stays pending with its consumer before another claims it.
+    pub ingest_claim_idle: Duration,
+    /// How often the worker runs the watermark drift check (`crate::watermark`); zero: never.
+    pub watermark_check: Duration,
+    /// How far a watermark may trail: versions, or milliseconds for a timestamp version.
+    pub watermark_max_lag: u64,
+    /// Whether a confirmed `cache_behind` incident starts a rebuild of its entity.
+    pub watermark_rebuild: bool,
     /// Who may use the API's mutating routes.
     pub admin_token: AdminToken,
     /// Whether the API's reads of incidents, stats and rebuild progress need the token too.
@@ -798,6 +840,12 @@ impl Config {
             slo_windows: env.windows("SLO_WINDOWS")?,
             invalidation_consumers: env.parse("INVALIDATION_CONSUMERS")?,
             invalidation_claim_idle: env.millis("INVALIDATION_CLAIM_IDLE_MS")?,
+            ingest_consumers: env.parse("INGEST_CONSUMERS")?,
+            ingest_batch: env.positive("INGEST_BATCH")?,
+            ingest_claim_idle: env.millis("INGEST_CLAIM_IDLE_MS")?,
+            watermark_check: env.millis("WATERMARK_CHECK_MS")?,
+            watermark_max_lag: env.parse("WATERMARK_MAX_LAG")?,
+            watermark_rebuild: env.parse::<OnOff>("WATERMARK_REBUILD")?.0,
             admin_token: match env.raw("ADMIN_TOKEN") {
                 None => AdminToken::Unset,
                 Some(_) => env.parse("ADMIN_TOKEN")?,
@@ -986,6 +1034,12 @@ mod tests {
         assert_eq!(c.capture_slot, "stalewatch");
         assert_eq!(c.slo_windows.len(), 3);
         assert_eq!(c.capture_publication, "stalewatch");
+        assert_eq!(c.ingest_consumers, 1);
+        assert_eq!(c.ingest_batch, 1000);
+        assert_eq!(c.ingest_claim_idle, Duration::from_secs(10));
+        assert_eq!(c.watermark_check, Duration::from_secs(1));
+        assert_eq!(c.watermark_max_lag, 0);
+        assert!(!c.watermark_rebuild);
     }
 
     #[test]

@@ -91,11 +91,13 @@ pub enum Source {
     Repair,
     /// A Redis keyspace notification: some client wrote, deleted or expired the key.
     Notification,
+    /// The periodic watermark drift check of an entity (`crate::watermark`).
+    Watermark,
 }
 
 impl Source {
     /// Every source, for enumerating metric labels up front.
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::WriteCheck,
         Source::Confirm,
         Source::Sweep,
@@ -103,6 +105,7 @@ impl Source {
         Source::Manual,
         Source::Repair,
         Source::Notification,
+        Source::Watermark,
     ];
 
     /// Stable name used in storage and metric labels; matches the serde form.
@@ -115,6 +118,7 @@ impl Source {
             Source::Manual => "manual",
             Source::Repair => "repair",
             Source::Notification => "notification",
+            Source::Watermark => "watermark",
         }
     }
 
@@ -169,8 +173,9 @@ impl Cause {
     /// of fixed it, so it counts as natural expiry.
     pub fn for_source(source: Source) -> Cause {
         match source {
-            // A notification is a write to the key: that write is what made it agree.
-            Source::WriteCheck | Source::Notification => Cause::Write,
+            // A notification is a write to the key: that write is what made it agree. A
+            // watermark that caught up was moved by the ingester's writes.
+            Source::WriteCheck | Source::Notification | Source::Watermark => Cause::Write,
             Source::Cdc => Cause::Invalidation,
             Source::Manual => Cause::Refresh,
             Source::Repair => Cause::Repair,

@@ -148,6 +148,29 @@ impl Keys {
         format!("{}invalidations:dead", self.prefix)
     }
 
+    /// The ingest stream of `entity` (`crate::ingest`): the application appends records, the
+    /// workers write them to the table and the cache.
+    pub fn ingest(&self, entity: &str) -> String {
+        format!("{}ingest:{entity}", self.prefix)
+    }
+
+    /// Where records of `entity`'s ingest stream that cannot be written go, with the reason.
+    pub fn ingest_dead(&self, entity: &str) -> String {
+        format!("{}ingest:{entity}:dead", self.prefix)
+    }
+
+    /// The last error of each entry of `entity`'s ingest stream that failed to be written (a
+    /// hash by entry id), so the dead letter of one delivered too often says why.
+    pub fn ingest_errors(&self, entity: &str) -> String {
+        format!("{}ingest:{entity}:errors", self.prefix)
+    }
+
+    /// The highest version of `entity` written to the cache by ingestion or a rebuild
+    /// (`crate::watermark`).
+    pub fn watermark(&self, entity: &str) -> String {
+        format!("{}watermark:{entity}", self.prefix)
+    }
+
     /// When the last sweep pass completed (Unix milliseconds).
     pub fn sweep_done_at(&self) -> String {
         format!("{}sweep:done_at", self.prefix)

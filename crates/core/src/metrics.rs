@@ -96,6 +96,20 @@ pub struct Metrics {
     pub rebuild_keys: IntCounterVec,
     /// A rebuild's progress, by entity: keys done, and the estimate of the total.
     pub rebuild_progress: IntGaugeVec,
+    /// Ingest records written to both stores and acknowledged, by entity.
+    pub ingest_records: IntCounterVec,
+    /// Ingest batches by entity and outcome: written, or failed (left pending, retried).
+    pub ingest_batches: IntCounterVec,
+    /// Ingest records moved to the entity's dead-letter stream.
+    pub ingest_dead: IntCounterVec,
+    /// Ingest records claimed from a consumer that left them pending.
+    pub ingest_reclaimed: IntCounterVec,
+    /// Ingest streams' length and their group's unacknowledged records (consumer lag).
+    pub ingest_stream_length: IntGaugeVec,
+    pub ingest_pending: IntGaugeVec,
+    /// How far each ingesting entity's watermark trails its table's highest version (-1: no
+    /// watermark while the table has rows).
+    pub watermark_lag: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -220,7 +234,49 @@ impl Metrics {
         registry
             .register(Box::new(sweep_round_shards.clone()))
             .expect("unique metric");
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         Self {
+            watermark_lag: gauges(
+                "stalewatch_watermark_lag",
+                "How far an entity's watermark trails its table's highest version (-1: none)",
+                &["entity"],
+            ),
+            ingest_records: counter(
+                "stalewatch_ingest_records_total",
+                "Ingest records written to the table and the cache, then acknowledged",
+                &["entity"],
+            ),
+            ingest_batches: counter(
+                "stalewatch_ingest_batches_total",
+                "Ingest batches by outcome: written, or failed (left pending and retried)",
+                &["entity", "outcome"],
+            ),
+            ingest_dead: counter(
+                "stalewatch_ingest_dead_total",
+                "Ingest records moved to the dead-letter stream",
+                &["entity"],
+            ),
+            ingest_reclaimed: counter(
+                "stalewatch_ingest_reclaimed_total",
+                "Ingest records claimed from a consumer that left them pending",
+                &["entity"],
+            ),
+            ingest_stream_length: gauges(
+                "stalewatch_ingest_stream_length",
+                "Entries in an ingest stream",
+                &["entity"],
+            ),
+            ingest_pending: gauges(
+                "stalewatch_ingest_pending",
+                "Ingest records read but not yet acknowledged",
+                &["entity"],
+            ),
             sweep_rounds: plain_counter(
                 "stalewatch_sweep_rounds_total",
                 "Sweep rounds this process completed",
@@ -453,8 +509,15 @@ impl Metrics {
             invalidation_pattern_keys,
             rebuild_keys,
             rebuild_progress,
+            ingest_records,
+            ingest_batches,
+            ingest_dead,
+            ingest_reclaimed,
+            ingest_stream_length,
+            ingest_pending,
+            watermark_lag,
         } = self;
-        let collectors: [&dyn Collector; 38] = [
+        let collectors: [&dyn Collector; 45] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -493,6 +556,13 @@ impl Metrics {
             invalidation_pattern_keys,
             rebuild_keys,
             rebuild_progress,
+            ingest_records,
+            ingest_batches,
+            ingest_dead,
+            ingest_reclaimed,
+            ingest_stream_length,
+            ingest_pending,
+            watermark_lag,
         ];
         let rounds: [&dyn Collector; 4] = [
             sweep_rounds,

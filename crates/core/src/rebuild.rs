@@ -197,7 +197,7 @@ pub async fn keep_renewed(lease: Arc<Lease>, lost: Arc<AtomicBool>) {
 
 /// How one key's reply in the pipeline is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
+pub(crate) enum Reply {
     /// The versioned compare-and-set's 1 (written) or 0 (skipped: newer).
     Versioned,
     /// No reply: the outcome is known when the pipeline succeeds.
@@ -208,7 +208,7 @@ enum Reply {
 /// writes, sent without waiting. `sha` is [`cache::SET_UNLESS_NEWER`]'s hash, `token` this
 /// rebuild's, for its temporary keys. Keys are given `ttl`, or none: a rebuilt cache is one
 /// the application keeps whole (write-through), where keys do not expire.
-fn append(
+pub(crate) fn append(
     pipe: &mut redis::Pipeline,
     key: &str,
     rendered: &Rendered,
@@ -278,6 +278,21 @@ fn append(
         }
         Rendered::Undecodable => Reply::Known(Outcome::Undecodable),
     }
+}
+
+/// The highest version among `page`'s rows, as [`crate::column::version_of`] reads it; `None`
+/// for an entity without a version.
+fn highest_version(rows: &Rows, page: &[PageRow]) -> Option<i64> {
+    let version = rows.entity.version.as_ref()?;
+    let ty = *rows.types.get(version)?;
+    page.iter()
+        .filter_map(|r| match &r.row {
+            Ok(Some(crate::rows::Row::Doc(doc))) => {
+                crate::column::version_of(ty, doc.get(version)?)
+            }
+            _ => None,
+        })
+        .max()
 }
 
 /// How many keys `entity` has: its rows, or a set's distinct keys. For the progress only.
@@ -382,6 +397,8 @@ impl Rebuild<'_> {
         let mut cursor: Option<Vec<String>> = None;
         let mut more = true;
         let mut pending: Option<Vec<PageRow>> = None;
+        // The highest version written, for the entity's watermark.
+        let mut highest: Option<i64> = None;
         loop {
             if lost() {
                 return Err(RebuildError::LockLost(self.entity.to_string()));
@@ -428,6 +445,7 @@ impl Rebuild<'_> {
                 // A short page is the last one.
                 more = page.len() as i64 == limit && last.is_some();
                 cursor = last;
+                highest = highest.max(highest_version(rows, &page));
                 if !page.is_empty() {
                     pending = Some(page);
                 }
@@ -437,12 +455,30 @@ impl Rebuild<'_> {
             }
         }
         drop(reader);
+        let watermarked = crate::watermark::tracked(&rows.entity);
+        if let (true, Some(highest)) = (watermarked, highest) {
+            let mut own = checker.queue.clone();
+            crate::watermark::advance_cmd(&checker.cache.keys().watermark(self.entity), highest)
+                .query_async::<i64>(&mut own)
+                .await?;
+        }
 
         summary.rechecked = open.len() as u64;
         for chunk in open.chunks(RECHECK_BATCH) {
             checker
                 .check_keys(self.entity, chunk, Source::Repair, Some(Cause::Repair))
                 .await?;
+        }
+        if watermarked {
+            // The entity's own `cache_behind`, if one is open, is checked again too.
+            crate::watermark::observe(
+                checker,
+                self.entity,
+                Source::Repair,
+                Some(Cause::Repair),
+                None,
+            )
+            .await?;
         }
         summary.seconds = started.elapsed().as_secs_f64();
         summary.keys_per_second = if summary.seconds > 0.0 {

@@ -105,9 +105,12 @@ pub struct Rows {
     pages: [[String; 2]; 2],
     /// A sample of the walk columns' values, sorted, to split the table into shards.
     sample: String,
+    /// The row with the highest version, with PostgreSQL's clock: for entities with a version
+    /// (the watermark check, `crate::watermark`).
+    newest: Option<String>,
 }
 
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -235,6 +238,16 @@ impl Rows {
             object(&walked, true),
             order.join(", ")
         );
+        // One row even on an empty table, so the clock is always read.
+        let newest = entity.version.as_ref().filter(|_| !grouped).map(|v| {
+            format!(
+                "SELECT now() AS at, n.keys, n.doc FROM (SELECT 1) AS one LEFT JOIN LATERAL \
+                 (SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t WHERE t.{v} IS NOT \
+                 NULL ORDER BY t.{v} DESC LIMIT 1) AS n ON true",
+                keys_doc = object(&walk, true),
+                v = ident(v),
+            )
+        });
         let types = columns
             .iter()
             .map(|c| (c.name.clone(), ColumnType::from_pg(&c.type_name)))
@@ -248,7 +261,44 @@ impl Rows {
             exists,
             pages,
             sample,
+            newest,
         }
+    }
+
+    /// The row with the highest version and its key (`None`: no rows; an entity without a
+    /// version, or a set, is never asked), with PostgreSQL's clock read in the same statement,
+    /// before the row. Needs an index on the version column to stay cheap on a large table.
+    pub async fn newest(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<(DateTime<Utc>, Option<PageRow>), DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Raw {
+            #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+            at: DateTime<Utc>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<Json>)]
+            keys: Option<RawJson>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<Json>)]
+            doc: Option<RawJson>,
+        }
+        let Some(statement) = &self.newest else {
+            return Err(DbError::Rejected(format!(
+                "entity {} has no version to order its rows by",
+                self.entity.name
+            )));
+        };
+        let raw: Raw = diesel::sql_query(statement).get_result(conn).await?;
+        let row = raw.keys.zip(raw.doc).map(|(keys, doc)| {
+            let keys: Map<String, Value> = serde_json::from_slice(keys.bytes()).unwrap_or_default();
+            PageRow {
+                key: self
+                    .entity
+                    .key
+                    .render(|c| keys.get(c).and_then(Value::as_str).map(str::to_string)),
+                row: self.decode(&doc).map(Some),
+            }
+        });
+        Ok((raw.at, row))
     }
 
     /// The template values of `key` if it is one of this entity's keys: it matches the
@@ -450,7 +500,7 @@ impl Rows {
 /// page of the demo table cost it about a fifth more). The comparator reads values by their
 /// columns' types, so key order and spacing do not matter. jsonb only for a table of more than
 /// 50 compared columns: json objects have no `||`.
-fn object(names: &[&str], as_text: bool) -> String {
+pub(crate) fn object(names: &[&str], as_text: bool) -> String {
     let chunk = |function: &str, chunk: &[&str]| {
         let args: Vec<String> = chunk
             .iter()

@@ -42,6 +42,8 @@ pub struct Watched {
     model: Model,
     sources: Vec<Rows>,
     options: Vec<EntityOptions>,
+    /// How the records of each entity with `ingest = true` are written.
+    ingest: Vec<crate::ingest::Plan>,
 }
 
 impl Watched {
@@ -100,6 +102,7 @@ impl Watched {
             rows::catalog(&mut conn, &tables).await?
         };
         entity::validate(&model, &catalog).map_err(WatchError::Model)?;
+        let ingest = ingest_plans(pool, &model).await?;
         let sources: Vec<Rows> = model
             .entities
             .iter()
@@ -110,7 +113,30 @@ impl Watched {
             model,
             sources,
             options,
+            ingest,
         })
+    }
+
+    /// The plans of the entities with `ingest = true`.
+    pub fn ingest_plans(&self) -> &[crate::ingest::Plan] {
+        &self.ingest
+    }
+
+    /// The GRANTs this role lacks to ingest, as mistakes of the file: what stops a worker that
+    /// would ingest, and `entities check`.
+    pub fn ingest_grants_missing(&self) -> Vec<ModelError> {
+        self.ingest
+            .iter()
+            .filter_map(|p| {
+                let reason = p.missing_grant.clone()?;
+                let e = self.model.entity(&p.entity)?;
+                Some(ModelError {
+                    line: Some(e.line),
+                    entity: Some(e.name.clone()),
+                    reason,
+                })
+            })
+            .collect()
     }
 
     /// The `[[invalidate]]` rules (checked against their tables like the entities).
@@ -199,6 +225,39 @@ impl Watched {
             cache_value,
             diff: verdict.diff,
         }
+    }
+}
+
+/// The ingest plan of every entity with `ingest = true`, each table checked for what the
+/// upsert needs (rights, a unique index on the primary key): every mistake reported.
+async fn ingest_plans(
+    pool: &PgPool,
+    model: &Model,
+) -> Result<Vec<crate::ingest::Plan>, WatchError> {
+    let mut plans = Vec::new();
+    let mut errors = Vec::new();
+    for e in model.entities.iter().filter(|e| e.ingest) {
+        let (columns, access) = {
+            let mut conn = pool.get().await.map_err(DbError::from)?;
+            crate::ingest::inspect(&mut conn, e).await?
+        };
+        match crate::ingest::check_table(e, &columns, &access) {
+            Ok(()) => plans.push(crate::ingest::Plan::with_access(
+                e,
+                &columns,
+                crate::ingest::missing_grant(e, &access),
+            )),
+            Err(reasons) => errors.extend(reasons.into_iter().map(|reason| ModelError {
+                line: Some(e.line),
+                entity: Some(e.name.clone()),
+                reason,
+            })),
+        }
+    }
+    if errors.is_empty() {
+        Ok(plans)
+    } else {
+        Err(WatchError::Model(errors))
     }
 }
 

@@ -19,8 +19,8 @@ use stalewatch_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backstop, capture, handlers, handlers::Ctx, invalidate, notify, outbox, supervise,
-    sweep::Sweeper, upkeep::Upkeep,
+    backstop, capture, handlers, handlers::Ctx, ingest, invalidate, notify, outbox, supervise,
+    sweep::Sweeper, upkeep::Upkeep, watermark,
 };
 
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
@@ -85,6 +85,14 @@ async fn healthz() -> HttpResponse {
 /// Runs until SIGTERM or Ctrl-C, then lets in-flight jobs finish and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = connect(&config).await?;
+    let missing = ctx.checker.watched.ingest_grants_missing();
+    if !missing.is_empty() && config.ingest_consumers > 0 {
+        let reasons: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        anyhow::bail!(
+            "{} (or INGEST_CONSUMERS=0 for a worker that does not ingest)",
+            reasons.join("; ")
+        );
+    }
     let metrics = ctx.checker.metrics.clone();
     let shutdown = CancellationToken::new();
 
@@ -161,6 +169,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.database_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,
+            shutdown.clone(),
+        ));
+    }
+    if !ctx.checker.watched.ingest_plans().is_empty() && config.ingest_consumers > 0 {
+        tasks.spawn(ingest::run(
+            ctx.clone(),
+            config.redis()?,
+            config.database_url.clone(),
+            ingest::Settings {
+                consumers: config.ingest_consumers,
+                batch: config.ingest_batch,
+                claim_idle: config.ingest_claim_idle,
+            },
+            shutdown.clone(),
+        ));
+    }
+    if !config.watermark_check.is_zero() {
+        tasks.spawn(watermark::run(
+            ctx.clone(),
+            config.clone(),
             shutdown.clone(),
         ));
     }

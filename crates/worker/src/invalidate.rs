@@ -3,14 +3,11 @@
 //! consumer group, UNLINKs the keys, then acknowledges (`stalewatch_core::invalidation` has
 //! the contract).
 //!
-//! - A blocking `XREADGROUP` holds its connection for up to a second, so consumers read on
-//!   exclusive connections from a deadpool-redis pool, never on the shared multiplexed one
-//!   that request paths use.
-//! - Consumers run on threads of their own, with database connections of their own: on the
-//!   worker's runtime they waited behind the check jobs that every change also queues (a
-//!   batch of checks holds a thread for milliseconds), and an UPDATE of 100,000 rows was
-//!   invalidated at about 25,000 changes/s instead of about 100,000 with the checks held off
-//!   (docs/BENCHMARKS.md, invalidate). The capture reader moved off it for the same reason.
+//! - Reading, claiming what a dead consumer left pending, and dead-lettering are the shared
+//!   stream mechanics (`crate::stream`): exclusive connections for the blocking reads, a
+//!   thread and database connections of the consumers' own (on the worker's runtime they
+//!   waited behind the check jobs that every change also queues). The capture reader moved
+//!   off it for the same reason.
 //! - The incident of each key is noted as rewritten by an invalidation before the UNLINK, so
 //!   the check after the settle delay resolves it with cause `invalidation`.
 //! - An entry's patterns (rules whose key ends in `*`) are deleted with `SCAN MATCH` and
@@ -19,34 +16,29 @@
 //!   one read are scanned once (a batched rule merges its changes' patterns too).
 //! - An entry pending longer than `claim_idle` (its consumer died between reading and
 //!   acknowledging) is claimed by another consumer; one delivered `MAX_DELIVERIES` times, or
-//!   unreadable, goes to `<prefix>invalidations:dead` with the reason, so the group never
-//!   sticks on it.
+//!   unreadable, goes to `<prefix>invalidations:dead` with the reason (`crate::stream`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use backon::Retryable;
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{
-    streams::{StreamId, StreamPendingCountReply, StreamReadOptions, StreamReadReply},
-    AsyncCommands,
-};
+use deadpool_redis::Pool;
+use redis::{streams::StreamId, AsyncCommands};
 use stalewatch_core::{
-    db::{self, incidents},
+    db::incidents,
     incident::Cause,
     invalidation::{Entry, FIELD, GROUP, MAX_DELIVERIES, MAX_LEN},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{handlers::Ctx, supervise};
+use crate::{
+    handlers::Ctx,
+    stream::{self, Counters, Group},
+};
 
-/// Entries per read, and how long a read blocks. Under load a read takes up to this many at
+/// Entries per read. Under load a read takes up to this many at
 /// once, and each read costs one database round trip and one Redis round trip whatever its
 /// size: 100 held one consumer to about 19,000 changes/s (docs/BENCHMARKS.md, invalidate).
 const READ_COUNT: usize = 1000;
-const BLOCK: Duration = Duration::from_secs(1);
-/// How often a consumer looks for entries left pending by others.
-const CLAIM_EVERY: Duration = Duration::from_secs(2);
 /// Keys a pattern delete asks SCAN for per call (a hint; it is also the most UNLINKed at once).
 const SCAN_COUNT: usize = 1000;
 
@@ -86,38 +78,34 @@ pub async fn run(
     claim_idle: Duration,
     shutdown: CancellationToken,
 ) {
-    let thread = std::thread::Builder::new()
-        .name("invalidate".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(consumers.clamp(1, 4))
-                .thread_name("invalidate")
-                .enable_all()
-                .build()
-                .context("starting the invalidation runtime")?;
-            runtime.block_on(async move {
-                let mut ctx = ctx;
-                // Connections made on this runtime are driven by it: the worker's pool is
-                // driven by the worker's runtime, where the check jobs are.
-                ctx.checker.pool = db::pool(&database_url, consumers)
-                    .context("a database pool for the invalidation consumers")?;
-                consume_all(ctx, redis, consumers, claim_idle, shutdown).await;
-                anyhow::Ok(())
-            })
-        });
-    let joined = match thread {
-        Ok(thread) => tokio::task::spawn_blocking(move || thread.join()).await,
-        Err(e) => {
-            tracing::error!(error = %e, "invalidation consumers not started: no thread");
-            return;
-        }
-    };
-    match joined {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => {
-            tracing::error!(error = format!("{e:#}"), "invalidation consumers stopped")
-        }
-        Ok(Err(_)) | Err(_) => tracing::error!("invalidation consumers stopped: a panic"),
+    stream::on_own_runtime(
+        "invalidate",
+        ctx,
+        database_url,
+        consumers,
+        consumers,
+        move |ctx| consume_all(ctx, redis, consumers, claim_idle, shutdown),
+    )
+    .await
+}
+
+/// The invalidation stream's group, and its metrics.
+fn group(ctx: &Ctx, claim_idle: Duration) -> Group {
+    let metrics = ctx.metrics();
+    Group {
+        what: "invalidation",
+        stream: ctx.keys().invalidations(),
+        dead: ctx.keys().invalidations_dead(),
+        group: GROUP,
+        field: FIELD,
+        max_deliveries: MAX_DELIVERIES,
+        claim_idle,
+        counters: Counters {
+            reclaimed: metrics.invalidations_reclaimed.clone(),
+            dead: metrics.invalidations_dead.clone(),
+            length: metrics.invalidation_stream_length.clone(),
+            pending: metrics.invalidations_pending.clone(),
+        },
     }
 }
 
@@ -128,93 +116,51 @@ async fn consume_all(
     claim_idle: Duration,
     shutdown: CancellationToken,
 ) {
-    // A blocking read waits up to BLOCK for an entry: the connection's response time-out
-    // must outlast it (the default, 500 ms, ended every idle read with an error).
-    let connection = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
-    let pool = Manager::new_with_config(redis, connection)
-        .map_err(anyhow::Error::from)
-        .and_then(|manager| {
-            Pool::builder(manager)
-                .max_size(consumers)
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(anyhow::Error::from)
-        });
-    let pool = match pool {
+    let pool = match stream::pool(redis, consumers) {
         Ok(pool) => pool,
         Err(e) => {
             tracing::error!(error = %e, "invalidation consumers not started: bad REDIS_URL");
             return;
         }
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..consumers {
-        let (ctx, pool, shutdown) = (ctx.clone(), pool.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let once = || {
-                let (ctx, pool, shutdown) = (ctx.clone(), pool.clone(), shutdown.clone());
-                async move { consume(&ctx, &pool, claim_idle, &shutdown).await }
-            };
-            let result = once
-                .retry(supervise::restart_backoff())
-                .when(|_| !shutdown.is_cancelled())
-                .notify(|e, after| {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        ?after,
-                        "invalidation consumer stopped; restarting"
-                    );
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "invalidation consumer stopped during shutdown");
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+    let group = group(&ctx, claim_idle);
+    let stop = shutdown.clone();
+    stream::supervise("invalidation", consumers, shutdown, move || {
+        let (ctx, pool, group, stop) = (ctx.clone(), pool.clone(), group.clone(), stop.clone());
+        async move { consume(&ctx, &pool, &group, &stop).await }
+    })
+    .await
 }
 
 /// One consumer: reads new entries, and now and then claims entries others left pending.
 async fn consume(
     ctx: &Ctx,
     pool: &Pool,
-    claim_idle: Duration,
+    group: &Group,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let stream = ctx.keys().invalidations();
-    let name = format!(
-        "{}-{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let name = stream::consumer_name();
     let mut conn = pool.get().await.context("a connection for the consumer")?;
-    let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(&stream, GROUP, "0").await;
-    if let Err(e) = created {
-        if e.code() != Some("BUSYGROUP") {
-            return Err(e).context("creating the invalidation consumer group");
-        }
-    }
-    let options = StreamReadOptions::default()
-        .group(GROUP, &name)
-        .count(READ_COUNT)
-        .block(BLOCK.as_millis() as usize);
+    stream::create_group(&mut conn, group).await?;
     let mut claimed_at = Instant::now();
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let reply: StreamReadReply = conn
-            .xread_options(&[&stream], &[">"], &options)
-            .await
-            .context("reading the invalidation stream")?;
-        for key in reply.keys {
-            handle(ctx, &mut conn, &stream, key.ids).await?;
+        for (_, records) in stream::read(&mut conn, &[group], &name, READ_COUNT).await? {
+            handle(ctx, &mut conn, group, records).await?;
         }
-        if claimed_at.elapsed() >= CLAIM_EVERY {
+        if claimed_at.elapsed() >= stream::CLAIM_EVERY {
             claimed_at = Instant::now();
-            reclaim(ctx, &mut conn, &stream, &name, claim_idle).await?;
+            let found = stream::reclaim(&mut conn, group, &name, READ_COUNT).await?;
+            for (record, times) in found.exhausted {
+                let reason = format!("delivered {times} times without being acknowledged");
+                stream::dead_letter(&mut conn, group, &record, &reason).await?;
+            }
+            if !found.claimed.is_empty() {
+                handle(ctx, &mut conn, group, found.claimed).await?;
+            }
+            stream::sample(&mut conn, group).await?;
         }
     }
 }
@@ -224,7 +170,7 @@ async fn consume(
 async fn handle(
     ctx: &Ctx,
     conn: &mut deadpool_redis::Connection,
-    stream: &str,
+    group: &Group,
     records: Vec<StreamId>,
 ) -> anyhow::Result<()> {
     if records.is_empty() {
@@ -233,13 +179,9 @@ async fn handle(
     let mut entries = Vec::new();
     let mut ids = Vec::new();
     for record in records {
-        let parsed = match record.map.get(FIELD) {
-            Some(redis::Value::BulkString(bytes)) => Entry::from_json(bytes),
-            _ => Err(format!("no {FIELD:?} field")),
-        };
-        match parsed {
+        match stream::payload(group, &record).and_then(Entry::from_json) {
             Ok(entry) => entries.push(entry),
-            Err(reason) => dead_letter(ctx, conn, stream, &record, &reason).await?,
+            Err(reason) => stream::dead_letter(conn, group, &record, &reason).await?,
         }
         ids.push(record.id);
     }
@@ -264,7 +206,11 @@ async fn handle(
         pipe.cmd("UNLINK").arg(chunk).ignore();
     }
     if patterns.is_empty() {
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
+        pipe.cmd("XACK")
+            .arg(&group.stream)
+            .arg(GROUP)
+            .arg(&ids)
+            .ignore();
     }
     // Empty only when there are no keys and a pattern (with the XACK) follows.
     if !keys.is_empty() || patterns.is_empty() {
@@ -277,7 +223,7 @@ async fn handle(
             delete_matching(ctx, conn, pattern).await?;
         }
         let _: () = conn
-            .xack(stream, GROUP, &ids)
+            .xack(&group.stream, GROUP, &ids)
             .await
             .context("acknowledging invalidations")?;
     }
@@ -329,106 +275,5 @@ async fn delete_matching(
     metrics.invalidation_pattern_scans.inc();
     metrics.invalidation_pattern_keys.inc_by(removed);
     metrics.keys_invalidated.inc_by(removed);
-    Ok(())
-}
-
-/// Entries pending for longer than `claim_idle`: dead-lettered after `MAX_DELIVERIES`,
-/// otherwise claimed by this consumer and handled. Also samples the stream's length and
-/// pending count.
-async fn reclaim(
-    ctx: &Ctx,
-    conn: &mut deadpool_redis::Connection,
-    stream: &str,
-    name: &str,
-    claim_idle: Duration,
-) -> anyhow::Result<()> {
-    let idle_ms = claim_idle.as_millis() as u64;
-    let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg(GROUP)
-        .arg("IDLE")
-        .arg(idle_ms)
-        .arg("-")
-        .arg("+")
-        .arg(READ_COUNT)
-        .query_async(&mut **conn)
-        .await
-        .context("listing pending invalidations")?;
-    let mut claim = Vec::new();
-    for p in pending.ids {
-        if p.times_delivered as u64 >= MAX_DELIVERIES {
-            let records: Vec<StreamId> = {
-                let range: redis::streams::StreamRangeReply =
-                    conn.xrange(stream, &p.id, &p.id).await?;
-                range.ids
-            };
-            let reason = format!(
-                "delivered {} times without being acknowledged",
-                p.times_delivered
-            );
-            match records.into_iter().next() {
-                Some(record) => dead_letter(ctx, conn, stream, &record, &reason).await?,
-                None => {
-                    // Trimmed away meanwhile: nothing left to delete or keep.
-                    let _: () = conn.xack(stream, GROUP, &[&p.id]).await?;
-                }
-            }
-        } else {
-            claim.push(p.id);
-        }
-    }
-    if !claim.is_empty() {
-        let claimed: redis::streams::StreamClaimReply = conn
-            .xclaim(stream, GROUP, name, idle_ms, &claim)
-            .await
-            .context("claiming pending invalidations")?;
-        ctx.metrics()
-            .invalidations_reclaimed
-            .inc_by(claimed.ids.len() as u64);
-        tracing::info!(
-            entries = claimed.ids.len(),
-            "claimed invalidations a consumer left pending"
-        );
-        handle(ctx, conn, stream, claimed.ids).await?;
-    }
-    let length: u64 = conn.xlen(stream).await?;
-    let summary: redis::streams::StreamPendingReply = conn.xpending(stream, GROUP).await?;
-    ctx.metrics().invalidation_stream_length.set(length as i64);
-    ctx.metrics()
-        .invalidations_pending
-        .set(summary.count() as i64);
-    Ok(())
-}
-
-/// Moves `record` to the dead-letter stream with `reason`, and acknowledges it.
-async fn dead_letter(
-    ctx: &Ctx,
-    conn: &mut deadpool_redis::Connection,
-    stream: &str,
-    record: &StreamId,
-    reason: &str,
-) -> anyhow::Result<()> {
-    let original = match record.map.get(FIELD) {
-        Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
-        other => format!("{other:?}"),
-    };
-    let _: () = redis::cmd("XADD")
-        .arg(ctx.keys().invalidations_dead())
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(MAX_LEN)
-        .arg("*")
-        .arg("id")
-        .arg(&record.id)
-        .arg("reason")
-        .arg(reason)
-        .arg(FIELD)
-        .arg(original)
-        .query_async(&mut **conn)
-        .await
-        .context("dead-lettering an invalidation")?;
-    let _: () = conn.xack(stream, GROUP, &[&record.id]).await?;
-    ctx.metrics().invalidations_dead.inc();
-    tracing::warn!(id = %record.id, reason, "invalidation entry dead-lettered");
     Ok(())
 }

@@ -163,6 +163,13 @@ async fn run(command: Command, config: Config, settings: &Settings) -> anyhow::R
             };
             let pool = db::pool(&config.database_url, 1)?;
             match Watched::configured(&config, &pool).await {
+                Ok(watched) if !watched.ingest_grants_missing().is_empty() => {
+                    let mistakes = watched.ingest_grants_missing();
+                    for mistake in &mistakes {
+                        eprintln!("{mistake}");
+                    }
+                    bail!("the entities file has {} mistake(s)", mistakes.len())
+                }
                 Ok(watched) => {
                     print!("{}", watched.describe());
                     Ok(())

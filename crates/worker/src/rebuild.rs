@@ -35,8 +35,33 @@ fn holder() -> String {
     )
 }
 
-/// Rebuilds `entity`; fails (with the holder) when another rebuild of it runs.
+/// Rebuilds `entity`, its progress on stderr; fails (with the holder) when another rebuild
+/// of it runs.
 pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Summary> {
+    let mut shown = Shown::new();
+    let result = rebuild(ctx, config, entity, |p| shown.show(p)).await;
+    shown.finish();
+    result
+}
+
+/// [`run`] inside a running worker (`WATERMARK_REBUILD=on`): the progress goes to the log.
+pub async fn run_logged(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Summary> {
+    let mut last = Instant::now();
+    rebuild(ctx, config, entity, |p| {
+        if last.elapsed() >= LOG_EVERY {
+            last = Instant::now();
+            tracing::info!(entity, progress = %p.line(), "rebuilding");
+        }
+    })
+    .await
+}
+
+async fn rebuild(
+    ctx: &Ctx,
+    config: &Config,
+    entity: &str,
+    progress: impl FnMut(&Progress),
+) -> anyhow::Result<Summary> {
     let checker = &ctx.checker;
     if checker.watched.source(entity).is_none() {
         anyhow::bail!(
@@ -73,11 +98,7 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
             .to_string(),
         redis,
     };
-    let mut shown = Shown::new();
-    let result = job
-        .run(&|| lost.load(Ordering::Relaxed), |p| shown.show(p))
-        .await;
-    shown.finish();
+    let result = job.run(&|| lost.load(Ordering::Relaxed), progress).await;
 
     renewer.abort();
     let _ = renewer.await;

@@ -120,10 +120,13 @@ pub enum Kind {
     OrphanInCache,
     /// Row present, cached bytes not a JSON object.
     Undecodable,
+    /// A whole entity: the cache's watermark (the highest version written to it) trails
+    /// PostgreSQL's, or its newest row is not cached (`crate::watermark`).
+    CacheBehind,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Match,
         Kind::Stale,
         Kind::Ahead,
@@ -131,6 +134,7 @@ impl Kind {
         Kind::MissingInCache,
         Kind::OrphanInCache,
         Kind::Undecodable,
+        Kind::CacheBehind,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +146,7 @@ impl Kind {
             Kind::MissingInCache => "missing_in_cache",
             Kind::OrphanInCache => "orphan_in_cache",
             Kind::Undecodable => "undecodable",
+            Kind::CacheBehind => "cache_behind",
         }
     }
 

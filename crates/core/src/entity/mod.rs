@@ -17,6 +17,9 @@
 //! ignore = ["profile.last_login"]  # json, hash: paths left out of content comparison
 //! on_change = "check"            # or invalidate: a change captured from PostgreSQL deletes
 //!                                # the row's keys (old and new) before they are checked
+//! ingest = false                 # true: the worker consumes the stream `<prefix>ingest:user`
+//!                                # and writes each record to the table and the cache
+//!                                # (`crate::ingest`); one ingesting entity per table
 //!
 //! [[entity]]                     # representation = "string": `value = "id"`, the column whose
 //!                                # text the key holds; representation = "set": the key holds
@@ -177,6 +180,10 @@ pub struct Entity {
     /// the expiry it had (stalewatch does not know the application's).
     pub ttl: Option<std::time::Duration>,
     pub on_change: OnChange,
+    /// `ingest = true`: the worker consumes the entity's ingest stream and writes every record
+    /// to the table and then to the cache (`crate::ingest`). The one way stalewatch writes a
+    /// tracked table.
+    pub ingest: bool,
     /// 1-based line of the entity's `[[entity]]` header.
     pub line: usize,
 }
@@ -290,6 +297,14 @@ impl Model {
             if !e.ignore.is_empty() {
                 let _ = writeln!(out, "  ignore   {}", e.ignore.join(", "));
             }
+            if e.ingest {
+                let _ = writeln!(
+                    out,
+                    "  ingest   records of the stream KEY_PREFIX + ingest:{} are upserted into \
+                     the table, then written to the cache",
+                    e.name
+                );
+            }
         }
         for r in &self.rules {
             let _ = writeln!(out);
@@ -381,6 +396,7 @@ struct RawEntity {
     ignore: Option<Spanned<Vec<Spanned<String>>>>,
     ttl: Option<Spanned<String>>,
     on_change: Option<Spanned<String>>,
+    ingest: Option<Spanned<bool>>,
 }
 
 /// Parses an ENTITIES file and checks everything that needs no database. `vars` gives the
@@ -510,6 +526,20 @@ fn cross_check(entities: &[Entity], errors: &mut Vec<ModelError>) {
                 reason: format!(
                     "the name is already used by the entity on line {}",
                     first.line
+                ),
+            });
+        }
+        if let Some(first) = earlier
+            .iter()
+            .find(|f| e.ingest && f.ingest && f.table == e.table)
+        {
+            errors.push(ModelError {
+                line: Some(e.line),
+                entity: Some(e.name.clone()),
+                reason: format!(
+                    "entity {:?} (line {}) already ingests {}: one ingesting entity per table, \
+                     since a record is a row and its stream names one entity",
+                    first.name, first.line, e.table
                 ),
             });
         }
@@ -749,6 +779,19 @@ impl Builder<'_> {
                 }),
         };
 
+        let ingest = raw.ingest.as_ref().is_some_and(|i| *i.get_ref());
+        if let (Some(span), Some(OnChange::Invalidate)) = (
+            raw.ingest.as_ref().filter(|_| ingest).map(|i| i.span()),
+            on_change,
+        ) {
+            self.error(
+                Some(span),
+                "ingest = true writes the entity's keys, and on_change = \"invalidate\" would \
+                 delete each one again as its row's change is captured: use one or the other"
+                    .into(),
+            );
+        }
+
         let representation = self.representation(&raw);
         // The kind as written, even when the representation has errors of its own.
         let kind = raw
@@ -829,6 +872,7 @@ impl Builder<'_> {
             ignore,
             ttl: ttl?,
             on_change: on_change?,
+            ingest,
             line: self.header,
         })
     }
@@ -1245,6 +1289,7 @@ policy = "write_through"
                     ignore: strings(&["profile.last_login"]),
                     ttl: None,
                     on_change: OnChange::Check,
+                    ingest: false,
                     line: 1,
                 },
                 Entity {
@@ -1258,6 +1303,7 @@ policy = "write_through"
                     ignore: vec![],
                     ttl: None,
                     on_change: OnChange::Check,
+                    ingest: false,
                     line: 12,
                 },
                 Entity {
@@ -1273,6 +1319,7 @@ policy = "write_through"
                     ignore: vec![],
                     ttl: None,
                     on_change: OnChange::Check,
+                    ingest: false,
                     line: 20,
                 },
                 Entity {
@@ -1288,6 +1335,7 @@ policy = "write_through"
                     ignore: vec![],
                     ttl: None,
                     on_change: OnChange::Check,
+                    ingest: false,
                     line: 28,
                 },
             ]
@@ -2123,6 +2171,35 @@ representation = \"json\"
                 "ENTITIES line 11, entity \"invalidate_11\": table public.products does not \
                  exist, or the database user cannot see it",
             ]
+        );
+    }
+
+    #[test]
+    fn ingest_is_a_boolean_off_by_default_and_one_entity_per_table() {
+        let model = ok(&entity("representation = \"json\"\ningest = true\n"));
+        assert!(model.entities[0].ingest);
+        assert!(model.describe().contains("ingest:user are upserted"));
+        assert!(!ok(&entity("representation = \"json\"\n")).entities[0].ingest);
+        one_error(
+            &entity("representation = \"json\"\ningest = \"yes\"\n"),
+            7,
+            "boolean",
+        );
+        one_error(
+            &entity("representation = \"json\"\ningest = true\non_change = \"invalidate\"\n"),
+            7,
+            "use one or the other",
+        );
+        // Two entities of one table: only one may ingest its records.
+        let second = "\n[[entity]]\nname = \"by_email\"\ntable = \"public.users\"\n\
+                      primary_key = [\"id\"]\nkey = \"app:email:{email}\"\n\
+                      representation = \"string\"\nvalue = \"id\"\n";
+        let both = entity("representation = \"json\"\ningest = true\n") + second;
+        assert!(ok(&both).entities[0].ingest);
+        one_error(
+            &(both.clone() + "ingest = true\n"),
+            9,
+            "already ingests public.users",
         );
     }
 }
