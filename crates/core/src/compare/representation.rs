@@ -321,17 +321,32 @@ fn compare_columns(
     }
 
     let mut diffs = Diffs::default();
-    let columns: BTreeSet<&str> = row
-        .doc
-        .keys()
-        .map(String::as_str)
-        .chain(cached.keys().copied())
-        .collect();
-    for col in columns {
+    // Both sides are sorted by column (serde_json's Map is a BTreeMap without its
+    // `preserve_order` feature, which nothing here enables): walk them together, in column
+    // order, without collecting the union first.
+    let mut db_cols = row.doc.iter().peekable();
+    let mut cached_cols = cached.iter().peekable();
+    loop {
+        let (col, db, c) = match (db_cols.peek(), cached_cols.peek()) {
+            (None, None) => break,
+            (Some((d, _)), Some((c, _))) if d.as_str() == **c => {
+                let (d, dv) = db_cols.next().unwrap();
+                let (_, cv) = cached_cols.next().unwrap();
+                (d.as_str(), Some(dv), Some(cv))
+            }
+            (Some((d, _)), c) if c.is_none_or(|(c, _)| d.as_str() < **c) => {
+                let (d, dv) = db_cols.next().unwrap();
+                (d.as_str(), Some(dv), None)
+            }
+            _ => {
+                let (c, cv) = cached_cols.next().unwrap();
+                (*c, None, Some(cv))
+            }
+        };
         if ignored(col, opts) || skip == Some(col) {
             continue;
         }
-        match (row.doc.get(col), cached.get(col)) {
+        match (db, c) {
             (Some(Value::Null), None) if text => {}
             (Some(_), None) => diffs.push(format!("{} (missing)", escape(col))),
             (None, Some(_)) => diffs.push(format!("{} (extra)", escape(col))),
