@@ -17,8 +17,21 @@ use crate::keys::Keys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("Redis is unavailable: {0} (is it running, and is REDIS_URL right?)")]
-    Redis(#[from] redis::RedisError),
+    #[error("the watched cache is unavailable: {0} (is it running, and is CACHE_REDIS_URL, else REDIS_URL, right?)")]
+    Redis(redis::RedisError),
+    /// The cache's ACL refused a command (NOPERM): a user with too few rights.
+    #[error("the watched cache refused a command: {0}; the user of CACHE_REDIS_URL (else REDIS_URL) needs read access to the watched keys for detection, and write access for refresh, repair, rebuild and invalidation (README, \"What each Redis needs\")")]
+    Denied(redis::RedisError),
+}
+
+impl From<redis::RedisError> for CacheError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) {
+            CacheError::Denied(e)
+        } else {
+            CacheError::Redis(e)
+        }
+    }
 }
 
 /// Opens the shared connection. Commands time out after 2 s so a frozen Redis makes callers
@@ -269,6 +282,41 @@ impl Cache {
             Err(e) if connection_lost(&e) => Ok(pipe.query_async::<()>(&mut conn).await?),
             other => Ok(other?),
         }
+    }
+
+    /// UNLINKs `keys`, 1,000 to a command, in one round trip; how many existed.
+    pub async fn unlink_many(&self, keys: &[String]) -> Result<u64, CacheError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(1000) {
+            pipe.cmd("UNLINK").arg(chunk);
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<u64> = match pipe.query_async(&mut conn).await {
+            Err(e) if connection_lost(&e) => pipe.query_async(&mut conn).await?,
+            other => other?,
+        };
+        Ok(counts.into_iter().sum())
+    }
+
+    /// One `SCAN cursor MATCH pattern COUNT count`: the next cursor (0: done) and the keys.
+    pub async fn scan(
+        &self,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        self.query(
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(count),
+        )
+        .await
     }
 
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {

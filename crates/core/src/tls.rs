@@ -222,15 +222,26 @@ pub fn replication(tls: &PgTls) -> ReplicationTls {
 /// certificates of `ca_file` when given, else the system's roots. `ca_file` is ignored for a
 /// plain `redis://` URL.
 pub fn redis(url: &str, ca_file: Option<&Path>) -> Result<redis::ConnectionInfo, TlsError> {
+    redis_as(("REDIS_URL", "REDIS_CA_FILE"), url, ca_file)
+}
+
+/// As [`redis`], for the setting `vars` names (the URL's variable and the CA file's), which
+/// errors name.
+pub fn redis_as(
+    vars: (&str, &str),
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<redis::ConnectionInfo, TlsError> {
     use redis::IntoConnectionInfo;
+    let (url_var, ca_var) = vars;
     install_crypto_provider();
     let info = url
         .into_connection_info()
-        .map_err(|e| TlsError::new(format!("invalid REDIS_URL {url}: {e}")))?;
+        .map_err(|e| TlsError::new(format!("invalid {url_var} {url}: {e}")))?;
     let (redis::ConnectionAddr::TcpTls { .. }, Some(ca_file)) = (info.addr(), ca_file) else {
         return Ok(info);
     };
-    let pem = read_ca_file(ca_file, "REDIS_CA_FILE")?.1;
+    let pem = read_ca_file(ca_file, ca_var)?.1;
     let client = redis::Client::build_with_tls(
         info,
         redis::TlsCertificates {
@@ -238,7 +249,7 @@ pub fn redis(url: &str, ca_file: Option<&Path>) -> Result<redis::ConnectionInfo,
             root_cert: Some(pem),
         },
     )
-    .map_err(|e| TlsError::new(format!("REDIS_CA_FILE={}: {e}", ca_file.display())))?;
+    .map_err(|e| TlsError::new(format!("{ca_var}={}: {e}", ca_file.display())))?;
     Ok(client.get_connection_info().clone())
 }
 

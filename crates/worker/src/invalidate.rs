@@ -3,6 +3,9 @@
 //! consumer group, UNLINKs the keys, then acknowledges (`stalewatch_core::invalidation` has
 //! the contract).
 //!
+//! - The stream and its group are stalewatch's (REDIS_URL); the keys deleted are the watched
+//!   cache's (CACHE_REDIS_URL, else the same Redis), deleted through the shared cache
+//!   connection.
 //! - A blocking `XREADGROUP` holds its connection for up to a second, so consumers read on
 //!   exclusive connections from a deadpool-redis pool, never on the shared multiplexed one
 //!   that request paths use.
@@ -257,30 +260,22 @@ async fn handle(
         .collect();
     patterns.sort_unstable();
     patterns.dedup();
-    // The UNLINKs and, when no pattern follows, the XACK in one round trip on this consumer's
-    // own connection (the cache's Redis: one REDIS_URL), in that order.
-    let mut pipe = redis::pipe();
-    for chunk in keys.chunks(1000) {
-        pipe.cmd("UNLINK").arg(chunk).ignore();
-    }
-    if patterns.is_empty() {
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
-    }
-    // Empty only when there are no keys and a pattern (with the XACK) follows.
-    if !keys.is_empty() || patterns.is_empty() {
-        pipe.query_async::<()>(&mut **conn)
+    // The keys are the watched cache's, the stream stalewatch's own Redis's (one Redis
+    // unless CACHE_REDIS_URL says otherwise): the UNLINKs, then the XACK, in that order.
+    if !keys.is_empty() {
+        ctx.checker
+            .cache
+            .unlink_many(&keys)
             .await
             .context("deleting invalidated keys")?;
     }
-    if !patterns.is_empty() {
-        for pattern in patterns {
-            delete_matching(ctx, conn, pattern).await?;
-        }
-        let _: () = conn
-            .xack(stream, GROUP, &ids)
-            .await
-            .context("acknowledging invalidations")?;
+    for pattern in patterns {
+        delete_matching(ctx, pattern).await?;
     }
+    let _: () = conn
+        .xack(stream, GROUP, &ids)
+        .await
+        .context("acknowledging invalidations")?;
     let metrics = ctx.metrics();
     metrics.keys_invalidated.inc_by(keys.len() as u64);
     let now_us = chrono::Utc::now().timestamp_micros();
@@ -291,34 +286,26 @@ async fn handle(
     Ok(())
 }
 
-/// Deletes every key matching `pattern`: `SCAN MATCH` a page at a time, each page's keys
-/// noted on their open incidents (a pattern may cover tracked keys too) and `UNLINK`ed.
-async fn delete_matching(
-    ctx: &Ctx,
-    cache: &mut deadpool_redis::Connection,
-    pattern: &str,
-) -> anyhow::Result<()> {
+/// Deletes every key matching `pattern` in the watched cache: `SCAN MATCH` a page at a time,
+/// each page's keys noted on their open incidents (a pattern may cover tracked keys too) and
+/// `UNLINK`ed.
+async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
+    let cache = &ctx.checker.cache;
     let mut cursor: u64 = 0;
     let mut removed: u64 = 0;
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut **cache)
+        let (next, found) = cache
+            .scan(cursor, pattern, SCAN_COUNT)
             .await
             .with_context(|| format!("scanning for {pattern}"))?;
         if !found.is_empty() {
             let mut db = ctx.checker.pool.get().await?;
             incidents::mark_rewrite(&mut db, &found, Cause::Invalidation).await?;
             drop(db);
-            let n: u64 = cache
-                .unlink(&found)
+            removed += cache
+                .unlink_many(&found)
                 .await
                 .with_context(|| format!("deleting the keys of {pattern}"))?;
-            removed += n;
         }
         if next == 0 {
             break;

@@ -50,7 +50,7 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
 
 /// One subscription: returns Ok at shutdown, an error when the stream ends or fails.
 async fn listen(ctx: &Ctx, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let client = stalewatch_core::tls::redis_client(config.redis()?)?;
+    let client = stalewatch_core::tls::redis_client(config.cache_redis()?)?;
     let db = client.get_connection_info().redis_settings().db();
     enable(&client).await;
     let mut pubsub = client.get_async_pubsub().await?;

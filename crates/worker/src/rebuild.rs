@@ -44,9 +44,9 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
             checker.watched.names().join(", ")
         );
     }
-    let conn = checker.cache.connection();
+    // The lock is stalewatch's: its own Redis. The keys rebuilt are the cache's.
     let lease = rebuild::lock(
-        &conn,
+        &ctx.queue_conn,
         checker.cache.keys(),
         entity,
         config.rebuild_lock,
@@ -57,9 +57,9 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
     let lost = Arc::new(AtomicBool::new(false));
     let renewer = tokio::spawn(rebuild::keep_renewed(lease.clone(), lost.clone()));
 
-    let redis = rebuild::connection(&config.redis()?)
+    let redis = rebuild::connection(config.cache_redis()?)
         .await
-        .context("connecting to Redis for the rebuild")?;
+        .context("connecting to the watched cache for the rebuild")?;
     let job = Rebuild {
         checker,
         entity,

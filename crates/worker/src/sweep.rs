@@ -48,6 +48,7 @@ const POLL: Duration = Duration::from_millis(500);
 
 pub struct Sweeper {
     pub ctx: Ctx,
+    /// stalewatch's own Redis: the rounds, the shards' leases, the rest between passes.
     pub conn: ConnectionManager,
     pub batch: usize,
     /// Row ranges per entity in a round.
@@ -453,21 +454,8 @@ impl Sweeper {
         summary: &mut Summary,
     ) -> anyhow::Result<Recorded> {
         let pattern = rows.entity.key.pattern();
-        let conn = self.checker().cache.connection();
-        let scan = |cursor: u64| {
-            let mut conn = conn.clone();
-            let pattern = &pattern;
-            async move {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(self.batch)
-                    .query_async::<(u64, Vec<String>)>(&mut conn)
-                    .await
-            }
-        };
+        let cache = &self.checker().cache;
+        let scan = |cursor: u64| cache.scan(cursor, &pattern, self.batch);
         let (mut next, mut keys) = scan(from).await?;
         loop {
             if shutdown.is_cancelled() {

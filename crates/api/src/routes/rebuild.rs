@@ -133,7 +133,7 @@ pub async fn start(
         chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
     );
     let lease = match rebuild::lock(
-        &checker.cache.connection(),
+        &state.queue_conn,
         checker.cache.keys(),
         &entity,
         state.config.rebuild_lock,
@@ -145,7 +145,7 @@ pub async fn start(
         Err(e @ RebuildError::Locked { .. }) => return Err(ApiError::Conflict(e.to_string())),
         Err(e) => return Err(ApiError::Unavailable(e.to_string())),
     };
-    let redis = match state.config.redis() {
+    let redis = match state.config.cache_redis() {
         Ok(target) => rebuild::connection(&target)
             .await
             .map_err(|e| e.to_string()),
@@ -221,7 +221,7 @@ pub async fn progress(
     let checker = state.checker().await?;
     known(checker, &entity)?;
     let holder = Lease::holder(
-        &checker.cache.connection(),
+        &state.queue_conn,
         &checker.cache.keys().rebuild_lock(&entity),
     )
     .await
