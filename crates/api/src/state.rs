@@ -40,7 +40,7 @@ impl AppState {
         // Redis (queues, the rebuild lock, the sweep's rounds): one Redis unless
         // CACHE_REDIS_URL says otherwise.
         let cache = Cache::new(
-            cache::connect(config.cache_redis()?)
+            cache::open(&config.cache_redis()?, cache::SHARED)
                 .await
                 .with_context(|| {
                     format!(

@@ -100,6 +100,11 @@ pub const SETTINGS: &[Setting] = &[
             "the application's cache, whose keys are read, checked, watched and (when asked) written [default: REDIS_URL]",
         )
     },
+    setting(
+        "CACHE_REDIS_CLUSTER",
+        "false",
+        "true: CACHE_REDIS_URL is a comma-separated list of seed nodes of a Redis Cluster",
+    ),
     Setting {
         default: None,
         ..setting(
@@ -599,6 +604,21 @@ impl FromStr for FailureMode {
     }
 }
 
+/// `true` or `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TrueFalse(bool);
+
+impl FromStr for TrueFalse {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "true" => Ok(TrueFalse(true)),
+            "false" => Ok(TrueFalse(false)),
+            _ => Err("true or false".into()),
+        }
+    }
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct OnOff(bool);
@@ -691,6 +711,8 @@ pub struct Config {
     /// The application's cache, whose keys are watched; `None`: `redis_url`. See
     /// [`Config::cache_redis`].
     pub cache_redis_url: Option<String>,
+    /// Whether the cache is a Redis Cluster, `cache_redis_url` then its seed nodes.
+    pub cache_redis_cluster: bool,
     /// The CA of a `rediss://` cache; `None`: `redis_ca_file`.
     pub cache_redis_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
@@ -782,6 +804,7 @@ impl Config {
             redis_url: env.string("REDIS_URL"),
             redis_ca_file: env.raw("REDIS_CA_FILE").map(|f| f.trim().into()),
             cache_redis_url: env.raw("CACHE_REDIS_URL").map(|u| u.trim().to_string()),
+            cache_redis_cluster: env.parse::<TrueFalse>("CACHE_REDIS_CLUSTER")?.0,
             cache_redis_ca_file: env.raw("CACHE_REDIS_CA_FILE").map(|f| f.trim().into()),
             key_prefix: env.string("KEY_PREFIX"),
             grace_period: env.millis("GRACE_PERIOD_MS")?,
@@ -860,9 +883,10 @@ impl Config {
         self.cache_redis_url.as_deref().unwrap_or(&self.redis_url)
     }
 
-    /// The application's cache to connect to: [`Config::cache_redis_url`], checked against
+    /// The application's cache to connect to: [`Config::cache_redis_url`], one Redis or (with
+    /// `CACHE_REDIS_CLUSTER=true`) a cluster's seed nodes, checked against
     /// `CACHE_REDIS_CA_FILE` (else `REDIS_CA_FILE`) when it is a `rediss://` one.
-    pub fn cache_redis(&self) -> Result<redis::ConnectionInfo, crate::tls::TlsError> {
+    pub fn cache_redis(&self) -> Result<crate::cache::Target, crate::tls::TlsError> {
         let (url_var, url) = match &self.cache_redis_url {
             Some(url) => ("CACHE_REDIS_URL", url.as_str()),
             None => ("REDIS_URL", self.redis_url.as_str()),
@@ -871,7 +895,11 @@ impl Config {
             Some(ca) => ("CACHE_REDIS_CA_FILE", Some(ca.as_path())),
             None => ("REDIS_CA_FILE", self.redis_ca_file.as_deref()),
         };
-        crate::tls::redis_as((url_var, ca_var), url, ca)
+        if self.cache_redis_cluster {
+            crate::tls::redis_cluster((url_var, ca_var), url, ca).map(crate::cache::Target::Cluster)
+        } else {
+            crate::tls::redis_as((url_var, ca_var), url, ca).map(crate::cache::Target::Node)
+        }
     }
 
     /// Whether the watched cache is another Redis than stalewatch's own.

@@ -253,6 +253,41 @@ pub fn redis_as(
     Ok(client.get_connection_info().clone())
 }
 
+/// The seed nodes of a Redis Cluster: `urls` comma-separated, as `vars` name them (the URLs'
+/// variable and the CA file's). The CA's certificates, when a `rediss://` node needs them, go
+/// to every node's connection (the redis crate's cluster client takes them apart).
+pub fn redis_cluster(
+    vars: (&str, &str),
+    urls: &str,
+    ca_file: Option<&Path>,
+) -> Result<crate::cluster::Seeds, TlsError> {
+    use redis::IntoConnectionInfo;
+    let (url_var, ca_var) = vars;
+    install_crypto_provider();
+    let nodes = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.into_connection_info()
+                .map_err(|e| TlsError::new(format!("invalid {url_var} seed node {u}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if nodes.is_empty() {
+        return Err(TlsError::new(format!(
+            "{url_var} names no seed node: give one or more comma-separated redis:// URLs"
+        )));
+    }
+    let tls = nodes
+        .iter()
+        .any(|n| matches!(n.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let ca = match (tls, ca_file) {
+        (true, Some(ca_file)) => Some(read_ca_file(ca_file, ca_var)?.1),
+        _ => None,
+    };
+    Ok(crate::cluster::Seeds { nodes, ca })
+}
+
 /// What `cache::connect` and `queue::connect` take: a URL, or the [`redis::ConnectionInfo`]
 /// of [`redis`] (`Config::redis`), which carries `REDIS_CA_FILE`.
 pub trait RedisTarget {

@@ -68,12 +68,16 @@ pub struct TestEnv {
     /// stalewatch's own Redis (REDIS_URL).
     pub redis_url: String,
     /// The watched cache (CACHE_REDIS_URL): `redis_url` unless the test gave another
-    /// ([`TestEnv::with_cache`]).
+    /// ([`TestEnv::with_cache`]), or a cluster's seed nodes ([`TestEnv::with_cache_cluster`]).
     pub cache_redis_url: String,
+    /// CACHE_REDIS_CLUSTER.
+    pub cache_cluster: bool,
     pub prefix: String,
     pub pool: PgPool,
     /// The watched cache.
     pub cache: Cache,
+    /// stalewatch's own Redis: its rounds, leases, locks and queues.
+    pub own: redis::aio::ConnectionManager,
 }
 
 #[derive(QueryableByName)]
@@ -169,6 +173,20 @@ impl TestEnv {
         Ok(env)
     }
 
+    /// As [`TestEnv::with_cache`], the watched cache a Redis Cluster with seed nodes `seeds`
+    /// (comma-separated URLs).
+    pub async fn with_cache_cluster(seeds: &str) -> Result<Self> {
+        let mut env = Self::new().await?;
+        env.cache_redis_url = seeds.to_string();
+        env.cache_cluster = true;
+        let target = stalewatch_core::tls::redis_cluster(("CACHE_REDIS_URL", ""), seeds, None)?;
+        let conn = cache::open(&cache::Target::Cluster(target), cache::SHARED)
+            .await
+            .with_context(|| format!("connecting to the cluster {seeds}"))?;
+        env.cache = Cache::new(conn, env.cache.keys().clone());
+        Ok(env)
+    }
+
     /// A prefix on the shared Redis over `database_url`, a database the caller made on a
     /// server of its own (`PgServer::create_database`).
     pub async fn on_database(database_url: &str) -> Result<Self> {
@@ -189,14 +207,19 @@ impl TestEnv {
             .await
             .with_context(|| format!("connecting to {cache_redis_url}: is Redis running?"))?;
         let cache = Cache::new(conn, Keys::new(prefix.clone()));
+        let own = stalewatch_core::queue::connect(&redis_url)
+            .await
+            .with_context(|| format!("connecting to {redis_url}: is Redis running?"))?;
         Ok(Self {
             db_name,
             database_url,
             redis_url,
             cache_redis_url,
+            cache_cluster: false,
             prefix,
             pool,
             cache,
+            own,
         })
     }
 
@@ -210,6 +233,7 @@ impl TestEnv {
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
             cache_redis_url: self.separate_cache().map(String::from),
+            cache_redis_cluster: self.cache_cluster,
             key_prefix: self.prefix.clone(),
             // Slots on the shared server would outlive a killed test and hold its WAL:
             // capture is tested on servers of the tests' own.
@@ -235,6 +259,9 @@ impl TestEnv {
         ];
         if let Some(cache) = self.separate_cache() {
             vars.push(("CACHE_REDIS_URL".into(), cache.to_string()));
+        }
+        if self.cache_cluster {
+            vars.push(("CACHE_REDIS_CLUSTER".into(), "true".into()));
         }
         vars
     }
@@ -264,7 +291,11 @@ impl Drop for TestEnv {
         let db_name = self.db_name.clone();
         let prefix = self.prefix.clone();
         let redis_url = self.redis_url.clone();
-        let cache_url = self.separate_cache().map(String::from);
+        // A cluster is the test's own, gone with it.
+        let cache_url = self
+            .separate_cache()
+            .filter(|_| !self.cache_cluster)
+            .map(String::from);
         // Drop runs inside the test's runtime; clean up on a thread with a runtime of its own.
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -28,7 +28,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let keys = Keys::new(config.key_prefix.clone());
     // Two roles, one Redis unless CACHE_REDIS_URL says otherwise: the application's cache,
     // whose keys are watched, and stalewatch's own (queues, leases, rounds, streams).
-    let cache_conn = cache::connect(config.cache_redis()?)
+    let cache_conn = cache::open(&config.cache_redis()?, cache::SHARED)
         .await
         .with_context(|| {
             format!(
@@ -141,7 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     if config.keyspace_notifications {
-        tasks.spawn(notify::run(ctx.clone(), config.clone(), shutdown.clone()));
+        tasks.spawn(notify::run(ctx.clone(), shutdown.clone()));
     }
     match config.change_capture {
         ChangeCapture::Logical => {

@@ -38,6 +38,7 @@ use stalewatch_core::{
     db::{self, incidents},
     incident::Cause,
     invalidation::{Entry, FIELD, GROUP, MAX_DELIVERIES, MAX_LEN},
+    slots::ScanAt,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -286,16 +287,17 @@ async fn handle(
     Ok(())
 }
 
-/// Deletes every key matching `pattern` in the watched cache: `SCAN MATCH` a page at a time,
+/// Deletes every key matching `pattern` in the watched cache (on every primary of a cluster):
+/// `SCAN MATCH` a page at a time,
 /// each page's keys noted on their open incidents (a pattern may cover tracked keys too) and
 /// `UNLINK`ed.
 async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
     let cache = &ctx.checker.cache;
-    let mut cursor: u64 = 0;
+    let mut at = ScanAt::default();
     let mut removed: u64 = 0;
     loop {
-        let (next, found) = cache
-            .scan(cursor, pattern, SCAN_COUNT)
+        let (found, next) = cache
+            .scan(&at, pattern, SCAN_COUNT)
             .await
             .with_context(|| format!("scanning for {pattern}"))?;
         if !found.is_empty() {
@@ -307,10 +309,10 @@ async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("deleting the keys of {pattern}"))?;
         }
-        if next == 0 {
-            break;
+        match next {
+            Some(next) => at = next,
+            None => break,
         }
-        cursor = next;
     }
     let metrics = ctx.metrics();
     metrics.invalidation_pattern_scans.inc();

@@ -57,7 +57,7 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
     let lost = Arc::new(AtomicBool::new(false));
     let renewer = tokio::spawn(rebuild::keep_renewed(lease.clone(), lost.clone()));
 
-    let redis = rebuild::connection(config.cache_redis()?)
+    let redis = rebuild::connection(&config.cache_redis()?)
         .await
         .context("connecting to the watched cache for the rebuild")?;
     let job = Rebuild {
@@ -65,12 +65,6 @@ pub async fn run(ctx: &Ctx, config: &Config, entity: &str) -> anyhow::Result<Sum
         entity,
         batch: config.rebuild_batch,
         pause: config.rebuild_pause,
-        token: lease
-            .token()
-            .rsplit('#')
-            .next()
-            .unwrap_or_default()
-            .to_string(),
         redis,
     };
     let mut shown = Shown::new();

@@ -293,7 +293,7 @@ fn writer_acl(user: &str, password: &str, prefix: &str) -> Vec<String> {
         "ACL SETUSER {user} on >{password} resetkeys %RW~{prefix}app:* \
          resetchannels &__keyspace@0__:{prefix}app:user:* \
          -@all +ping +get +mget +hgetall +smembers +scan +psubscribe +punsubscribe \
-         +set +del +unlink +hset +sadd +pexpire +persist +pttl +rename +multi +exec +discard \
+         +set +del +unlink +hset +sadd +pexpire +persist +pttl +multi +exec +discard \
          +evalsha +script|load"
     ))
 }
@@ -359,7 +359,8 @@ fn as_user(url: &str, user: &str, password: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writer_refreshes() {
+async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writer_refreshes_and_rebuilds(
+) {
     let env = TestEnv::new().await.unwrap();
     let app = App::new(&env, &format!("{}app:", env.prefix)).await;
     app.seed(1..=10).await;
@@ -477,4 +478,25 @@ async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writ
         .await
         .unwrap()
         .contains("moved@example.com"));
+
+    // And for a rebuild: the script loaded, then run in one pipeline per page.
+    let client = reqwest::Client::new();
+    let started = client
+        .post(format!("{api_url}/entities/user/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), reqwest::StatusCode::ACCEPTED);
+    let status = eventually(Duration::from_secs(30), "the rebuild to end", || {
+        let req = client
+            .get(format!("{api_url}/entities/user/rebuild"))
+            .send();
+        async move {
+            let status: serde_json::Value = req.await.ok()?.json().await.ok()?;
+            (status["state"] != "running").then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["summary"]["keys"], 10, "{status}");
 }

@@ -175,12 +175,6 @@ pub async fn start(
             entity: &entity,
             batch: config.rebuild_batch,
             pause: config.rebuild_pause,
-            token: lease
-                .token()
-                .rsplit('#')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
             redis,
         };
         let result = job
