@@ -28,9 +28,11 @@ use stalewatch_core::{
 use uuid::Uuid;
 
 mod pg_server;
+mod redis_cluster;
 mod tcp_proxy;
 pub mod tls;
 pub use pg_server::PgServer;
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use tcp_proxy::TcpProxy;
 
 const TEMPLATE_LOCK_ID: i64 = 0x5357_5445_5354_4b54; // "SWTESTKT"
@@ -174,7 +176,7 @@ impl TestEnv {
     }
 
     /// As [`TestEnv::with_cache`], the watched cache a Redis Cluster with seed nodes `seeds`
-    /// (comma-separated URLs).
+    /// (comma-separated URLs, [`RedisCluster::seeds`]).
     pub async fn with_cache_cluster(seeds: &str) -> Result<Self> {
         let mut env = Self::new().await?;
         env.cache_redis_url = seeds.to_string();
