@@ -167,6 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(invalidate::run(
             ctx.clone(),
             config.redis()?,
+            config.cache_redis()?,
             config.database_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,

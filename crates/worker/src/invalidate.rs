@@ -4,8 +4,8 @@
 //! the contract).
 //!
 //! - The stream and its group are stalewatch's (REDIS_URL); the keys deleted are the watched
-//!   cache's (CACHE_REDIS_URL, else the same Redis), deleted through the shared cache
-//!   connection.
+//!   cache's (CACHE_REDIS_URL, else the same Redis; on a cluster, one pipeline per primary and
+//!   a pattern's SCAN on every primary), on a cache connection of the consumers' own.
 //! - A blocking `XREADGROUP` holds its connection for up to a second, so consumers read on
 //!   exclusive connections from a deadpool-redis pool, never on the shared multiplexed one
 //!   that request paths use.
@@ -35,6 +35,7 @@ use redis::{
     AsyncCommands,
 };
 use stalewatch_core::{
+    cache::{self, Cache},
     db::{self, incidents},
     incident::Cause,
     invalidation::{Entry, FIELD, GROUP, MAX_DELIVERIES, MAX_LEN},
@@ -85,6 +86,7 @@ pub async fn publish(ctx: &Ctx, entries: &[Entry]) -> anyhow::Result<()> {
 pub async fn run(
     ctx: Ctx,
     redis: redis::ConnectionInfo,
+    cache: cache::Target,
     database_url: String,
     consumers: usize,
     claim_idle: Duration,
@@ -105,6 +107,12 @@ pub async fn run(
                 // driven by the worker's runtime, where the check jobs are.
                 ctx.checker.pool = db::pool(&database_url, consumers)
                     .context("a database pool for the invalidation consumers")?;
+                // The same for the watched cache, where the keys are deleted.
+                let keys = ctx.keys().clone();
+                let conn = cache::open(&cache, cache::SHARED)
+                    .await
+                    .context("a connection to the watched cache for the invalidation consumers")?;
+                ctx.checker.cache = Cache::new(conn, keys);
                 consume_all(ctx, redis, consumers, claim_idle, shutdown).await;
                 anyhow::Ok(())
             })

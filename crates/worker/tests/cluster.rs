@@ -448,6 +448,40 @@ async fn a_cluster_cache_is_swept_watched_refreshed_and_repaired_on_every_node()
     }
     let notified = metric(metrics_port, "stalewatch_notifications_total", &[]).await;
     assert!(notified >= 3.0, "{notified}");
+
+    // What a pattern invalidation does: SCAN MATCH over every primary, then UNLINK the keys
+    // found, wherever they are.
+    let mut found = Vec::new();
+    let mut at = slots::ScanAt::default();
+    loop {
+        let (keys, next) = app
+            .env
+            .cache
+            .scan(&at, "app:campaign:*:members", 7)
+            .await
+            .unwrap();
+        found.extend(keys);
+        match next {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    found.sort();
+    let mut all: Vec<String> = (1..=CAMPAIGNS).map(campaign_key).collect();
+    all.sort();
+    assert_eq!(found, all, "every campaign's key, each once");
+    assert_eq!(
+        app.env.cache.unlink_many(&found).await.unwrap(),
+        CAMPAIGNS as u64
+    );
+    for c in 1..=CAMPAIGNS {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(campaign_key(c))
+            .query_async(&mut app.env.cache.connection())
+            .await
+            .unwrap();
+        assert!(!exists, "campaign {c}");
+    }
 }
 
 /// The shard walk's record of the round in progress, from stalewatch's own Redis.
