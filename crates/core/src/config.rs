@@ -1129,6 +1129,50 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_cache_is_a_list_of_seed_nodes() {
+        let c = with(&[]).unwrap();
+        assert!(!c.cache_redis_cluster);
+        assert!(matches!(c.cache_redis(), Ok(crate::cache::Target::Node(_))));
+        let c = with(&[
+            ("CACHE_REDIS_CLUSTER", "true"),
+            (
+                "CACHE_REDIS_URL",
+                "redis://10.0.0.1:7000, redis://10.0.0.2:7001,",
+            ),
+        ])
+        .unwrap();
+        match c.cache_redis() {
+            Ok(crate::cache::Target::Cluster(seeds)) => {
+                assert_eq!(seeds.nodes.len(), 2);
+                assert_eq!(seeds.ca, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = with(&[("CACHE_REDIS_CLUSTER", "true"), ("CACHE_REDIS_URL", " , ")])
+            .unwrap()
+            .cache_redis()
+            .unwrap_err()
+            .to_string();
+        // An empty value means the default (REDIS_URL), which is one seed; a list of nothing
+        // but commas is no seed at all.
+        assert!(e.contains("no seed node"), "{e}");
+        let e = with(&[("CACHE_REDIS_CLUSTER", "yes")]).unwrap_err();
+        assert_eq!(e.var, "CACHE_REDIS_CLUSTER");
+        assert!(e.to_string().contains("true or false"), "{e}");
+        // A rediss:// seed reads the CA file, named in the error when it is missing.
+        let e = with(&[
+            ("CACHE_REDIS_CLUSTER", "true"),
+            ("CACHE_REDIS_URL", "rediss://10.0.0.1:7000"),
+            ("CACHE_REDIS_CA_FILE", "/nonexistent/cluster-ca.pem"),
+        ])
+        .unwrap()
+        .cache_redis()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("CACHE_REDIS_CA_FILE"), "{e}");
+    }
+
+    #[test]
     fn durations_and_policies_are_read() {
         let c = with(&[
             ("INCIDENT_RETENTION", "12h"),
