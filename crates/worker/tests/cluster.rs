@@ -248,7 +248,7 @@ async fn latest_state(env: &TestEnv, key: &str) -> Option<(String, Option<String
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cluster_cache_is_swept_watched_refreshed_and_repaired_on_every_node() {
+async fn a_cluster_cache_is_swept_watched_refreshed_repaired_and_rebuilt_on_every_node() {
     let app = App::start(0).await;
     app.seed().await;
     let topology = app.cluster.topology().await.unwrap();
@@ -482,6 +482,50 @@ async fn a_cluster_cache_is_swept_watched_refreshed_and_repaired_on_every_node()
             .unwrap();
         assert!(!exists, "campaign {c}");
     }
+
+    // A rebuild writes every key back, one pipeline per primary a page: the sets just deleted,
+    // and every user's hash (each replaced in a MULTI on its own key, on its own node).
+    for (entity, keys) in [("members", CAMPAIGNS), ("user_hash", USERS)] {
+        let started = client
+            .post(format!("{api_url}/entities/{entity}/rebuild"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), reqwest::StatusCode::ACCEPTED, "{entity}");
+        let status = eventually(Duration::from_secs(60), "the rebuild to end", || {
+            let req = client
+                .get(format!("{api_url}/entities/{entity}/rebuild"))
+                .send();
+            async move {
+                let status: serde_json::Value = req.await.ok()?.json().await.ok()?;
+                (status["state"] != "running").then_some(status)
+            }
+        })
+        .await;
+        assert_eq!(status["state"], "done", "{status}");
+        assert_eq!(status["summary"]["keys"], keys, "{status}");
+        assert_eq!(status["summary"]["written"], keys, "{status}");
+    }
+    for c in 1..=CAMPAIGNS {
+        let members: BTreeSet<i64> = redis::cmd("SMEMBERS")
+            .arg(campaign_key(c))
+            .query_async(&mut app.env.cache.connection())
+            .await
+            .unwrap();
+        let expected: BTreeSet<i64> = if campaigns.values().flatten().any(|x| *x == c) {
+            (1..=11).collect()
+        } else {
+            (1..=10).collect()
+        };
+        assert_eq!(members, expected, "campaign {c} rebuilt");
+    }
+    let email: String = redis::cmd("HGET")
+        .arg(hash_key(USERS))
+        .arg("email")
+        .query_async(&mut app.env.cache.connection())
+        .await
+        .unwrap();
+    assert_eq!(email, format!("u{USERS}@example.com"));
 }
 
 /// The shard walk's record of the round in progress, from stalewatch's own Redis.
