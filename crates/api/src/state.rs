@@ -36,17 +36,28 @@ impl AppState {
         config.require_admin_token()?;
         let pool = db::pool(&config.database_url, config.database_pool_size)?;
         let keys = Keys::new(config.key_prefix.clone());
-        let redis = config.redis()?;
+        // The application's cache (the demo's items, the watched keys) and stalewatch's own
+        // Redis (queues, the rebuild lock, the sweep's rounds): one Redis unless
+        // CACHE_REDIS_URL says otherwise.
         let cache = Cache::new(
-            cache::connect(&redis).await.with_context(|| {
-                format!(
-                    "connecting to Redis at {}",
-                    stalewatch_core::redact::url(&config.redis_url)
-                )
-            })?,
+            cache::open(&config.cache_redis()?, cache::SHARED)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to the watched cache at {}",
+                        stalewatch_core::redact::url(config.cache_redis_url())
+                    )
+                })?,
             keys.clone(),
         );
-        let queue_conn = stalewatch_core::queue::connect(&redis).await?;
+        let queue_conn = stalewatch_core::queue::connect(config.redis()?)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to stalewatch's Redis at {}",
+                    stalewatch_core::redact::url(&config.redis_url)
+                )
+            })?;
         let metrics = Metrics::new();
 
         let checks = CheckQueue::start(

@@ -749,7 +749,10 @@ async fn health_readiness_metrics_and_stats_answer() {
     assert_eq!(health["status"], "ok");
 
     let ready = api.get("/readyz").await.expect(StatusCode::OK, "readyz");
-    assert_eq!(ready, json!({ "postgres": "ok", "redis": "ok" }));
+    assert_eq!(
+        ready,
+        json!({ "postgres": "ok", "redis": "ok", "cache": "ok" })
+    );
 
     let metrics = api.get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);

@@ -1,37 +1,269 @@
-//! The Redis side: cached values, read and written under the configured key prefix.
+//! The Redis side: cached values, read and written under the configured key prefix, in the
+//! application's cache (`CACHE_REDIS_URL`): one Redis, or a Redis Cluster (`crate::cluster`).
 //!
-//! Reads and writes go over one shared multiplexed `ConnectionManager`: on this kind of machine
-//! it served 3.2x the GET rate of checking a connection out of a pool for every command
-//! (docs/redis.md), with the same consistency. A pool (deadpool-redis) is
-//! only worth having for work that needs a connection to itself (blocking stream reads, MULTI);
-//! nothing here does yet.
+//! Reads and writes go over one shared multiplexed connection: on this kind of machine it
+//! served 3.2x the GET rate of checking a connection out of a pool for every command
+//! (docs/redis.md), with the same consistency. A pool (deadpool-redis) is only worth having
+//! for work that needs a connection to itself (blocking stream reads, MULTI); nothing here does
+//! yet. Whether the cache is one node or a cluster is decided once, in [`CacheConn`]: callers
+//! see the same commands, batches and scans either way.
 
 use std::{
     collections::{BTreeSet, HashMap},
+    sync::Arc,
     time::Duration,
 };
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    Cmd, ConnectionInfo, RedisFuture, Value,
+};
 
-use crate::keys::Keys;
+pub use crate::cluster::{Keyed, Seeds, Timeouts};
+use crate::{
+    cluster::ClusterCache,
+    keys::Keys,
+    slots::{self, ScanAt},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("Redis is unavailable: {0} (is it running, and is REDIS_URL right?)")]
-    Redis(#[from] redis::RedisError),
+    #[error("the watched cache is unavailable: {0} (is it running, and is CACHE_REDIS_URL, else REDIS_URL, right?)")]
+    Redis(redis::RedisError),
+    /// The cache's ACL refused a command (NOPERM): a user with too few rights.
+    #[error("the watched cache refused a command: {0}; the user of CACHE_REDIS_URL (else REDIS_URL) needs read access to the watched keys for detection, and write access for refresh, repair, rebuild and invalidation (README, \"What each Redis needs\")")]
+    Denied(redis::RedisError),
 }
 
-/// Opens the shared connection. Commands time out after 2 s so a frozen Redis makes callers
-/// fall back instead of hanging; the manager reconnects by itself. `redis` is a URL, or
-/// `Config::redis()` (`rediss://` with `REDIS_CA_FILE`).
-pub async fn connect(redis: impl crate::tls::RedisTarget) -> Result<ConnectionManager, CacheError> {
-    let client = crate::tls::redis_client(redis)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+impl From<redis::RedisError> for CacheError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) {
+            CacheError::Denied(e)
+        } else {
+            CacheError::Redis(e)
+        }
+    }
+}
+
+impl From<redis::ParsingError> for CacheError {
+    fn from(e: redis::ParsingError) -> Self {
+        CacheError::Redis(e.into())
+    }
+}
+
+/// Where the watched cache is (`Config::cache_redis`).
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One Redis.
+    Node(ConnectionInfo),
+    /// A Redis Cluster, by its seed nodes.
+    Cluster(Seeds),
+}
+
+/// The shared connection's: commands time out after 2 s, so a frozen Redis makes callers fall
+/// back instead of hanging.
+pub const SHARED: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    response: Duration::from_secs(2),
+};
+
+/// Opens the shared connection to one Redis (see [`SHARED`]); the manager reconnects by
+/// itself. `redis` is a URL, or a [`redis::ConnectionInfo`] carrying TLS settings.
+pub async fn connect(redis: impl crate::tls::RedisTarget) -> Result<CacheConn, CacheError> {
+    let info = redis.connection_info()?;
+    open(&Target::Node(info), SHARED).await
+}
+
+/// Opens a connection to `target` with `timeouts`.
+pub async fn open(target: &Target, timeouts: Timeouts) -> Result<CacheConn, CacheError> {
+    match target {
+        Target::Node(info) => {
+            let client = crate::tls::redis_client(info)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeouts.connect))
+                .set_response_timeout(Some(timeouts.response))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let conn = ConnectionManager::new_with_config(client, config).await?;
+            Ok(CacheConn::Node(conn, Arc::new(info.clone())))
+        }
+        Target::Cluster(seeds) => Ok(CacheConn::Cluster(Arc::new(
+            ClusterCache::connect(seeds, timeouts).await?,
+        ))),
+    }
+}
+
+/// A connection to the watched cache: one Redis, or a cluster. Cheap to clone. Commands on one
+/// key go through [`ConnectionLike`] alike; batches through [`CacheConn::grouped`].
+#[derive(Clone)]
+pub enum CacheConn {
+    Node(ConnectionManager, Arc<ConnectionInfo>),
+    Cluster(Arc<ClusterCache>),
+}
+
+impl std::fmt::Debug for CacheConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheConn::Node(_, info) => write!(f, "CacheConn::Node({:?})", info.addr()),
+            CacheConn::Cluster(_) => f.write_str("CacheConn::Cluster"),
+        }
+    }
+}
+
+impl ConnectionLike for CacheConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            CacheConn::Node(conn, _) => conn.req_packed_command(cmd),
+            CacheConn::Cluster(c) => Box::pin(async move {
+                let mut conn = c.connection();
+                conn.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            CacheConn::Node(conn, _) => conn.req_packed_commands(pipeline, offset, count),
+            CacheConn::Cluster(c) => Box::pin(async move {
+                let mut conn = c.connection();
+                conn.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            CacheConn::Node(conn, _) => conn.get_db(),
+            CacheConn::Cluster(_) => 0,
+        }
+    }
+}
+
+impl CacheConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, CacheConn::Cluster(_))
+    }
+
+    /// Sends every group's commands in one round trip per node (one pipeline for a single
+    /// Redis; one per primary, at once, for a cluster) and returns each group's replies, a
+    /// refused command as its inline `Value::ServerError`.
+    pub async fn grouped(&self, groups: &[Keyed]) -> redis::RedisResult<Vec<Vec<Value>>> {
+        match self {
+            CacheConn::Node(conn, _) => {
+                let mut pipe = redis::pipe();
+                for cmd in groups.iter().flat_map(|g| &g.commands) {
+                    pipe.add_command(cmd.clone());
+                }
+                let n = groups.iter().map(|g| g.commands.len()).sum();
+                let mut values = conn
+                    .clone()
+                    .req_packed_commands(&pipe, 0, n)
+                    .await?
+                    .into_iter();
+                Ok(groups
+                    .iter()
+                    .map(|g| values.by_ref().take(g.commands.len()).collect())
+                    .collect())
+            }
+            CacheConn::Cluster(c) => c.grouped(groups).await,
+        }
+    }
+
+    /// Each node to subscribe to for keyspace notifications (node-local in a cluster: every
+    /// primary), with how to connect to it by itself, named by its address (`""`: the one
+    /// Redis).
+    /// Primaries are read anew when `fresh` is asked for.
+    pub async fn primaries(
+        &self,
+        fresh: bool,
+    ) -> Result<Vec<(String, ConnectionInfo)>, CacheError> {
+        match self {
+            CacheConn::Node(_, info) => Ok(vec![(String::new(), (**info).clone())]),
+            CacheConn::Cluster(c) => {
+                let topology = c.topology(fresh).await?;
+                Ok(topology
+                    .primaries()
+                    .into_iter()
+                    .map(|(_, node)| (node.to_string(), c.node_info(&node)))
+                    .collect())
+            }
+        }
+    }
+
+    /// One step of a walk over every key matching `pattern`: SCAN from `at` (from
+    /// `ScanAt::default()` to begin), on one Redis or on each primary of a cluster in turn
+    /// (`crate::slots::scan_from`). The keys found, and where to go on (`None`: done).
+    pub async fn scan(
+        &self,
+        at: &ScanAt,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(Vec<String>, Option<ScanAt>), CacheError> {
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(count);
+            cmd
+        };
+        match self {
+            CacheConn::Node(conn, _) => {
+                let cmd = scan(at.cursor);
+                let mut conn = conn.clone();
+                let (next, keys): (u64, Vec<String>) = match cmd.query_async(&mut conn).await {
+                    Err(e) if connection_lost(&e) => cmd.query_async(&mut conn).await?,
+                    other => other?,
+                };
+                let next = (next != 0).then(|| ScanAt {
+                    cursor: next,
+                    ..ScanAt::default()
+                });
+                Ok((keys, next))
+            }
+            CacheConn::Cluster(c) => {
+                let mut topology = c.topology(false).await?;
+                let mut primaries = topology.primaries();
+                let here = match slots::scan_from(&primaries, &topology, at) {
+                    Some(here) => here,
+                    None => {
+                        topology = c.topology(true).await?;
+                        primaries = topology.primaries();
+                        slots::scan_from(&primaries, &topology, at).ok_or_else(|| {
+                            redis::RedisError::from((
+                                redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                                "no primary serves slot",
+                                at.slot.to_string(),
+                            ))
+                        })?
+                    }
+                };
+                if at.cursor != 0 && here.cursor == 0 {
+                    tracing::info!(
+                        from = %at.node,
+                        to = %here.node,
+                        "the primary being scanned changed (a failover or a resharding): scanning its slots again from the start"
+                    );
+                }
+                let node = topology
+                    .owner(here.slot)
+                    .cloned()
+                    .expect("scan_from found the slot's owner");
+                let (next, keys): (u64, Vec<String>) = c.on_node(&node, &scan(here.cursor)).await?;
+                let next = match next {
+                    0 => slots::next_primary(&primaries, here.slot),
+                    cursor => Some(ScanAt { cursor, ..here }),
+                };
+                Ok((keys, next))
+            }
+        }
+    }
 }
 
 /// The versioned compare-and-set: KEYS[1] the key; ARGV the document, its version, the TTL
@@ -110,12 +342,12 @@ fn read_collection(shape: Shape, value: redis::Value) -> Cached {
 /// Cached values by full key. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct Cache {
-    conn: ConnectionManager,
+    conn: CacheConn,
     keys: Keys,
 }
 
 impl Cache {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: CacheConn, keys: Keys) -> Self {
         Self { conn, keys }
     }
 
@@ -123,7 +355,7 @@ impl Cache {
         &self.keys
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> CacheConn {
         self.conn.clone()
     }
 
@@ -271,22 +503,83 @@ impl Cache {
         }
     }
 
+    /// UNLINKs `keys` in one round trip per node; how many existed.
+    pub async fn unlink_many(&self, keys: &[String]) -> Result<u64, CacheError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let groups: Vec<Keyed> = if self.conn.is_cluster() {
+            // A cluster refuses keys of several slots in one command.
+            keys.iter()
+                .map(|k| Keyed::one(k, redis::cmd("UNLINK").arg(k).clone()))
+                .collect()
+        } else {
+            keys.chunks(1000)
+                .map(|chunk| Keyed::one(&chunk[0], redis::cmd("UNLINK").arg(chunk).clone()))
+                .collect()
+        };
+        let mut removed = 0;
+        for reply in self.grouped(&groups).await?.into_iter().flatten() {
+            removed += redis::from_redis_value::<u64>(reply)?;
+        }
+        Ok(removed)
+    }
+
+    /// One step of a SCAN of every key matching `pattern`, on every primary of a cluster:
+    /// see [`CacheConn::scan`].
+    pub async fn scan(
+        &self,
+        at: &ScanAt,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(Vec<String>, Option<ScanAt>), CacheError> {
+        self.conn.scan(at, pattern, count).await
+    }
+
+    /// [`CacheConn::grouped`], sent once more when the connection turned out to be dead.
+    async fn grouped(&self, groups: &[Keyed]) -> Result<Vec<Vec<Value>>, CacheError> {
+        match self.conn.grouped(groups).await {
+            Err(e) if connection_lost(&e) => Ok(self.conn.grouped(groups).await?),
+            other => Ok(other?),
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let n: u64 = self.query(redis::cmd("DEL").arg(key)).await?;
         Ok(n > 0)
     }
 
-    /// One MGET for a whole batch; the result lines up with `keys`.
+    /// The values of a batch of keys, lined up with `keys`: one MGET on one Redis; on a
+    /// cluster one pipeline of GETs per primary (see [`Cache::read_many`]).
     pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.query(redis::cmd("MGET").arg(keys)).await
+        if !self.conn.is_cluster() {
+            return self.query(redis::cmd("MGET").arg(keys)).await;
+        }
+        let groups: Vec<Keyed> = keys
+            .iter()
+            .map(|k| Keyed::one(k, redis::cmd("GET").arg(k).clone()))
+            .collect();
+        self.grouped(&groups)
+            .await?
+            .into_iter()
+            .map(|replies| match replies.into_iter().next() {
+                // As MGET answers for a key of another type.
+                Some(Value::ServerError(e)) if e.code() == "WRONGTYPE" => Ok(None),
+                Some(Value::ServerError(e)) => Err(redis::RedisError::from(e).into()),
+                Some(value) => Ok(redis::from_redis_value(value)?),
+                None => Ok(None),
+            })
+            .collect()
     }
 
-    /// What each of `keys` holds, read as `shape` says: one MGET for strings, one pipeline of
-    /// HGETALL or SMEMBERS for hashes and sets. A key of another type is `Unreadable` for
-    /// hashes and sets (WRONGTYPE); MGET answers nothing for it, so it reads as `Missing`.
+    /// What each of `keys` holds, read as `shape` says: one MGET for strings (on a cluster, a
+    /// GET each), HGETALL or SMEMBERS each for hashes and sets, in one round trip per node
+    /// (a pipeline; on a cluster one per primary, at once). A key of another type is
+    /// `Unreadable` for hashes and sets (WRONGTYPE); MGET answers nothing for it, so it reads
+    /// as `Missing`.
     pub async fn read_many(
         &self,
         shape: Shape,
@@ -295,39 +588,34 @@ impl Cache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        match shape {
-            Shape::String => Ok(self
-                .get_many(keys)
-                .await?
-                .into_iter()
-                .map(|v| v.map_or(Cached::Missing, Cached::Bytes))
-                .collect()),
-            Shape::Hash | Shape::Set => {
-                let command = if shape == Shape::Hash {
-                    "HGETALL"
-                } else {
-                    "SMEMBERS"
-                };
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for key in keys {
-                    pipe.cmd(command).arg(key);
-                }
-                let mut conn = self.conn.clone();
-                let replies: Vec<redis::RedisResult<redis::Value>> =
-                    match pipe.query_async(&mut conn).await {
-                        Err(e) if connection_lost(&e) => pipe.query_async(&mut conn).await?,
-                        other => other?,
-                    };
-                Ok(replies
+        let command = match shape {
+            Shape::String => {
+                return Ok(self
+                    .get_many(keys)
+                    .await?
                     .into_iter()
-                    .map(|reply| match reply {
-                        Err(e) => Cached::Unreadable(e.to_string()),
-                        Ok(value) => read_collection(shape, value),
-                    })
+                    .map(|v| v.map_or(Cached::Missing, Cached::Bytes))
                     .collect())
             }
-        }
+            Shape::Hash => "HGETALL",
+            Shape::Set => "SMEMBERS",
+        };
+        let groups: Vec<Keyed> = keys
+            .iter()
+            .map(|k| Keyed::one(k, redis::cmd(command).arg(k).clone()))
+            .collect();
+        Ok(self
+            .grouped(&groups)
+            .await?
+            .into_iter()
+            .map(|replies| match replies.into_iter().next() {
+                Some(Value::ServerError(e)) => {
+                    Cached::Unreadable(redis::RedisError::from(e).to_string())
+                }
+                Some(value) => read_collection(shape, value),
+                None => Cached::Missing,
+            })
+            .collect())
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {

@@ -80,7 +80,7 @@ pub const SETTINGS: &[Setting] = &[
         ..setting(
             "REDIS_URL",
             "redis://127.0.0.1:6379",
-            "Redis (cache and queues)",
+            "stalewatch's own Redis: queues, leases, sweep rounds, the invalidation stream (needs persistence)",
         )
     },
     Setting {
@@ -89,6 +89,28 @@ pub const SETTINGS: &[Setting] = &[
             "REDIS_CA_FILE",
             "",
             "PEM file of the CA that the certificate of a rediss:// Redis must chain to [default: the system's roots]",
+        )
+    },
+    Setting {
+        default: None,
+        shown: Shown::Url,
+        ..setting(
+            "CACHE_REDIS_URL",
+            "",
+            "the application's cache, whose keys are read, checked, watched and (when asked) written [default: REDIS_URL]",
+        )
+    },
+    setting(
+        "CACHE_REDIS_CLUSTER",
+        "false",
+        "true: CACHE_REDIS_URL is a comma-separated list of seed nodes of a Redis Cluster",
+    ),
+    Setting {
+        default: None,
+        ..setting(
+            "CACHE_REDIS_CA_FILE",
+            "",
+            "PEM file of the CA that a rediss:// CACHE_REDIS_URL's certificate must chain to [default: REDIS_CA_FILE]",
         )
     },
     setting(
@@ -612,6 +634,21 @@ impl FromStr for FailureMode {
     }
 }
 
+/// `true` or `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TrueFalse(bool);
+
+impl FromStr for TrueFalse {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "true" => Ok(TrueFalse(true)),
+            "false" => Ok(TrueFalse(false)),
+            _ => Err("true or false".into()),
+        }
+    }
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct OnOff(bool);
@@ -697,9 +734,17 @@ pub struct Config {
     /// `DATABASE_URL`, with `DATABASE_CA_FILE` in it as `sslrootcert` (`crate::tls`).
     pub database_url: String,
     pub database_pool_size: usize,
+    /// stalewatch's own Redis: its queues, leases, sweep rounds and streams.
     pub redis_url: String,
     /// The CA of a `rediss://` Redis; `None`: the system's roots. See [`Config::redis`].
     pub redis_ca_file: Option<std::path::PathBuf>,
+    /// The application's cache, whose keys are watched; `None`: `redis_url`. See
+    /// [`Config::cache_redis`].
+    pub cache_redis_url: Option<String>,
+    /// Whether the cache is a Redis Cluster, `cache_redis_url` then its seed nodes.
+    pub cache_redis_cluster: bool,
+    /// The CA of a `rediss://` cache; `None`: `redis_ca_file`.
+    pub cache_redis_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every Redis key stalewatch reads or writes, queues included.
     pub key_prefix: String,
     pub grace_period: Duration,
@@ -800,6 +845,9 @@ impl Config {
             database_pool_size: env.positive("DATABASE_POOL_SIZE")?,
             redis_url: env.string("REDIS_URL"),
             redis_ca_file: env.raw("REDIS_CA_FILE").map(|f| f.trim().into()),
+            cache_redis_url: env.raw("CACHE_REDIS_URL").map(|u| u.trim().to_string()),
+            cache_redis_cluster: env.parse::<TrueFalse>("CACHE_REDIS_CLUSTER")?.0,
+            cache_redis_ca_file: env.raw("CACHE_REDIS_CA_FILE").map(|f| f.trim().into()),
             key_prefix: env.string("KEY_PREFIX"),
             grace_period: env.millis("GRACE_PERIOD_MS")?,
             sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
@@ -876,6 +924,35 @@ impl Config {
     /// `rediss://` one.
     pub fn redis(&self) -> Result<redis::ConnectionInfo, crate::tls::TlsError> {
         crate::tls::redis(&self.redis_url, self.redis_ca_file.as_deref())
+    }
+
+    /// `CACHE_REDIS_URL`, else `REDIS_URL`: where the watched keys are.
+    pub fn cache_redis_url(&self) -> &str {
+        self.cache_redis_url.as_deref().unwrap_or(&self.redis_url)
+    }
+
+    /// The application's cache to connect to: [`Config::cache_redis_url`], one Redis or (with
+    /// `CACHE_REDIS_CLUSTER=true`) a cluster's seed nodes, checked against
+    /// `CACHE_REDIS_CA_FILE` (else `REDIS_CA_FILE`) when it is a `rediss://` one.
+    pub fn cache_redis(&self) -> Result<crate::cache::Target, crate::tls::TlsError> {
+        let (url_var, url) = match &self.cache_redis_url {
+            Some(url) => ("CACHE_REDIS_URL", url.as_str()),
+            None => ("REDIS_URL", self.redis_url.as_str()),
+        };
+        let (ca_var, ca) = match &self.cache_redis_ca_file {
+            Some(ca) => ("CACHE_REDIS_CA_FILE", Some(ca.as_path())),
+            None => ("REDIS_CA_FILE", self.redis_ca_file.as_deref()),
+        };
+        if self.cache_redis_cluster {
+            crate::tls::redis_cluster((url_var, ca_var), url, ca).map(crate::cache::Target::Cluster)
+        } else {
+            crate::tls::redis_as((url_var, ca_var), url, ca).map(crate::cache::Target::Node)
+        }
+    }
+
+    /// Whether the watched cache is another Redis than stalewatch's own.
+    pub fn cache_is_separate(&self) -> bool {
+        self.cache_redis_url() != self.redis_url
     }
 
     /// The text of the entities file: `ENTITIES`, or the built-in one.
@@ -1061,6 +1138,92 @@ mod tests {
             "postgres://db/x?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
         );
         assert_eq!(c.redis_ca_file, Some("/etc/redis-ca.pem".into()));
+    }
+
+    #[test]
+    fn the_watched_cache_defaults_to_stalewatchs_own_redis() {
+        let c = with(&[("REDIS_URL", "redis://own:6379")]).unwrap();
+        assert_eq!(c.cache_redis_url(), "redis://own:6379");
+        assert!(!c.cache_is_separate());
+        let c = with(&[
+            ("REDIS_URL", "redis://own:6379"),
+            ("CACHE_REDIS_URL", " redis://app-cache:6380 "),
+        ])
+        .unwrap();
+        assert_eq!(c.cache_redis_url(), "redis://app-cache:6380");
+        assert!(c.cache_is_separate());
+        // The cache's CA: its own file, else REDIS_CA_FILE; errors name the variable used.
+        let c = with(&[
+            ("CACHE_REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_CA_FILE", "/nonexistent/own-ca.pem"),
+        ])
+        .unwrap();
+        let e = c.cache_redis().unwrap_err().to_string();
+        assert!(
+            e.contains("REDIS_CA_FILE") && e.contains("own-ca.pem"),
+            "{e}"
+        );
+        let c = with(&[
+            ("CACHE_REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_CA_FILE", "/nonexistent/own-ca.pem"),
+            ("CACHE_REDIS_CA_FILE", "/nonexistent/cache-ca.pem"),
+        ])
+        .unwrap();
+        let e = c.cache_redis().unwrap_err().to_string();
+        assert!(
+            e.contains("CACHE_REDIS_CA_FILE") && e.contains("cache-ca.pem"),
+            "{e}"
+        );
+        let e = with(&[("CACHE_REDIS_URL", "http://nope")])
+            .unwrap()
+            .cache_redis()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CACHE_REDIS_URL"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_cache_is_a_list_of_seed_nodes() {
+        let c = with(&[]).unwrap();
+        assert!(!c.cache_redis_cluster);
+        assert!(matches!(c.cache_redis(), Ok(crate::cache::Target::Node(_))));
+        let c = with(&[
+            ("CACHE_REDIS_CLUSTER", "true"),
+            (
+                "CACHE_REDIS_URL",
+                "redis://10.0.0.1:7000, redis://10.0.0.2:7001,",
+            ),
+        ])
+        .unwrap();
+        match c.cache_redis() {
+            Ok(crate::cache::Target::Cluster(seeds)) => {
+                assert_eq!(seeds.nodes.len(), 2);
+                assert_eq!(seeds.ca, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = with(&[("CACHE_REDIS_CLUSTER", "true"), ("CACHE_REDIS_URL", " , ")])
+            .unwrap()
+            .cache_redis()
+            .unwrap_err()
+            .to_string();
+        // An empty value means the default (REDIS_URL), which is one seed; a list of nothing
+        // but commas is no seed at all.
+        assert!(e.contains("no seed node"), "{e}");
+        let e = with(&[("CACHE_REDIS_CLUSTER", "yes")]).unwrap_err();
+        assert_eq!(e.var, "CACHE_REDIS_CLUSTER");
+        assert!(e.to_string().contains("true or false"), "{e}");
+        // A rediss:// seed reads the CA file, named in the error when it is missing.
+        let e = with(&[
+            ("CACHE_REDIS_CLUSTER", "true"),
+            ("CACHE_REDIS_URL", "rediss://10.0.0.1:7000"),
+            ("CACHE_REDIS_CA_FILE", "/nonexistent/cluster-ca.pem"),
+        ])
+        .unwrap()
+        .cache_redis()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("CACHE_REDIS_CA_FILE"), "{e}");
     }
 
     #[test]

@@ -28,7 +28,8 @@ use diesel::sql_types::{Bool, Json, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
 
-use crate::cache;
+use crate::cache::{self, CacheConn};
+use crate::cluster::Keyed;
 use crate::column::{self, ColumnType};
 use crate::db::{items::RawJson, DbError};
 use crate::entity::{quote_ident as ident, Entity, Representation};
@@ -545,60 +546,83 @@ pub struct Cached {
     pub nothing: u64,
 }
 
-/// Writes `writes` to the cache in one pipeline on `conn` (the cache's Redis): what a refresh
-/// would write for each key (JSON documents with an integer version through
-/// [`cache::SET_UNLESS_NEWER`], by its hash `sha`), and each set member added with SADD. Keys
-/// get the entity's `ttl`; without one, a string or document keeps its expiry and a hash its
-/// none (it is built aside, under `token`, and renamed in). Every command is idempotent: a
-/// pipeline that failed part-way is sent again whole.
+/// Writes `writes` to the cache in one round trip per node on `conn` (the cache's Redis: one
+/// pipeline, or one per primary of a cluster): what a refresh would write for each key (JSON
+/// documents with an integer version through [`cache::SET_UNLESS_NEWER`], by its hash `sha`;
+/// hashes replaced whole in one MULTI on the key), and each set member added with SADD. Keys
+/// get the entity's `ttl`; without one, a string or document keeps its expiry. Every command is
+/// idempotent: a batch that failed part-way is sent again whole.
 pub async fn write_cache(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &CacheConn,
     writes: &[CacheWrite],
     ttl: Option<Duration>,
     sha: &str,
-    token: &str,
 ) -> Result<Cached, redis::RedisError> {
-    let mut pipe = redis::pipe();
-    let mut replies = Vec::with_capacity(writes.len());
+    let mut groups: Vec<Keyed> = Vec::new();
+    let mut replies: Vec<(Reply, Option<usize>)> = Vec::with_capacity(writes.len());
     let mut done = Cached::default();
     for w in writes {
         match w {
             CacheWrite::Key { key, rendered } => {
-                replies.push(rebuild::append(&mut pipe, key, rendered, ttl, sha, token));
+                let (commands, reply) = rebuild::commands(key, rendered, ttl, sha);
+                if commands.is_empty() {
+                    replies.push((reply, None));
+                } else {
+                    groups.push(Keyed {
+                        key: key.clone(),
+                        commands,
+                    });
+                    replies.push((reply, Some(groups.len() - 1)));
+                }
             }
             CacheWrite::Member { key, member } => {
-                pipe.cmd("SADD").arg(key).arg(member).ignore();
+                let mut commands = vec![redis::cmd("SADD").arg(key).arg(member).clone()];
                 if let Some(ttl) = ttl {
-                    pipe.cmd("PEXPIRE")
-                        .arg(key)
-                        .arg(ttl.as_millis().max(1) as u64)
-                        .ignore();
+                    commands.push(
+                        redis::cmd("PEXPIRE")
+                            .arg(key)
+                            .arg(ttl.as_millis().max(1) as u64)
+                            .clone(),
+                    );
                 }
+                groups.push(Keyed {
+                    key: key.clone(),
+                    commands,
+                });
                 done.written += 1;
             }
             CacheWrite::Nothing => done.nothing += 1,
         }
     }
-    if writes.is_empty() {
+    if groups.is_empty() {
         return Ok(done);
     }
-    let versioned: Vec<i64> = match pipe.query_async(conn).await {
-        Ok(v) => v,
-        // Redis restarted and forgot the script: load it again and send the pipeline again.
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+    let no_script = |answers: &[Vec<redis::Value>]| {
+        answers.iter().flatten().any(|v| {
+            matches!(v, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+        })
+    };
+    let answers = match conn.grouped(&groups).await? {
+        // Redis restarted and forgot the script: load it again and send the batch again.
+        answers if no_script(&answers) => {
             cache::SET_UNLESS_NEWER
                 .prepare_invoke()
-                .load_async(conn)
+                .load_async(&mut conn.clone())
                 .await?;
-            pipe.query_async(conn).await?
+            conn.grouped(&groups).await?
         }
-        Err(e) => return Err(e),
+        answers => answers,
     };
-    let mut versioned = versioned.into_iter();
-    for reply in replies {
+    // A refused command fails the batch, as a pipeline's error would.
+    for value in answers.iter().flatten() {
+        if let redis::Value::ServerError(e) = value {
+            return Err(redis::RedisError::from(e.clone()));
+        }
+    }
+    for (reply, group) in replies {
         match reply {
-            Reply::Versioned => match versioned.next() {
-                Some(1) => done.written += 1,
+            Reply::Versioned => match group.and_then(|g| <[redis::Value]>::first(&answers[g])) {
+                Some(redis::Value::Int(1)) => done.written += 1,
                 _ => done.skipped_newer += 1,
             },
             Reply::Known(repair::Outcome::Undecodable) => done.nothing += 1,

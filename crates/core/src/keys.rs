@@ -120,13 +120,6 @@ impl Keys {
         format!("{}rebuild:{entity}:lock", self.prefix)
     }
 
-    /// Where a rebuild builds a hash or set before renaming it over `key`: beside it (a
-    /// suffix keeps any `{hash tag}` of the key, so RENAME stays within its cluster slot),
-    /// and apart for each rebuild (`token`).
-    pub fn rebuild_temp(key: &str, token: &str) -> String {
-        format!("{key}:rebuild-tmp:{token}")
-    }
-
     /// Held by the worker that reads the change outbox (CHANGE_CAPTURE=outbox): one reader.
     pub fn outbox_lease(&self) -> String {
         format!("{}outbox:lease", self.prefix)

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
-use redis::aio::ConnectionManager;
+use redis::{aio::ConnectionManager, Cmd, Value};
 
-use crate::cache::{self, CacheError};
+use crate::cache::{self, CacheConn, CacheError, Keyed};
 use crate::check::{CheckError, Checker};
 use crate::db::incidents::{self, ListQuery};
 use crate::db::{DbError, PgPool};
@@ -204,79 +204,73 @@ pub(crate) enum Reply {
     Known(Outcome),
 }
 
-/// Appends the commands that write `rendered` at `key` to `pipe`: the same values a refresh
-/// writes, sent without waiting. `sha` is [`cache::SET_UNLESS_NEWER`]'s hash, `token` this
-/// rebuild's, for its temporary keys. Keys are given `ttl`, or none: a rebuilt cache is one
-/// the application keeps whole (write-through), where keys do not expire.
-pub(crate) fn append(
-    pipe: &mut redis::Pipeline,
+/// The commands that write `rendered` at `key`: the same values a refresh writes, sent
+/// without waiting. `sha` is [`cache::SET_UNLESS_NEWER`]'s hash. Keys are given `ttl`, or none:
+/// a rebuilt cache is one the application keeps whole (write-through), where keys do not
+/// expire. A hash or a set is replaced in one MULTI (DEL, fill, expiry) on the key itself, so
+/// a reader sees the old value or the whole new one, and the transaction touches one key (one
+/// slot of a cluster).
+pub(crate) fn commands(
     key: &str,
     rendered: &Rendered,
     ttl: Option<Duration>,
     sha: &str,
-    token: &str,
-) -> Reply {
-    let expire = |pipe: &mut redis::Pipeline, key: &str| {
-        match ttl {
-            Some(ttl) => pipe
-                .cmd("PEXPIRE")
-                .arg(key)
-                .arg(ttl.as_millis().max(1) as u64)
-                .ignore(),
-            None => pipe.cmd("PERSIST").arg(key).ignore(),
-        };
+) -> (Vec<Cmd>, Reply) {
+    let expire = |key: &str| match ttl {
+        Some(ttl) => redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .clone(),
+        None => redis::cmd("PERSIST").arg(key).clone(),
+    };
+    let replace = |fill: Cmd| {
+        vec![
+            redis::cmd("MULTI"),
+            redis::cmd("DEL").arg(key).clone(),
+            fill,
+            expire(key),
+            redis::cmd("EXEC"),
+        ]
     };
     match rendered {
         Rendered::Versioned {
             bytes,
             field,
             version,
-        } => {
-            pipe.cmd("EVALSHA")
+        } => (
+            vec![redis::cmd("EVALSHA")
                 .arg(sha)
                 .arg(1)
                 .arg(key)
                 .arg(bytes)
                 .arg(*version)
                 .arg(ttl.map(|t| cache::secs(t).to_string()).unwrap_or_default())
-                .arg(field);
-            Reply::Versioned
-        }
+                .arg(field)
+                .clone()],
+            Reply::Versioned,
+        ),
         Rendered::Plain(bytes) => {
-            let cmd = pipe.cmd("SET").arg(key).arg(bytes);
-            match ttl {
-                Some(ttl) => cmd.arg("EX").arg(cache::secs(ttl)),
-                None => cmd,
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(bytes);
+            if let Some(ttl) = ttl {
+                cmd.arg("EX").arg(cache::secs(ttl));
             }
-            .ignore();
-            Reply::Known(Outcome::Written)
+            (vec![cmd], Reply::Known(Outcome::Written))
         }
-        Rendered::Hash(fields) if !fields.is_empty() => {
-            let temp = Keys::rebuild_temp(key, token);
-            pipe.cmd("MULTI").ignore();
-            pipe.cmd("DEL").arg(&temp).ignore();
-            pipe.cmd("HSET").arg(&temp).arg(fields).ignore();
-            pipe.cmd("RENAME").arg(&temp).arg(key).ignore();
-            expire(pipe, key);
-            pipe.cmd("EXEC").ignore();
-            Reply::Known(Outcome::Written)
-        }
-        Rendered::Set(members) if !members.is_empty() => {
-            let temp = Keys::rebuild_temp(key, token);
-            pipe.cmd("MULTI").ignore();
-            pipe.cmd("DEL").arg(&temp).ignore();
-            pipe.cmd("SADD").arg(&temp).arg(members).ignore();
-            pipe.cmd("RENAME").arg(&temp).arg(key).ignore();
-            expire(pipe, key);
-            pipe.cmd("EXEC").ignore();
-            Reply::Known(Outcome::Written)
-        }
+        Rendered::Hash(fields) if !fields.is_empty() => (
+            replace(redis::cmd("HSET").arg(key).arg(fields).clone()),
+            Reply::Known(Outcome::Written),
+        ),
+        Rendered::Set(members) if !members.is_empty() => (
+            replace(redis::cmd("SADD").arg(key).arg(members).clone()),
+            Reply::Known(Outcome::Written),
+        ),
         // An empty hash or set is no key at all in Redis.
-        Rendered::Hash(_) | Rendered::Set(_) | Rendered::Delete => {
-            pipe.cmd("UNLINK").arg(key).ignore();
-            Reply::Known(Outcome::Deleted)
-        }
-        Rendered::Undecodable => Reply::Known(Outcome::Undecodable),
+        Rendered::Hash(_) | Rendered::Set(_) | Rendered::Delete => (
+            vec![redis::cmd("UNLINK").arg(key).clone()],
+            Reply::Known(Outcome::Deleted),
+        ),
+        Rendered::Undecodable => (Vec::new(), Reply::Known(Outcome::Undecodable)),
     }
 }
 
@@ -329,25 +323,22 @@ pub struct Rebuild<'a> {
     pub batch: usize,
     /// Pause between batches.
     pub pause: Duration,
-    /// The lock's token: names the temporary keys.
-    pub token: String,
-    /// A connection of its own ([`connection`]): a pipeline of a large batch takes longer
-    /// than the shared connection's 2 s response timeout allows.
-    pub redis: ConnectionManager,
+    /// A connection of its own to the watched cache ([`connection`]): a pipeline of a large
+    /// batch takes longer than the shared connection's 2 s response timeout allows.
+    pub redis: CacheConn,
 }
 
-/// A Redis connection for rebuild pipelines: as the shared one, with a response timeout for
-/// a whole batch.
-pub async fn connection(
-    redis: impl crate::tls::RedisTarget,
-) -> Result<ConnectionManager, RebuildError> {
-    let client = crate::tls::redis_client(redis)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(120)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+/// A connection to the watched cache for rebuild pipelines: as the shared one, with a response
+/// timeout for a whole batch.
+pub async fn connection(target: &cache::Target) -> Result<CacheConn, RebuildError> {
+    Ok(cache::open(
+        target,
+        cache::Timeouts {
+            connect: Duration::from_secs(2),
+            response: Duration::from_secs(120),
+        },
+    )
+    .await?)
 }
 
 impl Rebuild<'_> {
@@ -415,7 +406,7 @@ impl Rebuild<'_> {
             };
             let write = async {
                 match pending.take() {
-                    Some(page) => self.write(rows, &mut redis, &sha, page).await.map(Some),
+                    Some(page) => self.write(rows, &redis, &sha, page).await.map(Some),
                     None => Ok(None),
                 }
             };
@@ -507,59 +498,80 @@ impl Rebuild<'_> {
         Ok(keys)
     }
 
-    /// One page in one pipeline; each row's outcome.
+    /// One page in one round trip per node (a pipeline; one per primary of a cluster); each
+    /// row's outcome.
     async fn write(
         &self,
         rows: &Rows,
-        redis: &mut ConnectionManager,
+        redis: &CacheConn,
         sha: &str,
         page: Vec<PageRow>,
     ) -> Result<Vec<Outcome>, RebuildError> {
         let ttl = rows.entity.ttl;
-        let mut pipe = redis::pipe();
-        let replies: Vec<Reply> = page
+        let mut groups: Vec<Keyed> = Vec::new();
+        let replies: Vec<(Reply, Option<usize>)> = page
             .iter()
             .map(|row| match (&row.key, &row.row) {
-                (Some(key), Ok(found)) => append(
-                    &mut pipe,
-                    key,
-                    &repair::render(rows, found.as_ref()),
-                    ttl,
-                    sha,
-                    &self.token,
-                ),
+                (Some(key), Ok(found)) => {
+                    let (cmds, reply) =
+                        commands(key, &repair::render(rows, found.as_ref()), ttl, sha);
+                    if cmds.is_empty() {
+                        return (reply, None);
+                    }
+                    groups.push(Keyed {
+                        key: key.clone(),
+                        commands: cmds,
+                    });
+                    (reply, Some(groups.len() - 1))
+                }
                 // No key renders from the row (a NULL in the template), or the row cannot be
                 // read: nothing sound to write.
-                _ => Reply::Known(Outcome::Undecodable),
+                _ => (Reply::Known(Outcome::Undecodable), None),
             })
             .collect();
-        let versioned: Vec<i64> = match pipe.query_async(redis).await {
-            Ok(v) => v,
-            // Redis restarted and forgot the script: load it again. Every command of the
-            // pipeline is idempotent, so sending it whole again is safe.
-            Err(e)
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-                    || e.is_connection_dropped() =>
-            {
-                cache::SET_UNLESS_NEWER
-                    .prepare_invoke()
-                    .load_async(redis)
-                    .await?;
-                pipe.query_async(redis).await?
-            }
+        let no_script = |answers: &[Vec<Value>]| {
+            answers.iter().flatten().any(|v| {
+                matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+            })
+        };
+        let answers = match redis.grouped(&groups).await {
+            Ok(answers) if !no_script(&answers) => answers,
+            // Redis restarted (or a replica took over) and does not have the script: load it
+            // again. Every command is idempotent, so sending the page whole again is safe.
+            Ok(_) => self.reload_and_send(redis, &groups).await?,
+            Err(e) if e.is_connection_dropped() => self.reload_and_send(redis, &groups).await?,
             Err(e) => return Err(e.into()),
         };
-        let mut versioned = versioned.into_iter();
+        // A refused command fails the page, as a pipeline's error would.
+        for value in answers.iter().flatten() {
+            if let Value::ServerError(e) = value {
+                return Err(redis::RedisError::from(e.clone()).into());
+            }
+        }
         Ok(replies
             .into_iter()
-            .map(|reply| match reply {
+            .map(|(reply, group)| match reply {
                 Reply::Known(outcome) => outcome,
-                Reply::Versioned => match versioned.next() {
-                    Some(1) => Outcome::Written,
-                    _ => Outcome::SkippedNewer,
-                },
+                Reply::Versioned => {
+                    match group.and_then(|g| <[Value]>::first(&answers[g]).cloned()) {
+                        Some(Value::Int(1)) => Outcome::Written,
+                        _ => Outcome::SkippedNewer,
+                    }
+                }
             })
             .collect())
+    }
+
+    async fn reload_and_send(
+        &self,
+        redis: &CacheConn,
+        groups: &[Keyed],
+    ) -> Result<Vec<Vec<Value>>, RebuildError> {
+        cache::SET_UNLESS_NEWER
+            .prepare_invoke()
+            .load_async(&mut redis.clone())
+            .await?;
+        Ok(redis.grouped(groups).await?)
     }
 }
 
@@ -567,9 +579,12 @@ impl Rebuild<'_> {
 mod tests {
     use super::*;
 
-    fn packed(f: impl FnOnce(&mut redis::Pipeline) -> Reply) -> (String, Reply) {
+    fn packed(key: &str, rendered: &Rendered, ttl: Option<Duration>, sha: &str) -> (String, Reply) {
+        let (cmds, reply) = commands(key, rendered, ttl, sha);
         let mut pipe = redis::pipe();
-        let reply = f(&mut pipe);
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
         (
             String::from_utf8_lossy(&pipe.get_packed_pipeline()).replace("\r\n", " "),
             reply,
@@ -577,11 +592,11 @@ mod tests {
     }
 
     #[test]
-    fn a_set_is_built_aside_and_renamed_over_the_key_in_one_transaction() {
+    fn a_set_is_replaced_on_its_key_in_one_transaction() {
         let members = Rendered::Set(vec!["1".into(), "2".into()]);
-        let (text, reply) = packed(|p| append(p, "k", &members, None, "sha", "t"));
+        let (text, reply) = packed("k", &members, None, "sha");
         assert_eq!(reply, Reply::Known(Outcome::Written));
-        let order: Vec<&str> = ["MULTI", "DEL", "SADD", "RENAME", "PERSIST", "EXEC"].into();
+        let order: Vec<&str> = ["MULTI", "DEL", "SADD", "PERSIST", "EXEC"].into();
         let mut at = 0;
         for word in order {
             let found = text[at..]
@@ -589,7 +604,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("{word} missing or out of order in {text}"));
             at += found + 1;
         }
-        assert!(text.contains("k:rebuild-tmp:t"), "{text}");
+        // One key only: a cluster runs a transaction on one slot.
+        assert!(!text.contains("RENAME"), "{text}");
+        assert_eq!(text.matches("$1 k ").count(), 3, "{text}");
     }
 
     #[test]
@@ -599,12 +616,12 @@ mod tests {
             field: "version".into(),
             version: 7,
         };
-        let (text, reply) = packed(|p| append(p, "k", &doc, None, "abc", "t"));
+        let (text, reply) = packed("k", &doc, None, "abc");
         assert_eq!(reply, Reply::Versioned);
         assert!(text.contains("EVALSHA"), "{text}");
         // An empty TTL argument (keep the expiry), not 0 (`SET EX 0` is an error).
         assert!(text.contains("$1 7 $0  $7 version"), "{text}");
-        let (text, _) = packed(|p| append(p, "k", &doc, Some(Duration::from_secs(60)), "abc", "t"));
+        let (text, _) = packed("k", &doc, Some(Duration::from_secs(60)), "abc");
         assert!(text.contains("$2 60 $7 version"), "{text}");
     }
 
@@ -615,10 +632,13 @@ mod tests {
             Rendered::Hash(vec![]),
             Rendered::Delete,
         ] {
-            let (text, reply) = packed(|p| append(p, "k", &rendered, None, "s", "t"));
+            let (text, reply) = packed("k", &rendered, None, "s");
             assert_eq!(reply, Reply::Known(Outcome::Deleted));
             assert!(text.contains("UNLINK"), "{text}");
         }
+        let (text, reply) = packed("k", &Rendered::Undecodable, None, "s");
+        assert_eq!(reply, Reply::Known(Outcome::Undecodable));
+        assert!(text.is_empty(), "{text}");
     }
 
     #[test]

@@ -128,6 +128,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_seed_node_of_a_cluster_list_is_masked() {
+        let seeds = "redis://app:s3cret@10.0.0.1:7000,rediss://app:s3cret@10.0.0.2:7001/0";
+        let shown = url(seeds);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(shown.matches(MASK).count(), 2, "{shown}");
+        assert!(shown.contains("10.0.0.2:7001"), "{shown}");
+        assert_eq!(password_of(seeds).as_deref(), Some("s3cret"));
+    }
+
+    #[test]
     fn passwords_in_urls_are_masked() {
         for (given, masked) in [
             (

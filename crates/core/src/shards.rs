@@ -99,17 +99,47 @@ pub fn entity_shards(entity: &str, bounds: Vec<Vec<String>>) -> Vec<Shard> {
 }
 
 /// How far a shard's walk got: the last recorded row's walk-column values (rows), or the
-/// SCAN cursor (keys). Empty/zero: not started.
+/// SCAN cursor (keys) and, on a cluster, the primary it belongs to (`crate::slots::ScanAt`:
+/// the lowest slot the primary serves and its address). Empty/zero: not started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cursor: Vec<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub scan: u64,
+    #[serde(default, skip_serializing_if = "is_zero_slot")]
+    pub scan_slot: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scan_node: String,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_zero_slot(n: &u16) -> bool {
+    *n == 0
+}
+
+impl Checkpoint {
+    /// Where a key-side walk goes on from.
+    pub fn scan_at(&self) -> crate::slots::ScanAt {
+        crate::slots::ScanAt {
+            slot: self.scan_slot,
+            node: self.scan_node.clone(),
+            cursor: self.scan,
+        }
+    }
+
+    /// The checkpoint of a key-side walk about to go on at `at`.
+    pub fn scanning(at: &crate::slots::ScanAt) -> Checkpoint {
+        Checkpoint {
+            scan: at.cursor,
+            scan_slot: at.slot,
+            scan_node: at.node.clone(),
+            ..Checkpoint::default()
+        }
+    }
 }
 
 /// A shard's record in its round.
@@ -402,5 +432,20 @@ mod tests {
         assert_eq!(serde_json::to_string(&Checkpoint::default()).unwrap(), "{}");
         let c: Checkpoint = serde_json::from_str(r#"{"scan":12}"#).unwrap();
         assert_eq!(c.scan, 12);
+        assert_eq!(c.scan_at().slot, 0);
+        // A cluster's: the primary too, and back.
+        let at = crate::slots::ScanAt {
+            slot: 5461,
+            node: "10.0.0.2:7001".into(),
+            cursor: 99,
+        };
+        let c = Checkpoint::scanning(&at);
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            text,
+            r#"{"scan":99,"scan_slot":5461,"scan_node":"10.0.0.2:7001"}"#
+        );
+        let back: Checkpoint = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.scan_at(), at);
     }
 }

@@ -222,15 +222,26 @@ pub fn replication(tls: &PgTls) -> ReplicationTls {
 /// certificates of `ca_file` when given, else the system's roots. `ca_file` is ignored for a
 /// plain `redis://` URL.
 pub fn redis(url: &str, ca_file: Option<&Path>) -> Result<redis::ConnectionInfo, TlsError> {
+    redis_as(("REDIS_URL", "REDIS_CA_FILE"), url, ca_file)
+}
+
+/// As [`redis`], for the setting `vars` names (the URL's variable and the CA file's), which
+/// errors name.
+pub fn redis_as(
+    vars: (&str, &str),
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<redis::ConnectionInfo, TlsError> {
     use redis::IntoConnectionInfo;
+    let (url_var, ca_var) = vars;
     install_crypto_provider();
     let info = url
         .into_connection_info()
-        .map_err(|e| TlsError::new(format!("invalid REDIS_URL {url}: {e}")))?;
+        .map_err(|e| TlsError::new(format!("invalid {url_var} {url}: {e}")))?;
     let (redis::ConnectionAddr::TcpTls { .. }, Some(ca_file)) = (info.addr(), ca_file) else {
         return Ok(info);
     };
-    let pem = read_ca_file(ca_file, "REDIS_CA_FILE")?.1;
+    let pem = read_ca_file(ca_file, ca_var)?.1;
     let client = redis::Client::build_with_tls(
         info,
         redis::TlsCertificates {
@@ -238,8 +249,43 @@ pub fn redis(url: &str, ca_file: Option<&Path>) -> Result<redis::ConnectionInfo,
             root_cert: Some(pem),
         },
     )
-    .map_err(|e| TlsError::new(format!("REDIS_CA_FILE={}: {e}", ca_file.display())))?;
+    .map_err(|e| TlsError::new(format!("{ca_var}={}: {e}", ca_file.display())))?;
     Ok(client.get_connection_info().clone())
+}
+
+/// The seed nodes of a Redis Cluster: `urls` comma-separated, as `vars` name them (the URLs'
+/// variable and the CA file's). The CA's certificates, when a `rediss://` node needs them, go
+/// to every node's connection (the redis crate's cluster client takes them apart).
+pub fn redis_cluster(
+    vars: (&str, &str),
+    urls: &str,
+    ca_file: Option<&Path>,
+) -> Result<crate::cluster::Seeds, TlsError> {
+    use redis::IntoConnectionInfo;
+    let (url_var, ca_var) = vars;
+    install_crypto_provider();
+    let nodes = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.into_connection_info()
+                .map_err(|e| TlsError::new(format!("invalid {url_var} seed node {u}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if nodes.is_empty() {
+        return Err(TlsError::new(format!(
+            "{url_var} names no seed node: give one or more comma-separated redis:// URLs"
+        )));
+    }
+    let tls = nodes
+        .iter()
+        .any(|n| matches!(n.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let ca = match (tls, ca_file) {
+        (true, Some(ca_file)) => Some(read_ca_file(ca_file, ca_var)?.1),
+        _ => None,
+    };
+    Ok(crate::cluster::Seeds { nodes, ca })
 }
 
 /// What `cache::connect` and `queue::connect` take: a URL, or the [`redis::ConnectionInfo`]

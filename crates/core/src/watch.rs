@@ -212,7 +212,11 @@ impl Watched {
                 .key_values(&key)
                 .map(|v| v.join(":"))
                 .unwrap_or_default();
-            (row.as_ref().map(snapshot), cached_snapshot(&cached), entity_id)
+            (
+                row.as_ref().map(snapshot),
+                cached_snapshot(&cached),
+                entity_id,
+            )
         };
         Evidence {
             cache_key: key,

@@ -163,7 +163,10 @@ async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change
             .iter()
             .filter(|(_, paged, looked_up)| *paged != Kind::Match || *looked_up != Kind::Match)
             .collect();
-        assert!(wrong.is_empty(), "{entity}: rows that do not match: {wrong:?}");
+        assert!(
+            wrong.is_empty(),
+            "{entity}: rows that do not match: {wrong:?}"
+        );
     }
 
     // The comparison is real: the same rows, each changed in one column of its own type.
@@ -181,7 +184,11 @@ async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change
         "span = span + INTERVAL '1 second'",
     ];
     for (i, change) in changes.iter().enumerate() {
-        sql(&env, &format!("UPDATE typed SET {change} WHERE id = {}", i + 1)).await;
+        sql(
+            &env,
+            &format!("UPDATE typed SET {change} WHERE id = {}", i + 1),
+        )
+        .await;
     }
     let rows = watched.source("typed_jsonb").unwrap();
     let seen = verdicts(&env, &watched, rows).await;

@@ -333,7 +333,7 @@ async fn cache_values_expire_with_their_ttl() {
 async fn a_lease_has_one_holder_and_only_the_holder_renews_or_releases_it() {
     use stalewatch_core::lease::Lease;
     let env = TestEnv::new().await.unwrap();
-    let conn = env.cache.connection();
+    let conn = env.own.clone();
     let key = format!("{}lease-test", env.prefix);
     let ttl = Duration::from_millis(300);
     let first = Lease::try_acquire(&conn, &key, ttl)

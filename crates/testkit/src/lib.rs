@@ -28,9 +28,11 @@ use stalewatch_core::{
 use uuid::Uuid;
 
 mod pg_server;
+mod redis_cluster;
 mod tcp_proxy;
 pub mod tls;
 pub use pg_server::PgServer;
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use tcp_proxy::TcpProxy;
 
 const TEMPLATE_LOCK_ID: i64 = 0x5357_5445_5354_4b54; // "SWTESTKT"
@@ -65,10 +67,19 @@ pub struct TestEnv {
     /// a test's own server (`TestEnv::on_database`), which goes with that server.
     pub db_name: Option<String>,
     pub database_url: String,
+    /// stalewatch's own Redis (REDIS_URL).
     pub redis_url: String,
+    /// The watched cache (CACHE_REDIS_URL): `redis_url` unless the test gave another
+    /// ([`TestEnv::with_cache`]), or a cluster's seed nodes ([`TestEnv::with_cache_cluster`]).
+    pub cache_redis_url: String,
+    /// CACHE_REDIS_CLUSTER.
+    pub cache_cluster: bool,
     pub prefix: String,
     pub pool: PgPool,
+    /// The watched cache.
     pub cache: Cache,
+    /// stalewatch's own Redis: its rounds, leases, locks and queues.
+    pub own: redis::aio::ConnectionManager,
 }
 
 #[derive(QueryableByName)]
@@ -142,35 +153,75 @@ impl TestEnv {
             .with_context(|| format!("creating {db_name} from {template}"))?;
         let database_url = format!("{}/{db_name}", pg_base_url());
         let redis_url = redis_url.to_string();
-        Self::connect(Some(db_name), database_url, redis_url, id).await
+        Self::connect(
+            Some(db_name),
+            database_url,
+            redis_url.clone(),
+            redis_url,
+            id,
+        )
+        .await
+    }
+
+    /// A fresh database, stalewatch's own keys on the shared Redis, and the watched cache
+    /// on the Redis at `cache_redis_url` (a test's own server): CACHE_REDIS_URL.
+    pub async fn with_cache(cache_redis_url: &str) -> Result<Self> {
+        let mut env = Self::new().await?;
+        env.cache_redis_url = cache_redis_url.to_string();
+        let conn = cache::connect(cache_redis_url)
+            .await
+            .with_context(|| format!("connecting to {cache_redis_url}: is it running?"))?;
+        env.cache = Cache::new(conn, env.cache.keys().clone());
+        Ok(env)
+    }
+
+    /// As [`TestEnv::with_cache`], the watched cache a Redis Cluster with seed nodes `seeds`
+    /// (comma-separated URLs, [`RedisCluster::seeds`]).
+    pub async fn with_cache_cluster(seeds: &str) -> Result<Self> {
+        let mut env = Self::new().await?;
+        env.cache_redis_url = seeds.to_string();
+        env.cache_cluster = true;
+        let target = stalewatch_core::tls::redis_cluster(("CACHE_REDIS_URL", ""), seeds, None)?;
+        let conn = cache::open(&cache::Target::Cluster(target), cache::SHARED)
+            .await
+            .with_context(|| format!("connecting to the cluster {seeds}"))?;
+        env.cache = Cache::new(conn, env.cache.keys().clone());
+        Ok(env)
     }
 
     /// A prefix on the shared Redis over `database_url`, a database the caller made on a
     /// server of its own (`PgServer::create_database`).
     pub async fn on_database(database_url: &str) -> Result<Self> {
         let id = Uuid::new_v4().simple().to_string();
-        Self::connect(None, database_url.to_string(), redis_url(), id).await
+        Self::connect(None, database_url.to_string(), redis_url(), redis_url(), id).await
     }
 
     async fn connect(
         db_name: Option<String>,
         database_url: String,
         redis_url: String,
+        cache_redis_url: String,
         id: String,
     ) -> Result<Self> {
         let prefix = format!("sw_test:{}:", &id[..12]);
         let pool = db::pool(&database_url, 8)?;
-        let conn = cache::connect(&redis_url)
+        let conn = cache::connect(&cache_redis_url)
+            .await
+            .with_context(|| format!("connecting to {cache_redis_url}: is Redis running?"))?;
+        let cache = Cache::new(conn, Keys::new(prefix.clone()));
+        let own = stalewatch_core::queue::connect(&redis_url)
             .await
             .with_context(|| format!("connecting to {redis_url}: is Redis running?"))?;
-        let cache = Cache::new(conn, Keys::new(prefix.clone()));
         Ok(Self {
             db_name,
             database_url,
             redis_url,
+            cache_redis_url,
+            cache_cluster: false,
             prefix,
             pool,
             cache,
+            own,
         })
     }
 
@@ -183,6 +234,8 @@ impl TestEnv {
             ),
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
+            cache_redis_url: self.separate_cache().map(String::from),
+            cache_redis_cluster: self.cache_cluster,
             key_prefix: self.prefix.clone(),
             // Slots on the shared server would outlive a killed test and hold its WAL:
             // capture is tested on servers of the tests' own.
@@ -191,16 +244,28 @@ impl TestEnv {
         }
     }
 
+    /// The watched cache's URL when it is not stalewatch's own Redis.
+    fn separate_cache(&self) -> Option<&str> {
+        (self.cache_redis_url != self.redis_url).then_some(self.cache_redis_url.as_str())
+    }
+
     /// Environment variables for a child process (api or worker) using this test's data.
     pub fn env_vars(&self) -> Vec<(String, String)> {
-        vec![
+        let mut vars = vec![
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("REDIS_URL".into(), self.redis_url.clone()),
             ("KEY_PREFIX".into(), self.prefix.clone()),
             // As in `config`: a test that captures changes sets CHANGE_CAPTURE=logical.
             ("CHANGE_CAPTURE".into(), "off".into()),
             ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-        ]
+        ];
+        if let Some(cache) = self.separate_cache() {
+            vars.push(("CACHE_REDIS_URL".into(), cache.to_string()));
+        }
+        if self.cache_cluster {
+            vars.push(("CACHE_REDIS_CLUSTER".into(), "true".into()));
+        }
+        vars
     }
 
     pub fn keys(&self) -> &Keys {
@@ -228,6 +293,11 @@ impl Drop for TestEnv {
         let db_name = self.db_name.clone();
         let prefix = self.prefix.clone();
         let redis_url = self.redis_url.clone();
+        // A cluster is the test's own, gone with it.
+        let cache_url = self
+            .separate_cache()
+            .filter(|_| !self.cache_cluster)
+            .map(String::from);
         // Drop runs inside the test's runtime; clean up on a thread with a runtime of its own.
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -235,6 +305,9 @@ impl Drop for TestEnv {
                 .build()
                 .expect("a runtime for cleanup");
             rt.block_on(async move {
+                if let Some(cache_url) = cache_url {
+                    let _ = delete_prefix(&cache_url, &prefix).await;
+                }
                 let Some(db_name) = db_name else {
                     let _ = delete_prefix(&redis_url, &prefix).await;
                     return;

@@ -7,6 +7,9 @@
 //! bench_seed push-checks <ids-per-job>      check jobs covering every item, in id order
 //! bench_seed mget-resp <keys-per-mget>      MGET commands over every item key, as RESP on
 //!                                           stdout (for `redis-cli --pipe`)
+//! bench_seed read-keys <keys-per-batch>     every item key read from the watched cache by
+//!                                           MGET as redis-rs sends it, then as stalewatch
+//!                                           reads a batch; keys/s of each
 //! bench_seed detect <k> <gap-ms> <wait-s> [api-url]
 //!                                           k stale cache writes by "another client" and k
 //!                                           plain-SQL changes nobody caches, gap-ms apart;
@@ -15,7 +18,8 @@
 //!                                           an API, as seen over HTTP by a client polling it
 //! ```
 //!
-//! Reads DATABASE_URL, REDIS_URL, KEY_PREFIX and CACHE_TTL_SECS like the binaries. It truncates
+//! Reads DATABASE_URL, REDIS_URL, CACHE_REDIS_URL (and CACHE_REDIS_CLUSTER), KEY_PREFIX and
+//! CACHE_TTL_SECS like the binaries; items are cached in the watched cache. It truncates
 //! tables and writes keys, so it refuses to run unless the database name and the key prefix
 //! both start with "bench" (scripts/bench uses `stalewatch_bench` and `bench:`).
 
@@ -25,6 +29,7 @@ use anyhow::{bail, Context};
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use stalewatch_core::{
+    cache::{self, Cache, CacheConn, Keyed},
     config::Config,
     db::{
         self,
@@ -68,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         ["cache", pct] => write_cache(&config, pct.parse().context("stale percent")?).await,
         ["push-checks", per_job] => push_checks(&config, per_job.parse()?).await,
         ["mget-resp", per_cmd] => mget_resp(&config, per_cmd.parse()?).await,
+        ["read-keys", per_batch] => read_keys(&config, per_batch.parse()?).await,
         ["detect", k, gap, wait] => {
             detect(&config, k.parse()?, gap.parse()?, wait.parse()?, None).await
         }
@@ -77,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => bail!(
             "usage: bench_seed seed <items> <stale-percent> | cache <stale-percent> \
-             | push-checks <ids-per-job> | mget-resp <keys-per-mget> | detect <k> <gap-ms> <wait-s> [api-url]"
+             | push-checks <ids-per-job> | mget-resp <keys-per-mget> | read-keys <keys-per-batch> \
+             | detect <k> <gap-ms> <wait-s> [api-url]"
         ),
     }
 }
@@ -161,11 +168,12 @@ async fn write_cache(config: &Config, stale_pct: f64) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     });
-    let client = redis::Client::open(config.redis_url.as_str())?;
-    let mut redis = client.get_multiplexed_async_connection().await?;
+    // The watched cache (CACHE_REDIS_URL, else REDIS_URL; a cluster's pages go one pipeline
+    // per primary).
+    let redis = cache_connection(config).await?;
     let (mut written, mut stale) = (0u64, 0u64);
     while let Some(page) = rx.recv().await {
-        let mut pipe = redis::pipe();
+        let mut groups = Vec::with_capacity(page.len());
         for item in &page {
             let bytes = if every > 0 && written.is_multiple_of(every) {
                 stale += 1;
@@ -173,21 +181,87 @@ async fn write_cache(config: &Config, stale_pct: f64) -> anyhow::Result<()> {
             } else {
                 item.to_cache_bytes()
             };
-            pipe.cmd("SET")
-                .arg(keys.item(&item.id))
-                .arg(bytes)
-                .arg("EX")
-                .arg(ttl)
-                .ignore();
+            let key = keys.item(&item.id);
+            groups.push(Keyed::one(
+                key.clone(),
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(bytes)
+                    .arg("EX")
+                    .arg(ttl)
+                    .clone(),
+            ));
             written += 1;
         }
-        pipe.query_async::<()>(&mut redis).await?;
+        for reply in redis.grouped(&groups).await?.into_iter().flatten() {
+            if let redis::Value::ServerError(e) = reply {
+                bail!("caching the items: {e}");
+            }
+        }
     }
     reader.await??;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "seed: cached {written} items ({stale} stale) in {secs:.2} s ({:.0} keys/s)",
         written as f64 / secs
+    );
+    Ok(())
+}
+
+/// A connection to the watched cache for whole pages (a long response timeout).
+async fn cache_connection(config: &Config) -> anyhow::Result<CacheConn> {
+    Ok(cache::open(
+        &config.cache_redis()?,
+        cache::Timeouts {
+            connect: std::time::Duration::from_secs(2),
+            response: std::time::Duration::from_secs(60),
+        },
+    )
+    .await?)
+}
+
+/// Reads every item key, `per_batch` at a time in id order, from the watched cache twice: with
+/// one `MGET` per batch as redis-rs sends it (on a cluster its client splits it by slot and
+/// sends the parts to their nodes), and as stalewatch reads a batch (`Cache::get_many`: one
+/// MGET on a single node, one pipeline of GETs per primary on a cluster). Both must read the
+/// same values; prints their keys per second.
+async fn read_keys(config: &Config, per_batch: usize) -> anyhow::Result<()> {
+    let ids = all_ids(config).await?;
+    let keys = Keys::new(config.key_prefix.clone());
+    let conn = cache_connection(config).await?;
+    let reader = Cache::new(conn.clone(), keys.clone());
+    let batches: Vec<Vec<String>> = ids
+        .chunks(per_batch.max(1))
+        .map(|c| c.iter().map(|id| keys.item(id)).collect())
+        .collect();
+    let started = Instant::now();
+    let mut by_mget = Vec::with_capacity(ids.len());
+    for batch in &batches {
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(batch)
+            .query_async(&mut conn.clone())
+            .await?;
+        by_mget.extend(values);
+    }
+    let mget_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut grouped = Vec::with_capacity(ids.len());
+    for batch in &batches {
+        grouped.extend(reader.get_many(batch).await?);
+    }
+    let grouped_s = started.elapsed().as_secs_f64();
+    if by_mget != grouped {
+        bail!("MGET and stalewatch's batched read disagree");
+    }
+    let found = grouped.iter().filter(|v| v.is_some()).count();
+    eprintln!(
+        "read-keys: {} keys ({found} cached) in batches of {per_batch}: MGET {mget_s:.2} s, batched {grouped_s:.2} s",
+        ids.len()
+    );
+    println!(
+        "RESULT mget_keys_per_s={:.0} grouped_keys_per_s={:.0}",
+        ids.len() as f64 / mget_s,
+        ids.len() as f64 / grouped_s
     );
     Ok(())
 }

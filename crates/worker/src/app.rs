@@ -26,15 +26,23 @@ use crate::{
 pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
     let pool = db::pool(&config.database_url, config.database_pool_size)?;
     let keys = Keys::new(config.key_prefix.clone());
-    let redis = config.redis()?;
-    let cache_conn = cache::connect(&redis).await.with_context(|| {
+    // Two roles, one Redis unless CACHE_REDIS_URL says otherwise: the application's cache,
+    // whose keys are watched, and stalewatch's own (queues, leases, rounds, streams).
+    let cache_conn = cache::open(&config.cache_redis()?, cache::SHARED)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the watched cache at {}",
+                stalewatch_core::redact::url(config.cache_redis_url())
+            )
+        })?;
+    let cache = Cache::new(cache_conn, keys.clone());
+    let queue_conn = queue::connect(config.redis()?).await.with_context(|| {
         format!(
-            "connecting to Redis at {}",
+            "connecting to stalewatch's Redis at {}",
             stalewatch_core::redact::url(&config.redis_url)
         )
     })?;
-    let cache = Cache::new(cache_conn, keys.clone());
-    let queue_conn = queue::connect(&redis).await?;
     let watched = Watched::configured(config, &pool)
         .await
         .context("reading the watched entities (ENTITIES)")?;
@@ -57,7 +65,8 @@ pub async fn connect(config: &Config) -> anyhow::Result<Ctx> {
 
 pub fn sweeper(ctx: &Ctx, config: &Config) -> Sweeper {
     Sweeper {
-        conn: ctx.checker.cache.connection(),
+        // Rounds, leases and the rest between passes are stalewatch's: its own Redis.
+        conn: ctx.queue_conn.clone(),
         ctx: ctx.clone(),
         batch: config.sweep_batch,
         shards: config.sweep_shards,
@@ -140,7 +149,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     if config.keyspace_notifications {
-        tasks.spawn(notify::run(ctx.clone(), config.clone(), shutdown.clone()));
+        tasks.spawn(notify::run(ctx.clone(), shutdown.clone()));
     }
     match config.change_capture {
         ChangeCapture::Logical => {
@@ -166,6 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(invalidate::run(
             ctx.clone(),
             config.redis()?,
+            config.cache_redis()?,
             config.database_url.clone(),
             config.invalidation_consumers,
             config.invalidation_claim_idle,

@@ -26,7 +26,7 @@ use std::{
 use anyhow::Context;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use deadpool_redis::{Connection, Pool};
-use redis::{aio::ConnectionManager, streams::StreamId, AsyncCommands};
+use redis::{streams::StreamId, AsyncCommands};
 use stalewatch_core::{
     cache,
     ingest::{self, Plan, FIELD, GROUP, MAX_DELIVERIES},
@@ -149,7 +149,6 @@ async fn consume(
         ctx,
         cache,
         sha,
-        token: uuid::Uuid::new_v4().simple().to_string(),
         shutdown,
     };
     let refs: Vec<&Group> = groups.iter().map(|(_, g)| g).collect();
@@ -180,11 +179,9 @@ async fn consume(
 struct Writer {
     ctx: Ctx,
     /// The cache's connection (`Cache::connection`): where the values go.
-    cache: ConnectionManager,
+    cache: stalewatch_core::cache::CacheConn,
     /// [`cache::SET_UNLESS_NEWER`]'s hash, loaded in the cache's Redis.
     sha: String,
-    /// Names the temporary keys hashes are built under.
-    token: String,
     shutdown: CancellationToken,
 }
 
@@ -294,15 +291,9 @@ impl Writer {
         hooks::pause(hooks::INGEST_BETWEEN_STORES).await;
 
         let writes = ingest::render(rows, &written);
-        ingest::write_cache(
-            &mut self.cache,
-            &writes,
-            rows.entity.ttl,
-            &self.sha,
-            &self.token,
-        )
-        .await
-        .context("writing the cache")?;
+        ingest::write_cache(&self.cache, &writes, rows.entity.ttl, &self.sha)
+            .await
+            .context("writing the cache")?;
 
         if !records.is_empty() {
             let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();

@@ -3,6 +3,9 @@
 //! consumer group, UNLINKs the keys, then acknowledges (`stalewatch_core::invalidation` has
 //! the contract).
 //!
+//! - The stream and its group are stalewatch's (REDIS_URL); the keys deleted are the watched
+//!   cache's (CACHE_REDIS_URL, else the same Redis; on a cluster, one pipeline per primary and
+//!   a pattern's SCAN on every primary), on a cache connection of the consumers' own.
 //! - Reading, claiming what a dead consumer left pending, and dead-lettering are the shared
 //!   stream mechanics (`crate::stream`): exclusive connections for the blocking reads, a
 //!   thread and database connections of the consumers' own (on the worker's runtime they
@@ -24,9 +27,11 @@ use anyhow::Context;
 use deadpool_redis::Pool;
 use redis::{streams::StreamId, AsyncCommands};
 use stalewatch_core::{
+    cache::{self, Cache},
     db::incidents,
     incident::Cause,
     invalidation::{Entry, FIELD, GROUP, MAX_DELIVERIES, MAX_LEN},
+    slots::ScanAt,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +78,7 @@ pub async fn publish(ctx: &Ctx, entries: &[Entry]) -> anyhow::Result<()> {
 pub async fn run(
     ctx: Ctx,
     redis: redis::ConnectionInfo,
+    cache: cache::Target,
     database_url: String,
     consumers: usize,
     claim_idle: Duration,
@@ -84,7 +90,19 @@ pub async fn run(
         database_url,
         consumers,
         consumers,
-        move |ctx| consume_all(ctx, redis, consumers, claim_idle, shutdown),
+        move |mut ctx| async move {
+            // The watched cache, where the keys are deleted, on a connection this runtime
+            // drives too.
+            let keys = ctx.keys().clone();
+            match cache::open(&cache, cache::SHARED).await {
+                Ok(conn) => ctx.checker.cache = Cache::new(conn, keys),
+                Err(e) => {
+                    tracing::error!(error = %e, "invalidation consumers not started: no connection to the watched cache");
+                    return;
+                }
+            }
+            consume_all(ctx, redis, consumers, claim_idle, shutdown).await
+        },
     )
     .await
 }
@@ -199,34 +217,22 @@ async fn handle(
         .collect();
     patterns.sort_unstable();
     patterns.dedup();
-    // The UNLINKs and, when no pattern follows, the XACK in one round trip on this consumer's
-    // own connection (the cache's Redis: one REDIS_URL), in that order.
-    let mut pipe = redis::pipe();
-    for chunk in keys.chunks(1000) {
-        pipe.cmd("UNLINK").arg(chunk).ignore();
-    }
-    if patterns.is_empty() {
-        pipe.cmd("XACK")
-            .arg(&group.stream)
-            .arg(GROUP)
-            .arg(&ids)
-            .ignore();
-    }
-    // Empty only when there are no keys and a pattern (with the XACK) follows.
-    if !keys.is_empty() || patterns.is_empty() {
-        pipe.query_async::<()>(&mut **conn)
+    // The keys are the watched cache's, the stream stalewatch's own Redis's (one Redis
+    // unless CACHE_REDIS_URL says otherwise): the UNLINKs, then the XACK, in that order.
+    if !keys.is_empty() {
+        ctx.checker
+            .cache
+            .unlink_many(&keys)
             .await
             .context("deleting invalidated keys")?;
     }
-    if !patterns.is_empty() {
-        for pattern in patterns {
-            delete_matching(ctx, conn, pattern).await?;
-        }
-        let _: () = conn
-            .xack(&group.stream, GROUP, &ids)
-            .await
-            .context("acknowledging invalidations")?;
+    for pattern in patterns {
+        delete_matching(ctx, pattern).await?;
     }
+    let _: () = conn
+        .xack(&group.stream, GROUP, &ids)
+        .await
+        .context("acknowledging invalidations")?;
     let metrics = ctx.metrics();
     metrics.keys_invalidated.inc_by(keys.len() as u64);
     let now_us = chrono::Utc::now().timestamp_micros();
@@ -237,39 +243,32 @@ async fn handle(
     Ok(())
 }
 
-/// Deletes every key matching `pattern`: `SCAN MATCH` a page at a time, each page's keys
-/// noted on their open incidents (a pattern may cover tracked keys too) and `UNLINK`ed.
-async fn delete_matching(
-    ctx: &Ctx,
-    cache: &mut deadpool_redis::Connection,
-    pattern: &str,
-) -> anyhow::Result<()> {
-    let mut cursor: u64 = 0;
+/// Deletes every key matching `pattern` in the watched cache (on every primary of a cluster):
+/// `SCAN MATCH` a page at a time,
+/// each page's keys noted on their open incidents (a pattern may cover tracked keys too) and
+/// `UNLINK`ed.
+async fn delete_matching(ctx: &Ctx, pattern: &str) -> anyhow::Result<()> {
+    let cache = &ctx.checker.cache;
+    let mut at = ScanAt::default();
     let mut removed: u64 = 0;
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut **cache)
+        let (found, next) = cache
+            .scan(&at, pattern, SCAN_COUNT)
             .await
             .with_context(|| format!("scanning for {pattern}"))?;
         if !found.is_empty() {
             let mut db = ctx.checker.pool.get().await?;
             incidents::mark_rewrite(&mut db, &found, Cause::Invalidation).await?;
             drop(db);
-            let n: u64 = cache
-                .unlink(&found)
+            removed += cache
+                .unlink_many(&found)
                 .await
                 .with_context(|| format!("deleting the keys of {pattern}"))?;
-            removed += n;
         }
-        if next == 0 {
-            break;
+        match next {
+            Some(next) => at = next,
+            None => break,
         }
-        cursor = next;
     }
     let metrics = ctx.metrics();
     metrics.invalidation_pattern_scans.inc();

@@ -12,11 +12,14 @@
 //! one check, never a loop; the rewrite is noted on its incident first, so whichever check
 //! sees the key agree credits the refresh or repair.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use backon::Retryable;
 use futures::StreamExt;
-use stalewatch_core::{config::Config, incident::Source};
+use stalewatch_core::incident::Source;
 use tokio_util::sync::CancellationToken;
 
 use crate::{handlers::Ctx, supervise};
@@ -29,11 +32,15 @@ const NEEDED_FLAGS: &str = "Kg$hsxe";
 const WINDOW: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 1000;
 
+/// How often a cluster's primaries are read again: a failover or a resharding changes which
+/// nodes publish the watched keys' events, and the subscriptions follow within this.
+const REDISCOVER: Duration = Duration::from_secs(1);
+
 /// Subscribes until `shutdown`, re-subscribing after every gap.
-pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
+pub async fn run(ctx: Ctx, shutdown: CancellationToken) {
     let once = || {
-        let (ctx, config, shutdown) = (ctx.clone(), config.clone(), shutdown.clone());
-        async move { listen(&ctx, &config, &shutdown).await }
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move { listen(&ctx, &shutdown).await }
     };
     let result = once
         .retry(supervise::restart_backoff())
@@ -48,34 +55,68 @@ pub async fn run(ctx: Ctx, config: Config, shutdown: CancellationToken) {
     }
 }
 
-/// One subscription: returns Ok at shutdown, an error when the stream ends or fails.
-async fn listen(ctx: &Ctx, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let client = stalewatch_core::tls::redis_client(config.redis()?)?;
-    let db = client.get_connection_info().redis_settings().db();
-    enable(&client).await;
-    let mut pubsub = client.get_async_pubsub().await?;
-    let prefix = format!("__keyspace@{db}__:");
-    for rows in ctx.checker.watched.sources() {
-        pubsub
-            .psubscribe(format!("{prefix}{}", rows.entity.key.pattern()))
-            .await?;
+/// One subscription on every node that publishes the watched keys' events (the one Redis, or
+/// every primary of a cluster): returns Ok at shutdown, an error when a node's stream ends or
+/// fails, or when the cluster's primaries change (a failover, a resharding).
+async fn listen(ctx: &Ctx, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let cache = ctx.checker.cache.connection();
+    let nodes = cache.primaries(true).await?;
+    let mut streams = Vec::with_capacity(nodes.len());
+    let mut prefix = String::new();
+    for (name, info) in &nodes {
+        let db = info.redis_settings().db();
+        prefix = format!("__keyspace@{db}__:");
+        let client = stalewatch_core::tls::redis_client(info)?;
+        enable(&client, name).await;
+        let mut pubsub = client.get_async_pubsub().await?;
+        for rows in ctx.checker.watched.sources() {
+            pubsub
+                .psubscribe(format!("{prefix}{}", rows.entity.key.pattern()))
+                .await?;
+        }
+        // A stream that ends says so (`None`), so the end of one node's is not lost among
+        // the others'.
+        let name = name.clone();
+        streams.push(
+            pubsub
+                .into_on_message()
+                .map(Some)
+                .chain(futures::stream::once(async { None }))
+                .map(move |msg| (name.clone(), msg))
+                .boxed(),
+        );
     }
-    tracing::info!("watching keyspace notifications");
-    let mut events = pubsub.on_message();
+    let watched: BTreeSet<String> = nodes.into_iter().map(|(name, _)| name).collect();
+    tracing::info!(nodes = watched.len(), "watching keyspace notifications");
+    let mut events = futures::stream::select_all(streams);
+    let mut rediscover = tokio::time::interval(REDISCOVER);
+    rediscover.tick().await;
+    let next = |msg: Option<(String, Option<redis::Msg>)>| match msg {
+        Some((_, Some(msg))) => Ok(msg.get_channel_name().to_string()),
+        Some((node, None)) if node.is_empty() => {
+            Err(anyhow::anyhow!("the notification stream ended"))
+        }
+        Some((node, None)) => Err(anyhow::anyhow!("the notification stream of {node} ended")),
+        None => Err(anyhow::anyhow!("every notification stream ended")),
+    };
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            msg = events.next() => msg,
+            _ = rediscover.tick(), if cache.is_cluster() => {
+                let now: BTreeSet<String> =
+                    cache.primaries(true).await?.into_iter().map(|(name, _)| name).collect();
+                if now != watched {
+                    anyhow::bail!("the cluster's primaries changed from {watched:?} to {now:?}");
+                }
+                continue;
+            }
+            msg = events.next() => next(msg)?,
         };
-        let Some(first) = first else {
-            anyhow::bail!("the notification stream ended");
-        };
-        let mut keys = vec![first.get_channel_name().to_string()];
+        let mut keys = vec![first];
         let deadline = tokio::time::Instant::now() + WINDOW;
         while keys.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, events.next()).await {
-                Ok(Some(msg)) => keys.push(msg.get_channel_name().to_string()),
-                Ok(None) => anyhow::bail!("the notification stream ended"),
+                Ok(msg) => keys.push(next(msg)?),
                 Err(_) => break,
             }
         }
@@ -116,9 +157,10 @@ async fn check(ctx: &Ctx, prefix: &str, channels: Vec<String>) {
     }
 }
 
-/// Turns on the notification classes stalewatch needs, keeping any already on. A managed
-/// Redis may refuse CONFIG SET: then it says what to set, and the sweep alone detects.
-async fn enable(client: &redis::Client) {
+/// Turns on the notification classes stalewatch needs on a node (`name`: its address in a
+/// cluster, where the setting is each node's own), keeping any already on. A managed Redis may
+/// refuse CONFIG SET: then it says what to set, and the sweep alone detects.
+async fn enable(client: &redis::Client, name: &str) {
     let result = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         let current: Vec<String> = redis::cmd("CONFIG")
@@ -135,13 +177,18 @@ async fn enable(client: &redis::Client) {
                 .arg(&merged)
                 .query_async::<()>(&mut conn)
                 .await?;
-            tracing::info!(from = flags, to = merged, "enabled keyspace notifications");
+            tracing::info!(
+                node = name,
+                from = flags,
+                to = merged,
+                "enabled keyspace notifications"
+            );
         }
         Ok::<(), redis::RedisError>(())
     }
     .await;
     if let Err(e) = result {
-        tracing::warn!(error = %e, "could not enable keyspace notifications: set notify-keyspace-events to include {NEEDED_FLAGS} on this Redis; until then only the sweep sees writes by other clients");
+        tracing::warn!(node = name, error = %e, "could not enable keyspace notifications: set notify-keyspace-events to include {NEEDED_FLAGS} on this Redis; until then only the sweep sees writes by other clients");
     }
 }
 

@@ -69,9 +69,9 @@ async fn rebuild(
             checker.watched.names().join(", ")
         );
     }
-    let conn = checker.cache.connection();
+    // The lock is stalewatch's: its own Redis. The keys rebuilt are the cache's.
     let lease = rebuild::lock(
-        &conn,
+        &ctx.queue_conn,
         checker.cache.keys(),
         entity,
         config.rebuild_lock,
@@ -82,20 +82,14 @@ async fn rebuild(
     let lost = Arc::new(AtomicBool::new(false));
     let renewer = tokio::spawn(rebuild::keep_renewed(lease.clone(), lost.clone()));
 
-    let redis = rebuild::connection(&config.redis()?)
+    let redis = rebuild::connection(&config.cache_redis()?)
         .await
-        .context("connecting to Redis for the rebuild")?;
+        .context("connecting to the watched cache for the rebuild")?;
     let job = Rebuild {
         checker,
         entity,
         batch: config.rebuild_batch,
         pause: config.rebuild_pause,
-        token: lease
-            .token()
-            .rsplit('#')
-            .next()
-            .unwrap_or_default()
-            .to_string(),
         redis,
     };
     let result = job.run(&|| lost.load(Ordering::Relaxed), progress).await;

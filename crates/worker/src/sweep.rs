@@ -31,6 +31,7 @@ use stalewatch_core::{
     lease::Lease,
     rows::Rows,
     shards::{self, Checkpoint, Part, Round, RoundError, Shard},
+    slots::ScanAt,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,7 @@ const POLL: Duration = Duration::from_millis(500);
 
 pub struct Sweeper {
     pub ctx: Ctx,
+    /// stalewatch's own Redis: the rounds, the shards' leases, the rest between passes.
     pub conn: ConnectionManager,
     pub batch: usize,
     /// Row ranges per entity in a round.
@@ -299,7 +301,9 @@ impl Sweeper {
                 return Ok(self.finish(summary, started, false));
             }
             let phase = Instant::now();
-            let done = self.key_walk(rows, 0, &mode, &none, &mut summary).await?;
+            let done = self
+                .key_walk(rows, ScanAt::default(), &mode, &none, &mut summary)
+                .await?;
             summary.keys_seconds += phase.elapsed().as_secs_f64();
             if done != Recorded::ShardDone {
                 return Ok(self.finish(summary, started, false));
@@ -344,7 +348,13 @@ impl Sweeper {
             }
             Part::Keys => {
                 let done = self
-                    .key_walk(rows, round.progress[i].at.scan, mode, shutdown, summary)
+                    .key_walk(
+                        rows,
+                        round.progress[i].at.scan_at(),
+                        mode,
+                        shutdown,
+                        summary,
+                    )
                     .await;
                 summary.keys_seconds += phase.elapsed().as_secs_f64();
                 done
@@ -404,7 +414,7 @@ impl Sweeper {
         let mut reader = checker.pool.get().await?;
         let mut at = Checkpoint {
             cursor: from.unwrap_or_default(),
-            scan: 0,
+            ..Checkpoint::default()
         };
         let cursor = (!at.cursor.is_empty()).then_some(at.cursor.as_slice());
         let mut page = checker
@@ -441,34 +451,25 @@ impl Sweeper {
         }
     }
 
-    /// The key-side pass over the entity's keys from SCAN cursor `from`: SCANs them and
-    /// checks those with no row, so a key whose row is gone is reported as an orphan. The
-    /// next SCAN runs while this batch is checked, as pages do in the row walk.
+    /// The key-side pass over the entity's keys from SCAN position `from` (on a cluster, a
+    /// primary and a cursor there: every primary is scanned in turn): SCANs them and checks
+    /// those with no row, so a key whose row is gone is reported as an orphan. The next SCAN
+    /// runs while this batch is checked, as pages do in the row walk.
     async fn key_walk(
         &self,
         rows: &Rows,
-        from: u64,
+        from: ScanAt,
         mode: &Mode<'_>,
         shutdown: &CancellationToken,
         summary: &mut Summary,
     ) -> anyhow::Result<Recorded> {
         let pattern = rows.entity.key.pattern();
-        let conn = self.checker().cache.connection();
-        let scan = |cursor: u64| {
-            let mut conn = conn.clone();
+        let cache = &self.checker().cache;
+        let scan = |at: ScanAt| {
             let pattern = &pattern;
-            async move {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(self.batch)
-                    .query_async::<(u64, Vec<String>)>(&mut conn)
-                    .await
-            }
+            async move { cache.scan(&at, pattern, self.batch).await }
         };
-        let (mut next, mut keys) = scan(from).await?;
+        let (mut keys, mut next) = scan(from).await?;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Recorded::Lost);
@@ -476,22 +477,19 @@ impl Sweeper {
             let n = keys.len() as u64;
             summary.keys_scanned += n;
             let ahead = async {
-                match next {
-                    0 => None,
-                    cursor => Some(scan(cursor).await),
+                match &next {
+                    None => None,
+                    Some(at) => Some(scan(at.clone()).await),
                 }
             };
             let (outcome, following) =
                 tokio::join!(self.checker().check_orphans(rows, keys), ahead);
             let outcome = outcome?;
             self.count(&rows.entity.name, summary, &outcome);
-            let at = Checkpoint {
-                cursor: Vec::new(),
-                scan: next,
-            };
+            let at = next.as_ref().map(Checkpoint::scanning).unwrap_or_default();
             let recorded = self.record(mode, &at, n, following.is_none()).await?;
             match (recorded, following) {
-                (Recorded::Going, Some(following)) => (next, keys) = following?,
+                (Recorded::Going, Some(following)) => (keys, next) = following?,
                 (recorded, _) => return Ok(recorded),
             }
         }

@@ -74,7 +74,7 @@ async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_th
         .iter()
         .map(|(p, _)| format!("{}-", p.child.id()))
         .collect();
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let round_key = env.keys().sweep_round();
 
     // Wait until all three workers have recorded pages in the round, and one of them is

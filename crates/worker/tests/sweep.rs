@@ -50,7 +50,7 @@ async fn a_sweep_resumes_a_shard_from_its_recorded_position() {
     items.sort_by_key(|i| i.id);
     // As if a worker had recorded the first 25 items of a one-range round and then died
     // (its shard lease expired).
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let plan = shards::entity_shards("item", vec![]);
     let mut fields = Round::fields(1, chrono::Utc::now().timestamp_millis(), &plan);
     fields.extend([
@@ -126,7 +126,7 @@ async fn a_shard_held_by_another_worker_is_left_alone_and_the_round_waits_for_it
     let ctx = app::connect(&config).await.unwrap();
     let first = app::sweeper(&ctx, &config);
     // Another worker holds the first range's shard (as if it were sweeping it).
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let planned = {
         // Start the round with a sweeper that stops at once.
         let stopped = CancellationToken::new();
@@ -187,7 +187,7 @@ async fn no_sweep_starts_while_another_holds_the_lease() {
     let env = TestEnv::new().await.unwrap();
     stale_items(&env, 5).await;
     let s = sweeper(&env, 10).await;
-    let conn = env.cache.connection();
+    let conn = env.own.clone();
     let held = Lease::try_acquire(&conn, &env.keys().sweep_lease(), Duration::from_secs(30))
         .await
         .unwrap()
@@ -211,7 +211,7 @@ async fn no_sweep_starts_while_another_holds_the_lease() {
 async fn an_unreadable_round_record_is_replaced_by_a_new_round() {
     let env = TestEnv::new().await.unwrap();
     stale_items(&env, 5).await;
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     redis::cmd("HSET")
         .arg(env.keys().sweep_round())
         .arg("id")

@@ -71,7 +71,7 @@ async fn cached_version(env: &TestEnv, key: &str) -> Option<i64> {
 /// Every Redis key whose name starts with `prefix` (SCAN, so the shared server is not
 /// blocked).
 async fn keys_starting_with(env: &TestEnv, prefix: &str) -> Vec<String> {
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let mut found = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -262,9 +262,7 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
             let config = &config;
             let env = &env;
             async move {
-                let depth = queue::depth(&mut env.cache.connection(), config)
-                    .await
-                    .unwrap();
+                let depth = queue::depth(&mut env.own.clone(), config).await.unwrap();
                 (depth.scheduled == 1).then_some(())
             }
         },
@@ -275,7 +273,7 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
     let confirm_queue = env.keys().queue("confirm");
     let lost = keys_starting_with(&env, &confirm_queue).await;
     assert!(!lost.is_empty(), "the confirmation was scheduled");
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     redis::cmd("UNLINK")
         .arg(&lost)
         .query_async::<()>(&mut conn)
@@ -285,9 +283,7 @@ async fn the_backstop_confirms_when_the_confirm_queue_is_lost() {
         chrono::Utc::now() + chrono::Duration::seconds(1) < detected.confirm_due_at,
         "the queue was lost before its confirm job could be fetched"
     );
-    let depth = queue::depth(&mut env.cache.connection(), &config)
-        .await
-        .unwrap();
+    let depth = queue::depth(&mut env.own.clone(), &config).await.unwrap();
     assert_eq!((depth.pending, depth.scheduled), (0, 0));
 
     let confirmed = eventually(
@@ -378,7 +374,7 @@ async fn the_sweep_rests_for_the_whole_deployment() {
     assert!(done.complete);
     assert_eq!(done.items, 5);
 
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let lease_held: bool = redis::cmd("EXISTS")
         .arg(env.keys().sweep_lease())
         .query_async(&mut conn)
@@ -486,7 +482,7 @@ async fn closed_incidents_older_than_the_retention_are_deleted() {
 async fn dead_jobs_are_counted_and_removed_after_their_retention() {
     let env = TestEnv::new().await.unwrap();
     let config = queue::config::<CheckJob>(env.keys(), 1);
-    let mut conn = env.cache.connection();
+    let mut conn = env.own.clone();
     let dead: Vec<String> = (0..3).map(|_| Uuid::now_v7().to_string()).collect();
     for id in &dead {
         let payload = serde_json::to_vec(&check(env.keys(), vec![Uuid::now_v7()])).unwrap();

@@ -36,26 +36,36 @@ pub struct Health {
 #[allow(dead_code)] // A description only.
 pub struct Readiness {
     postgres: String,
+    /// stalewatch's own Redis (REDIS_URL): the queues.
     redis: String,
+    /// The watched cache (CACHE_REDIS_URL, else REDIS_URL).
+    cache: String,
 }
 
-/// PostgreSQL and Redis both answer.
+/// PostgreSQL, stalewatch's Redis and the watched cache all answer.
 #[utoipa::path(
     operation_id = "readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "Both answer", body = inline(Readiness)),
+        (status = 200, description = "All answer", body = inline(Readiness)),
         (status = 503, description = "One does not", body = inline(Readiness)),
     )
 )]
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let (pg, redis) = tokio::join!(db::ping(&state.pool), state.cache.ping());
+    let own = async {
+        redis::cmd("PING")
+            .query_async::<String>(&mut state.queue_conn.clone())
+            .await
+            .map_err(|e| format!("stalewatch's Redis (REDIS_URL) is unavailable: {e}"))
+    };
+    let (pg, redis, cache) = tokio::join!(db::ping(&state.pool), own, state.cache.ping());
     let body = json!({
         "postgres": pg.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-        "redis": redis.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+        "redis": redis.as_ref().map_or_else(|e| e.clone(), |_| "ok".into()),
+        "cache": cache.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
     });
-    if pg.is_ok() && redis.is_ok() {
+    if pg.is_ok() && redis.is_ok() && cache.is_ok() {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

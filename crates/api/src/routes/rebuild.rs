@@ -133,7 +133,7 @@ pub async fn start(
         chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
     );
     let lease = match rebuild::lock(
-        &checker.cache.connection(),
+        &state.queue_conn,
         checker.cache.keys(),
         &entity,
         state.config.rebuild_lock,
@@ -145,7 +145,7 @@ pub async fn start(
         Err(e @ RebuildError::Locked { .. }) => return Err(ApiError::Conflict(e.to_string())),
         Err(e) => return Err(ApiError::Unavailable(e.to_string())),
     };
-    let redis = match state.config.redis() {
+    let redis = match state.config.cache_redis() {
         Ok(target) => rebuild::connection(&target)
             .await
             .map_err(|e| e.to_string()),
@@ -175,12 +175,6 @@ pub async fn start(
             entity: &entity,
             batch: config.rebuild_batch,
             pause: config.rebuild_pause,
-            token: lease
-                .token()
-                .rsplit('#')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
             redis,
         };
         let result = job
@@ -221,7 +215,7 @@ pub async fn progress(
     let checker = state.checker().await?;
     known(checker, &entity)?;
     let holder = Lease::holder(
-        &checker.cache.connection(),
+        &state.queue_conn,
         &checker.cache.keys().rebuild_lock(&entity),
     )
     .await

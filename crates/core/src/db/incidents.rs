@@ -343,22 +343,24 @@ async fn insert_many(
     let nexts = || inserts.iter().map(|(_, n, _)| *n);
     let snapshot = |v: &Option<String>| v.clone().map(|v| cap(v, SNAPSHOT_CAP));
     Ok(diesel::sql_query(INSERT_MANY)
-    .bind::<Array<Text>, _>(evs().map(|e| e.cache_key.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(evs().map(|e| e.entity.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(evs().map(|e| e.entity_id.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(nexts().map(|n| n.state.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(evs().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.db_version).collect::<Vec<_>>())
-    .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.cache_version).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.db_value)).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.cache_value)).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(evs().map(|e| e.diff.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.first_seen_at).collect::<Vec<_>>())
-    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.confirm_due_at).collect::<Vec<_>>())
-    .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.last_seen_at).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(nexts().map(|n| n.observations).collect::<Vec<_>>())
-    .load(&mut conn)
-    .await?)
+        .bind::<Array<Text>, _>(evs().map(|e| e.cache_key.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(evs().map(|e| e.entity.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(evs().map(|e| e.entity_id.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(nexts().map(|n| n.state.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(evs().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.db_version).collect::<Vec<_>>())
+        .bind::<Array<Nullable<BigInt>>, _>(evs().map(|e| e.cache_version).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(evs().map(|e| snapshot(&e.db_value)).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(
+            evs().map(|e| snapshot(&e.cache_value)).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Text>, _>(evs().map(|e| e.diff.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.first_seen_at).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.confirm_due_at).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(nexts().map(|n| n.last_seen_at).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(nexts().map(|n| n.observations).collect::<Vec<_>>())
+        .load(&mut conn)
+        .await?)
 }
 
 /// `update_expected` for many incidents: each row only if it still has the state and count

@@ -437,6 +437,35 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_hash_tag_is_written_with_literal_braces() {
+        // `{{` and `}}` are the braces of the key; `{id}` the placeholder inside them.
+        let tagged = t("app:{{user:{id}}}:profile");
+        assert_eq!(tagged.columns(), vec!["id"]);
+        let key = tagged.render(row(&[("id", "42")])).unwrap();
+        assert_eq!(key, "app:{user:42}:profile");
+        assert_eq!(tagged.parse_key(&key), pairs(&[("id", "42")]));
+        assert_eq!(tagged.parse_key("app:{user:42}:other"), None);
+        assert_eq!(tagged.parse_key("app:{user:4}2}:profile"), None);
+        // Redis's glob takes braces literally: the pattern keeps them.
+        assert_eq!(tagged.pattern(), "app:{user:*}:profile");
+        // Every key of one user shares the tag, so the slot (crate::slots).
+        assert_eq!(
+            crate::slots::slot(key.as_bytes()),
+            crate::slots::slot(b"app:{user:42}:settings")
+        );
+        // A tag of the whole key, the placeholder at its end.
+        let whole = t("{{app:user:{id}}}");
+        assert_eq!(
+            whole.render(row(&[("id", "7")])).as_deref(),
+            Some("{app:user:7}")
+        );
+        assert_eq!(whole.parse_key("{app:user:7}"), pairs(&[("id", "7")]));
+        // A single brace is a placeholder's, and says how to write a literal one.
+        let err = Template::parse("app:{user:{id}}").unwrap_err();
+        assert!(err.contains("{{"), "{err}");
+    }
+
+    #[test]
     fn errors() {
         for (s, fragment) in [
             ("app:{id", "never closed"),
