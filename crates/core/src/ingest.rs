@@ -28,7 +28,7 @@ use diesel::sql_types::{Bool, Json, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
 
-use crate::cache::{self, CacheConn};
+use crate::cache::CacheConn;
 use crate::cluster::Keyed;
 use crate::column::{self, ColumnType};
 use crate::db::{items::RawJson, DbError};
@@ -343,7 +343,7 @@ impl Plan {
         let Value::Object(record) = value else {
             return Err(format!(
                 "the record is a JSON {}, not an object of the row's columns",
-                kind(&value)
+                crate::compare::type_name(&value)
             ));
         };
         if has_nul(&record) {
@@ -548,7 +548,7 @@ pub struct Cached {
 
 /// Writes `writes` to the cache in one round trip per node on `conn` (the cache's Redis: one
 /// pipeline, or one per primary of a cluster): what a refresh would write for each key (JSON
-/// documents with an integer version through [`cache::SET_UNLESS_NEWER`], by its hash `sha`;
+/// documents with an integer version through [`crate::cache::SET_UNLESS_NEWER`], by its hash `sha`;
 /// hashes replaced whole in one MULTI on the key), and each set member added with SADD. Keys
 /// get the entity's `ttl`; without one, a string or document keeps its expiry. Every command is
 /// idempotent: a batch that failed part-way is sent again whole.
@@ -597,50 +597,15 @@ pub async fn write_cache(
     if groups.is_empty() {
         return Ok(done);
     }
-    let no_script = |answers: &[Vec<redis::Value>]| {
-        answers.iter().flatten().any(|v| {
-            matches!(v, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
-        })
-    };
-    let answers = match conn.grouped(&groups).await? {
-        // Redis restarted and forgot the script: load it again and send the batch again.
-        answers if no_script(&answers) => {
-            cache::SET_UNLESS_NEWER
-                .prepare_invoke()
-                .load_async(&mut conn.clone())
-                .await?;
-            conn.grouped(&groups).await?
-        }
-        answers => answers,
-    };
-    // A refused command fails the batch, as a pipeline's error would.
-    for value in answers.iter().flatten() {
-        if let redis::Value::ServerError(e) = value {
-            return Err(redis::RedisError::from(e.clone()));
-        }
-    }
+    let answers = rebuild::send(conn, &groups).await?;
     for (reply, group) in replies {
-        match reply {
-            Reply::Versioned => match group.and_then(|g| <[redis::Value]>::first(&answers[g])) {
-                Some(redis::Value::Int(1)) => done.written += 1,
-                _ => done.skipped_newer += 1,
-            },
-            Reply::Known(repair::Outcome::Undecodable) => done.nothing += 1,
-            Reply::Known(_) => done.written += 1,
+        match rebuild::outcome(reply, group.map(|g| answers[g].as_slice())) {
+            repair::Outcome::SkippedNewer => done.skipped_newer += 1,
+            repair::Outcome::Undecodable => done.nothing += 1,
+            _ => done.written += 1,
         }
     }
     Ok(done)
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
 }
 
 fn has_nul(record: &Map<String, Value>) -> bool {

@@ -529,49 +529,62 @@ impl Rebuild<'_> {
                 _ => (Reply::Known(Outcome::Undecodable), None),
             })
             .collect();
-        let no_script = |answers: &[Vec<Value>]| {
-            answers.iter().flatten().any(|v| {
-                matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
-            })
-        };
-        let answers = match redis.grouped(&groups).await {
-            Ok(answers) if !no_script(&answers) => answers,
-            // Redis restarted (or a replica took over) and does not have the script: load it
-            // again. Every command is idempotent, so sending the page whole again is safe.
-            Ok(_) => self.reload_and_send(redis, &groups).await?,
-            Err(e) if e.is_connection_dropped() => self.reload_and_send(redis, &groups).await?,
-            Err(e) => return Err(e.into()),
-        };
-        // A refused command fails the page, as a pipeline's error would.
-        for value in answers.iter().flatten() {
-            if let Value::ServerError(e) = value {
-                return Err(redis::RedisError::from(e.clone()).into());
-            }
-        }
+        let answers = send(redis, &groups).await?;
         Ok(replies
             .into_iter()
-            .map(|(reply, group)| match reply {
-                Reply::Known(outcome) => outcome,
-                Reply::Versioned => {
-                    match group.and_then(|g| <[Value]>::first(&answers[g]).cloned()) {
-                        Some(Value::Int(1)) => Outcome::Written,
-                        _ => Outcome::SkippedNewer,
-                    }
-                }
-            })
+            .map(|(reply, group)| outcome(reply, group.map(|g| answers[g].as_slice())))
             .collect())
     }
+}
 
-    async fn reload_and_send(
-        &self,
-        redis: &CacheConn,
-        groups: &[Keyed],
-    ) -> Result<Vec<Vec<Value>>, RebuildError> {
-        cache::SET_UNLESS_NEWER
-            .prepare_invoke()
-            .load_async(&mut redis.clone())
-            .await?;
-        Ok(redis.grouped(groups).await?)
+/// Sends `groups` in one round trip per node ([`CacheConn::grouped`]) and returns each
+/// group's replies. A Redis that restarted (or a replica that took over) without the
+/// versioned write's script gets it loaded again and the whole batch sent again: every command
+/// is idempotent. A refused command fails the batch, as a pipeline's error would. Shared by a
+/// rebuild's pages and ingestion's batches.
+pub(crate) async fn send(
+    redis: &CacheConn,
+    groups: &[Keyed],
+) -> Result<Vec<Vec<Value>>, redis::RedisError> {
+    let no_script = |answers: &[Vec<Value>]| {
+        answers.iter().flatten().any(|v| {
+            matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+        })
+    };
+    let answers = match redis.grouped(groups).await {
+        Ok(answers) if !no_script(&answers) => answers,
+        Ok(_) => reload_and_send(redis, groups).await?,
+        Err(e) if e.is_connection_dropped() => reload_and_send(redis, groups).await?,
+        Err(e) => return Err(e),
+    };
+    for value in answers.iter().flatten() {
+        if let Value::ServerError(e) = value {
+            return Err(redis::RedisError::from(e.clone()));
+        }
+    }
+    Ok(answers)
+}
+
+async fn reload_and_send(
+    redis: &CacheConn,
+    groups: &[Keyed],
+) -> Result<Vec<Vec<Value>>, redis::RedisError> {
+    cache::SET_UNLESS_NEWER
+        .prepare_invoke()
+        .load_async(&mut redis.clone())
+        .await?;
+    redis.grouped(groups).await
+}
+
+/// What one key's write did, from its [`Reply`] and its group's replies (`None`: nothing was
+/// sent for it).
+pub(crate) fn outcome(reply: Reply, answers: Option<&[Value]>) -> Outcome {
+    match reply {
+        Reply::Known(outcome) => outcome,
+        Reply::Versioned => match answers.and_then(<[Value]>::first) {
+            Some(Value::Int(1)) => Outcome::Written,
+            _ => Outcome::SkippedNewer,
+        },
     }
 }
 

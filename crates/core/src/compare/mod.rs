@@ -244,7 +244,7 @@ fn decode(bytes: &[u8]) -> Result<Value, String> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "boolean",
