@@ -54,6 +54,15 @@ async fn connect(port: u16) -> Result<redis::aio::MultiplexedConnection> {
     Ok(client.get_multiplexed_async_connection().await?)
 }
 
+/// A node's `INFO replication` text; `None` while it does not answer.
+async fn replication(conn: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await
+        .ok()
+}
+
 /// `CLUSTER INFO`/`INFO` text's value of `field`.
 fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines()
@@ -160,11 +169,7 @@ impl RedisCluster {
             eventually(Duration::from_secs(30), "a replica in sync", || {
                 let mut conn = conn.clone();
                 async move {
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async(&mut conn)
-                        .await
-                        .ok()?;
+                    let info = replication(&mut conn).await?;
                     (field(&info, "master_link_status") == Some("up")).then_some(())
                 }
             })
@@ -267,11 +272,7 @@ impl RedisCluster {
             eventually(Duration::from_secs(30), "the replicas to catch up", || {
                 let mut conn = conn.clone();
                 async move {
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async(&mut conn)
-                        .await
-                        .ok()?;
+                    let info = replication(&mut conn).await?;
                     let offset = field(&info, "master_repl_offset")?;
                     let replicas: Vec<&str> = info
                         .lines()
@@ -310,11 +311,7 @@ impl RedisCluster {
         eventually(Duration::from_secs(30), "the replica to take over", || {
             let mut conn = conn.clone();
             async move {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
+                let info = replication(&mut conn).await?;
                 (field(&info, "role") == Some("master")).then_some(())
             }
         })
