@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Json, Text};
+use diesel::sql_types::{Array, BigInt, Json, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
 
@@ -95,6 +95,9 @@ pub struct Rows {
     pub types: HashMap<String, ColumnType>,
     /// The key template's columns with their SQL types, in template order.
     key_columns: Vec<(String, String)>,
+    /// The columns a page's `keys` array holds, in its order: the walk columns, then the
+    /// template's others.
+    keyed_by: Vec<String>,
     /// The columns a sweep walks in order: the primary key, or a set's key columns.
     walk_columns: Vec<(String, String)>,
     by_key: String,
@@ -156,7 +159,7 @@ impl Rows {
             walk
         };
         let walk_columns = typed(if grouped { &walk } else { &pk });
-        let keys_doc = object(&walk, true);
+        let keys_doc = text_array(&walk);
 
         // By key: the template's values come in as text arrays, one per column, cast to the
         // column's type so the table's indexes apply.
@@ -235,7 +238,7 @@ impl Rows {
         let walked: Vec<&str> = walk_columns.iter().map(|(n, _)| n.as_str()).collect();
         let sample = format!(
             "SELECT {} AS keys FROM {table} AS t TABLESAMPLE SYSTEM ($1) ORDER BY {}",
-            object(&walked, true),
+            text_array(&walked),
             order.join(", ")
         );
         // One row even on an empty table, so the clock is always read.
@@ -244,7 +247,6 @@ impl Rows {
                 "SELECT now() AS at, n.keys, n.doc FROM (SELECT 1) AS one LEFT JOIN LATERAL \
                  (SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t WHERE t.{v} IS NOT \
                  NULL ORDER BY t.{v} DESC LIMIT 1) AS n ON true",
-                keys_doc = object(&walk, true),
                 v = ident(v),
             )
         });
@@ -257,6 +259,7 @@ impl Rows {
             types,
             key_columns,
             walk_columns,
+            keyed_by: walk.iter().map(|c| c.to_string()).collect(),
             by_key,
             exists,
             pages,
@@ -276,8 +279,8 @@ impl Rows {
         struct Raw {
             #[diesel(sql_type = diesel::sql_types::Timestamptz)]
             at: DateTime<Utc>,
-            #[diesel(sql_type = diesel::sql_types::Nullable<Json>)]
-            keys: Option<RawJson>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<Array<Nullable<Text>>>)]
+            keys: Option<Vec<Option<String>>>,
             #[diesel(sql_type = diesel::sql_types::Nullable<Json>)]
             doc: Option<RawJson>,
         }
@@ -288,15 +291,9 @@ impl Rows {
             )));
         };
         let raw: Raw = diesel::sql_query(statement).get_result(conn).await?;
-        let row = raw.keys.zip(raw.doc).map(|(keys, doc)| {
-            let keys: Map<String, Value> = serde_json::from_slice(keys.bytes()).unwrap_or_default();
-            PageRow {
-                key: self
-                    .entity
-                    .key
-                    .render(|c| keys.get(c).and_then(Value::as_str).map(str::to_string)),
-                row: self.decode(&doc).map(Some),
-            }
+        let row = raw.keys.zip(raw.doc).map(|(keys, doc)| PageRow {
+            key: self.entity.key.render(|c| self.key_text(&keys, c)),
+            row: self.decode(&doc).map(Some),
         });
         Ok((raw.at, row))
     }
@@ -388,8 +385,8 @@ impl Rows {
         }
         #[derive(diesel::QueryableByName)]
         struct Raw {
-            #[diesel(sql_type = Json)]
-            keys: RawJson,
+            #[diesel(sql_type = Array<Nullable<Text>>)]
+            keys: Vec<Option<String>>,
         }
         let table = self.entity.table.sql();
         let estimate = diesel::sql_query(format!(
@@ -413,13 +410,8 @@ impl Rows {
             .await?;
         Ok(raws
             .into_iter()
-            .filter_map(|raw| {
-                let keys: Map<String, Value> = serde_json::from_slice(raw.keys.bytes()).ok()?;
-                self.walk_columns
-                    .iter()
-                    .map(|(name, _)| keys.get(name).and_then(Value::as_str).map(str::to_string))
-                    .collect()
-            })
+            // The sample's array holds the walk columns, in their order; a NULL leaves its row out.
+            .filter_map(|raw| raw.keys.into_iter().collect())
             .collect())
     }
 
@@ -435,8 +427,8 @@ impl Rows {
     ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
         #[derive(diesel::QueryableByName)]
         struct Raw {
-            #[diesel(sql_type = Json)]
-            keys: RawJson,
+            #[diesel(sql_type = Array<Nullable<Text>>)]
+            keys: Vec<Option<String>>,
             #[diesel(sql_type = Json)]
             doc: RawJson,
         }
@@ -458,10 +450,7 @@ impl Rows {
         let rows = raws
             .into_iter()
             .map(|raw| {
-                // Text values rendered by PostgreSQL itself: always decodable.
-                let keys: Map<String, Value> =
-                    serde_json::from_slice(raw.keys.bytes()).unwrap_or_default();
-                let text = |c: &str| keys.get(c).and_then(Value::as_str).map(str::to_string);
+                let text = |c: &str| self.key_text(&raw.keys, c);
                 last = self
                     .walk_columns
                     .iter()
@@ -474,6 +463,12 @@ impl Rows {
             })
             .collect();
         Ok((at, rows, last))
+    }
+
+    /// Column `name`'s value in a page's `keys` array ([`Rows::keyed_by`] order).
+    fn key_text(&self, keys: &[Option<String>], name: &str) -> Option<String> {
+        let at = self.keyed_by.iter().position(|c| c == name)?;
+        keys.get(at)?.clone()
     }
 
     fn decode(&self, raw: &RawJson) -> Result<Row, String> {
@@ -491,6 +486,17 @@ impl Rows {
             (_, other) => Err(format!("unexpected row shape: {other}")),
         }
     }
+}
+
+/// `ARRAY[t."a"::text, ...]`: the text of the columns a key is rendered from (and a sweep's
+/// cursor), in `names`' order. An array of text, not a JSON object: PostgreSQL builds it
+/// without rendering JSON, and the client reads it without parsing.
+fn text_array(names: &[&str]) -> String {
+    let columns: Vec<String> = names
+        .iter()
+        .map(|n| format!("t.{}::text", ident(n)))
+        .collect();
+    format!("ARRAY[{}]::text[]", columns.join(", "))
 }
 
 /// `json_build_object('a', t."a", ...)` over `names`, as text when `as_text`.
