@@ -75,7 +75,8 @@ pub fn render(rows: &Rows, row: Option<&Row>) -> Rendered {
     match (&entity.representation, row) {
         (_, None) => Rendered::Delete,
         (Representation::Json { .. }, Some(Row::Doc(doc))) => {
-            let bytes = Value::Object(doc.clone()).to_string().into_bytes();
+            // Serialised from the borrowed map: no copy of the document to throw away.
+            let bytes = serde_json::to_vec(doc).expect("a JSON map serialises");
             let version = entity.version.as_ref().and_then(|column| {
                 let integer = rows.types.get(column) == Some(&ColumnType::Integer);
                 Some((column, doc.get(column)?.as_i64().filter(|_| integer)?))
