@@ -33,7 +33,7 @@ use crate::cluster::Keyed;
 use crate::column::{self, ColumnType};
 use crate::db::{items::RawJson, DbError};
 use crate::entity::{quote_ident as ident, Entity, Representation};
-use crate::rebuild::{self, Reply};
+use crate::rebuild::{self, Reply, Versioned};
 use crate::repair::{self, Rendered};
 use crate::rows::{object, Row, Rows};
 
@@ -564,7 +564,8 @@ pub async fn write_cache(
     for w in writes {
         match w {
             CacheWrite::Key { key, rendered } => {
-                let (commands, reply) = rebuild::commands(key, rendered, ttl, sha);
+                let (commands, reply) =
+                    rebuild::commands(key, rendered, ttl, sha, Versioned::Script);
                 if commands.is_empty() {
                     replies.push((reply, None));
                 } else {

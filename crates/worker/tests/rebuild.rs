@@ -268,6 +268,21 @@ async fn a_flushed_entity_is_rebuilt_whole_and_its_incidents_resolve_with_cause_
         Some("repair"),
         "{incident:?}"
     );
+
+    // Again, over a cache that now holds every key: a key found there is not skipped for
+    // being there (SET NX would leave it); the compare-and-set rewrites an older one.
+    let behind = app.key("acct:2000");
+    let _: () = app
+        .redis(&["SET", &behind, r#"{"id":2000,"name":"old","version":0}"#])
+        .await;
+    let out = app.rebuild("account", &[("REBUILD_BATCH", "300")]).await;
+    assert!(succeeded(&out), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["written"], 2500, "{}", text(&out));
+    let cached = app.cached_accounts(&[2000]).await;
+    assert_eq!(cached[&2000]["name"], "name-2000", "{cached:?}");
+    assert_eq!(cached[&2000]["version"], 1, "{cached:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
