@@ -2,6 +2,7 @@
 //! into its own binary and uses a part of it, hence `dead_code` allowed.
 #![allow(dead_code)]
 
+pub mod capture;
 mod files;
 mod stores;
 
