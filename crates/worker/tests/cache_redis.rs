@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use diesel_async::RunQueryDsl;
-use stalewatch_core::{db::incidents::IncidentRow, keys::Keys, queue};
+use stalewatch_core::{keys::Keys, queue};
 use stalewatch_testkit::{eventually, free_port, redis_server, Proc, TestEnv};
 
 const SCHEMA: &str = "CREATE TABLE users (
@@ -22,23 +22,15 @@ const SCHEMA: &str = "CREATE TABLE users (
 struct App<'a> {
     env: &'a TestEnv,
     key_base: String,
-    file: std::path::PathBuf,
-}
-
-impl Drop for App<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
+    entities: EntitiesFile,
 }
 
 impl<'a> App<'a> {
     async fn new(env: &'a TestEnv, key_base: &str) -> App<'a> {
-        let mut conn = env.pool.get().await.unwrap();
-        diesel::sql_query(SCHEMA).execute(&mut conn).await.unwrap();
-        let file = std::env::temp_dir().join(format!("entities-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(
-            &file,
-            format!(
+        sql(env, SCHEMA).await;
+        let entities = EntitiesFile::write(
+            "entities",
+            &format!(
                 r#"
 [[entity]]
 name = "user"
@@ -49,12 +41,11 @@ representation = "json"
 version = "version"
 "#
             ),
-        )
-        .unwrap();
+        );
         App {
             env,
             key_base: key_base.to_string(),
-            file,
+            entities,
         }
     }
 
@@ -62,28 +53,29 @@ version = "version"
         format!("{}user:{id}", self.key_base)
     }
 
-    fn vars(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut vars = vec![
-            ("ENTITIES".to_string(), self.file.display().to_string()),
-            ("SWEEP_INTERVAL_MS".into(), "300".into()),
-            ("GRACE_PERIOD_MS".into(), "1500".into()),
+    /// The settings of the worker and the API: the app's entities, a sweep every 300 ms and
+    /// a grace period of 1.5 s; then `extra`.
+    fn vars<'b>(&'b self, extra: &[(&'b str, &'b str)]) -> Vec<(&'b str, &'b str)> {
+        let own = [
+            self.entities.var(),
+            ("SWEEP_INTERVAL_MS", "300"),
+            ("GRACE_PERIOD_MS", "1500"),
         ];
-        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        vars
+        [&own[..], extra].concat()
     }
 
     /// Users `ids`, each row with its cached copy as the application writes it.
     async fn seed(&self, ids: std::ops::RangeInclusive<i64>) {
-        let mut conn = self.env.pool.get().await.unwrap();
-        diesel::sql_query(format!(
-            "INSERT INTO users (id, email) SELECT i, 'u' || i || '@example.com' \
-             FROM generate_series({}, {}) AS i",
-            ids.start(),
-            ids.end()
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        sql(
+            self.env,
+            &format!(
+                "INSERT INTO users (id, email) SELECT i, 'u' || i || '@example.com' \
+                 FROM generate_series({}, {}) AS i",
+                ids.start(),
+                ids.end()
+            ),
+        )
+        .await;
         for id in ids {
             let doc = self.document(id).await;
             self.set(&self.key(id), &doc).await;
@@ -109,64 +101,31 @@ version = "version"
     }
 
     async fn set(&self, key: &str, value: &str) {
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query_async::<()>(&mut self.env.cache.connection())
-            .await
-            .unwrap();
+        redis_cmd::<()>(self.env, &["SET", key, value]).await
     }
 
     async fn get(&self, key: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.env.cache.connection())
-            .await
-            .unwrap()
+        redis_cmd(self.env, &["GET", key]).await
     }
 
     /// Two faults: user 1's row moves on in SQL (the cache is stale), and another client
     /// writes a wrong document for user 2 (seen by its keyspace notification).
     async fn break_two(&self) -> [(String, &'static str); 2] {
-        let mut conn = self.env.pool.get().await.unwrap();
-        diesel::sql_query(
+        sql(
+            self.env,
             "UPDATE users SET email = 'moved@example.com', \
              version = version + 1 WHERE id = 1",
         )
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        .await;
         let wrong = self.document(2).await.replace("u2@", "someone-else@");
         self.set(&self.key(2), &wrong).await;
         [(self.key(1), "stale"), (self.key(2), "value_mismatch")]
     }
 }
 
-async fn latest(env: &TestEnv, key: &str) -> Option<IncidentRow> {
-    incidents_of(env, key).await.into_iter().next()
-}
-
-async fn confirmed(env: &TestEnv, key: &str) -> IncidentRow {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{key} confirmed"),
-        || async {
-            latest(env, key)
-                .await
-                .filter(|r| matches!(r.state.as_str(), "confirmed" | "persistent"))
-        },
-    )
-    .await
-}
-
-fn start(
-    env: &TestEnv,
-    vars: &[(String, String)],
-    extra: &[(&str, &str)],
-) -> ((Proc, u16), (Proc, String)) {
-    let mut all: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    all.extend_from_slice(extra);
-    (worker(env, &all), api(env, &all))
+/// The worker and the API, both with `vars`.
+fn start(env: &TestEnv, vars: &[(&str, &str)]) -> ((Proc, u16), (Proc, String)) {
+    (worker(env, vars), api(env, vars))
 }
 
 /// The API's refresh of an incident: its status and body.
@@ -202,7 +161,7 @@ async fn a_cache_apart_from_stalewatchs_redis_is_watched_and_holds_none_of_stale
     assert_ne!(env.redis_url, env.cache_redis_url);
     let app = App::new(&env, "app:").await;
     app.seed(1..=20).await;
-    let ((w, metrics_port), (_a, api_url)) = start(&env, &app.vars(&[]), &[]);
+    let ((w, metrics_port), (_a, api_url)) = start(&env, &app.vars(&[]));
     wait_http(&format!("{api_url}/healthz")).await;
     let ready: serde_json::Value = reqwest::get(format!("{api_url}/readyz"))
         .await
@@ -231,16 +190,7 @@ async fn a_cache_apart_from_stalewatchs_redis_is_watched_and_holds_none_of_stale
     })
     .await;
     assert!(all_incidents(&env).await.is_empty());
-    eventually(
-        Duration::from_secs(30),
-        "the worker to subscribe",
-        || async {
-            w.output()
-                .contains("watching keyspace notifications")
-                .then_some(())
-        },
-    )
-    .await;
+    subscribed(&w, 1).await;
 
     let faults = app.break_two().await;
     for (key, kind) in &faults {
@@ -406,18 +356,9 @@ async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writ
         ("CACHE_REDIS_URL", reader_url.as_str()),
         ("REDIS_URL", own_url.as_str()),
     ]);
-    let ((w, metrics_port), (a, api_url)) = start(&env, &vars, &[]);
+    let ((w, metrics_port), (a, api_url)) = start(&env, &vars);
     wait_http(&format!("{api_url}/healthz")).await;
-    eventually(
-        Duration::from_secs(30),
-        "the worker to subscribe",
-        || async {
-            w.output()
-                .contains("watching keyspace notifications")
-                .then_some(())
-        },
-    )
-    .await;
+    subscribed(&w, 1).await;
 
     // Detection and confirmation through the reader: the sweep and the notifications.
     let faults = app.break_two().await;
@@ -460,7 +401,7 @@ async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writ
     let (_a, api_url) = api(
         &env,
         &[
-            ("ENTITIES", app.file.to_str().unwrap()),
+            app.entities.var(),
             ("CACHE_REDIS_URL", writer_url.as_str()),
             ("REDIS_URL", own_url.as_str()),
         ],
@@ -481,22 +422,7 @@ async fn a_read_only_cache_user_detects_and_refuses_a_refresh_clearly_and_a_writ
 
     // And for a rebuild: the script loaded, then run in one pipeline per page.
     let client = reqwest::Client::new();
-    let started = client
-        .post(format!("{api_url}/entities/user/rebuild"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), reqwest::StatusCode::ACCEPTED);
-    let status = eventually(Duration::from_secs(30), "the rebuild to end", || {
-        let req = client
-            .get(format!("{api_url}/entities/user/rebuild"))
-            .send();
-        async move {
-            let status: serde_json::Value = req.await.ok()?.json().await.ok()?;
-            (status["state"] != "running").then_some(status)
-        }
-    })
-    .await;
+    let status = rebuild_through_api(&client, &api_url, "user", Duration::from_secs(30)).await;
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["summary"]["keys"], 10, "{status}");
 }

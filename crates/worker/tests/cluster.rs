@@ -79,13 +79,7 @@ fn campaign_key(c: i64) -> String {
 struct App {
     cluster: RedisCluster,
     env: TestEnv,
-    file: std::path::PathBuf,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
+    entities: EntitiesFile,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -102,24 +96,17 @@ impl App {
     async fn start(replicas: usize) -> App {
         let cluster = RedisCluster::start(3, replicas).await.unwrap();
         let env = TestEnv::with_cache_cluster(&cluster.seeds()).await.unwrap();
-        let mut conn = env.pool.get().await.unwrap();
-        for statement in SCHEMA.split(';') {
-            diesel::sql_query(statement)
-                .execute(&mut conn)
-                .await
-                .unwrap();
+        sql_script(&env, SCHEMA).await;
+        let entities = EntitiesFile::write("entities", ENTITIES);
+        App {
+            cluster,
+            env,
+            entities,
         }
-        let file = std::env::temp_dir().join(format!("entities-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&file, ENTITIES).unwrap();
-        App { cluster, env, file }
     }
 
     async fn sql(&self, query: &str) {
-        let mut conn = self.env.pool.get().await.unwrap();
-        diesel::sql_query(query)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        sql(&self.env, query).await;
     }
 
     /// Users 1-10,000 and the campaigns' members, every key cached as the application would:
@@ -182,23 +169,19 @@ impl App {
     }
 
     async fn get(&self, key: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.env.cache.connection())
-            .await
-            .unwrap()
+        redis_cmd(&self.env, &["GET", key]).await
     }
 
     fn config(&self) -> Config {
         Config {
-            entities: Some(self.file.clone()),
+            entities: Some(self.entities.path().to_path_buf()),
             ..self.env.config()
         }
     }
 
-    fn vars(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut vars = vec![("ENTITIES".to_string(), self.file.display().to_string())];
-        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    fn vars<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut vars = vec![self.entities.var()];
+        vars.extend_from_slice(extra);
         vars
     }
 }
@@ -234,17 +217,11 @@ fn per_node(
 }
 
 fn start(app: &App, extra: &[(&str, &str)]) -> (Proc, u16) {
-    let vars = app.vars(extra);
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    worker(&app.env, &vars)
+    worker(&app.env, &app.vars(extra))
 }
 
 async fn latest_state(env: &TestEnv, key: &str) -> Option<(String, Option<String>)> {
-    incidents_of(env, key)
-        .await
-        .into_iter()
-        .next()
-        .map(|r| (r.state, r.resolution))
+    latest(env, key).await.map(|r| (r.state, r.resolution))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -292,12 +269,7 @@ async fn a_cluster_cache_is_swept_watched_refreshed_repaired_and_rebuilt_on_ever
             ("REPAIR_POLICY", "confirmed"),
         ],
     );
-    let api_vars = app.vars(&[]);
-    let api_vars: Vec<(&str, &str)> = api_vars
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (_a, api_url) = api(&app.env, &api_vars);
+    let (_a, api_url) = api(&app.env, &app.vars(&[]));
     wait_http(&format!("{api_url}/healthz")).await;
     eventually(
         Duration::from_secs(30),
@@ -486,22 +458,7 @@ async fn a_cluster_cache_is_swept_watched_refreshed_repaired_and_rebuilt_on_ever
     // A rebuild writes every key back, one pipeline per primary a page: the sets just deleted,
     // and every user's hash (each replaced in a MULTI on its own key, on its own node).
     for (entity, keys) in [("members", CAMPAIGNS), ("user_hash", USERS)] {
-        let started = client
-            .post(format!("{api_url}/entities/{entity}/rebuild"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(started.status(), reqwest::StatusCode::ACCEPTED, "{entity}");
-        let status = eventually(Duration::from_secs(60), "the rebuild to end", || {
-            let req = client
-                .get(format!("{api_url}/entities/{entity}/rebuild"))
-                .send();
-            async move {
-                let status: serde_json::Value = req.await.ok()?.json().await.ok()?;
-                (status["state"] != "running").then_some(status)
-            }
-        })
-        .await;
+        let status = rebuild_through_api(&client, &api_url, entity, Duration::from_secs(60)).await;
         assert_eq!(status["state"], "done", "{status}");
         assert_eq!(status["summary"]["keys"], keys, "{status}");
         assert_eq!(status["summary"]["written"], keys, "{status}");

@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::*;
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
-use stalewatch_core::db::incidents::IncidentRow;
 use stalewatch_testkit::{eventually, TestEnv};
 
 const SCHEMA: &str = "
@@ -69,55 +68,20 @@ policy = "write_through"
 
 struct App<'a> {
     env: &'a TestEnv,
-    file: tempfile_path::Path,
-}
-
-mod tempfile_path {
-    /// A file removed when dropped.
-    pub struct Path(pub std::path::PathBuf);
-    impl Drop for Path {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-async fn sql(env: &TestEnv, query: &str) {
-    let mut conn = env.pool.get().await.unwrap();
-    for statement in query.split(';').filter(|s| !s.trim().is_empty()) {
-        diesel::sql_query(statement)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
-}
-
-async fn redis(env: &TestEnv, args: &[&str]) {
-    let mut conn = env.cache.connection();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async::<redis::Value>(&mut conn).await.unwrap();
+    entities: EntitiesFile,
 }
 
 impl<'a> App<'a> {
     async fn new(env: &'a TestEnv) -> App<'a> {
-        sql(env, SCHEMA).await;
-        let file = std::env::temp_dir().join(format!("entities-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&file, ENTITIES).unwrap();
+        sql_script(env, SCHEMA).await;
         App {
             env,
-            file: tempfile_path::Path(file),
+            entities: EntitiesFile::write("entities", ENTITIES),
         }
     }
 
     fn key(&self, rest: &str) -> String {
         format!("{}app:{rest}", self.env.prefix)
-    }
-
-    fn settings(&self) -> Vec<(String, String)> {
-        vec![("ENTITIES".into(), self.file.0.display().to_string())]
     }
 
     /// A user as the application writes it: the row, then every key that derives from it,
@@ -152,12 +116,12 @@ impl<'a> App<'a> {
         .await
         .unwrap();
         let id_text = id.to_string();
-        redis(
+        redis_cmd::<redis::Value>(
             self.env,
             &["SET", &self.key(&format!("user:{id}")), &row.doc],
         )
         .await;
-        redis(
+        redis_cmd::<redis::Value>(
             self.env,
             &[
                 "SET",
@@ -166,7 +130,7 @@ impl<'a> App<'a> {
             ],
         )
         .await;
-        redis(
+        redis_cmd::<redis::Value>(
             self.env,
             &[
                 "HSET",
@@ -186,7 +150,7 @@ impl<'a> App<'a> {
             &format!("INSERT INTO campaign_members VALUES ({campaign}, {user})"),
         )
         .await;
-        redis(
+        redis_cmd::<redis::Value>(
             self.env,
             &[
                 "SADD",
@@ -245,19 +209,15 @@ impl<'a> App<'a> {
     }
 }
 
-async fn latest(env: &TestEnv, key: &str) -> Option<IncidentRow> {
-    incidents_of(env, key).await.into_iter().next()
-}
-
-fn worker_settings<'a>(app: &'a App<'_>, extra: &'a [(&'a str, &'a str)]) -> Vec<(String, String)> {
-    let mut vars = app.settings();
-    vars.extend(
-        [("SWEEP_INTERVAL_MS", "300"), ("GRACE_PERIOD_MS", "1500")]
-            .iter()
-            .chain(extra)
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    vars
+/// The settings of the worker and the API: the app's entities, a sweep every 300 ms and a
+/// grace period of 1.5 s, so that a fault is confirmed within seconds; then `extra`.
+fn worker_settings<'a>(app: &'a App<'_>, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let own = [
+        app.entities.var(),
+        ("SWEEP_INTERVAL_MS", "300"),
+        ("GRACE_PERIOD_MS", "1500"),
+    ];
+    [&own[..], extra].concat()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -266,9 +226,8 @@ async fn faults_in_every_representation_are_detected_confirmed_and_resolved_by_r
     let app = App::new(&env).await;
     app.seed().await;
     let vars = worker_settings(&app, &[]);
-    let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (_w, _) = worker(&env, &extra);
-    let (_a, api_url) = api(&env, &extra);
+    let (_w, _) = worker(&env, &vars);
+    let (_a, api_url) = api(&env, &vars);
     wait_http(&format!("{api_url}/healthz")).await;
 
     // A consistent application: a whole sweep pass opens nothing.
@@ -289,16 +248,7 @@ async fn faults_in_every_representation_are_detected_confirmed_and_resolved_by_r
 
     let faults = app.break_things().await;
     for (key, kind) in &faults {
-        let row = eventually(
-            Duration::from_secs(60),
-            &format!("{key} confirmed"),
-            || async {
-                latest(&env, key)
-                    .await
-                    .filter(|r| matches!(r.state.as_str(), "confirmed" | "persistent"))
-            },
-        )
-        .await;
+        let row = confirmed(&env, key).await;
         assert_eq!(&row.kind, kind, "{key}: {}", row.diff);
         assert!(
             row.confirmed_at.unwrap() >= row.first_seen_at + chrono::Duration::milliseconds(1500)
@@ -363,8 +313,7 @@ async fn under_repair_policy_confirmed_every_fault_is_repaired() {
     let app = App::new(&env).await;
     app.seed().await;
     let vars = worker_settings(&app, &[("REPAIR_POLICY", "confirmed")]);
-    let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (_w, _) = worker(&env, &extra);
+    let (_w, _) = worker(&env, &vars);
     let faults = app.break_things().await;
     for (key, _) in &faults {
         let row = eventually(
@@ -420,7 +369,7 @@ async fn entities_check_reports_each_mistake_with_its_line() {
         }
         cmd.output().unwrap()
     };
-    let ok = run(&app.file.0);
+    let ok = run(app.entities.path());
     assert!(
         ok.status.success(),
         "{}",
@@ -431,10 +380,7 @@ async fn entities_check_reports_each_mistake_with_its_line() {
         assert!(printed.contains(name), "{printed}");
     }
     let bad = ENTITIES.replace("value = \"id\"", "value = \"identifier\"");
-    let file = std::env::temp_dir().join(format!("bad-{}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&file, bad).unwrap();
-    let out = run(&file);
-    let _ = std::fs::remove_file(&file);
+    let out = run(EntitiesFile::write("bad", &bad).path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -52,34 +52,19 @@ ingest = true
 
 struct App {
     env: TestEnv,
-    file: std::path::PathBuf,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
+    entities: EntitiesFile,
 }
 
 impl App {
     async fn new() -> App {
         let env = TestEnv::new().await.unwrap();
-        let file = std::env::temp_dir().join(format!("ingest-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&file, ENTITIES).unwrap();
-        let app = App { env, file };
-        app.sql(SCHEMA).await;
-        app
+        let entities = EntitiesFile::write("ingest", ENTITIES);
+        sql_script(&env, SCHEMA).await;
+        App { env, entities }
     }
 
     async fn sql(&self, query: &str) {
-        use diesel_async::RunQueryDsl;
-        let mut conn = self.env.pool.get().await.unwrap();
-        for statement in query.split(';').filter(|s| !s.trim().is_empty()) {
-            diesel::sql_query(statement)
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("{statement}: {e}"));
-        }
+        sql(&self.env, query).await;
     }
 
     fn key(&self, rest: &str) -> String {
@@ -90,24 +75,18 @@ impl App {
         self.key(&format!("ingest:{entity}"))
     }
 
+    /// A worker with the sweep and keyspace notifications off: the ingestion alone writes.
     fn worker(&self, extra: &[(&str, &str)]) -> (Proc, u16) {
-        let file = self.file.display().to_string();
-        let mut vars = vec![
-            ("ENTITIES", file.as_str()),
+        let own = [
+            self.entities.var(),
             ("SWEEP_INTERVAL_MS", "0"),
             ("KEYSPACE_NOTIFICATIONS", "off"),
         ];
-        vars.extend_from_slice(extra);
-        worker(&self.env, &vars)
+        worker(&self.env, &[&own[..], extra].concat())
     }
 
     async fn redis<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut conn = self.env.cache.connection();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut conn).await.unwrap()
+        redis_cmd(&self.env, args).await
     }
 
     /// Appends `records` (each a JSON text) to `entity`'s ingest stream, as an application
@@ -455,12 +434,11 @@ impl App {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_between_the_database_and_the_cache_write_is_redelivered_and_both_agree() {
     let app = App::new().await;
-    let hooks = std::env::temp_dir().join(format!("ingest-hooks-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&hooks).unwrap();
-    let gate = hooks.join("ingest-between-stores");
-    let reached = hooks.join("ingest-between-stores.reached");
+    let hooks = TempDir::new("ingest-hooks");
+    let gate = hooks.path().join("ingest-between-stores");
+    let reached = hooks.path().join("ingest-between-stores.reached");
     std::fs::write(&gate, "").unwrap();
-    let dir = hooks.display().to_string();
+    let dir = hooks.path().display().to_string();
     let settings = [
         ("STALEWATCH_TEST_HOOKS", dir.as_str()),
         ("INGEST_CLAIM_IDLE_MS", "500"),
@@ -502,7 +480,6 @@ async fn a_worker_killed_between_the_database_and_the_cache_write_is_redelivered
             >= 50.0
     );
     assert_eq!(ingested(port, "account").await, 50.0);
-    let _ = std::fs::remove_dir_all(&hooks);
 }
 
 // The watermark drift check: an ingesting entity's cache falling behind its table is an
@@ -549,21 +526,11 @@ impl App {
 
     /// Deletes every cached account.
     async fn flush_accounts(&self) {
-        let keys: Vec<String> = self.redis(&["KEYS", &self.key("acct:*")]).await;
-        let mut args = vec!["DEL"];
-        args.extend(keys.iter().map(String::as_str));
-        let _: u64 = self.redis(&args).await;
+        flush_keys(&self.env, &self.key("acct:*")).await;
     }
 
     async fn rebuild(&self) {
-        let mut cmd = std::process::Command::new(stalewatch_testkit::bin_path("stalewatch-worker"));
-        cmd.args(["rebuild", "--entity", "account"])
-            .envs(self.env.env_vars())
-            .env("ENTITIES", &self.file)
-            .env("LOG_FORMAT", "json");
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap();
+        let out = run_rebuild(&self.env, &self.entities, "account", &[]).await;
         assert!(
             out.status.success(),
             "{}",
@@ -699,7 +666,7 @@ async fn with_watermark_rebuild_on_a_confirmed_cache_behind_rebuilds_the_entity_
     let mut settings = CHECKED.to_vec();
     settings.push(("WATERMARK_REBUILD", "on"));
     let (_w, port) = app.worker(&settings);
-    let (_api, api) = api(&app.env, &[("ENTITIES", &app.file.display().to_string())]);
+    let (_api, api) = api(&app.env, &[app.entities.var()]);
     wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
     wait_http(&format!("{api}/healthz")).await;
     app.ingest_accounts().await;

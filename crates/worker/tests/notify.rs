@@ -24,21 +24,6 @@ async fn write_stale(env: &TestEnv, item: &items::Item) {
         .unwrap();
 }
 
-async fn subscribed(w: &stalewatch_testkit::Proc, times: usize) {
-    eventually(
-        Duration::from_secs(30),
-        "the worker to subscribe",
-        || async {
-            (w.output()
-                .matches("watching keyspace notifications")
-                .count()
-                >= times)
-                .then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_write_by_another_client_is_detected_without_the_sweep() {
     let env = TestEnv::new().await.unwrap();

@@ -8,40 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
+use common::{
+    capture::{App, Capture, ACCOUNTS},
+    *,
+};
 use diesel_async::RunQueryDsl;
-use stalewatch_testkit::{eventually, scaled, Proc, TestEnv};
-
-const SCHEMA: &str = "
-CREATE TABLE accounts (
-    id      bigint PRIMARY KEY,
-    email   text   NOT NULL,
-    balance bigint NOT NULL DEFAULT 0,
-    version bigint NOT NULL DEFAULT 1
-)";
-
-const ENTITIES: &str = r#"
-[[entity]]
-name = "account"
-table = "public.accounts"
-primary_key = ["id"]
-key = "${KEY_PREFIX}acct:{id}"
-representation = "json"
-columns = ["id", "email", "balance", "version"]
-version = "version"
-policy = "write_through"
-"#;
-
-struct App {
-    env: TestEnv,
-    entities: std::path::PathBuf,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.entities);
-    }
-}
+use stalewatch_testkit::{eventually, scaled, TestEnv};
 
 #[derive(diesel::QueryableByName)]
 struct Count {
@@ -50,21 +22,10 @@ struct Count {
 }
 
 impl App {
+    /// The shared PostgreSQL, a database each: no slot is involved.
     async fn new() -> App {
         let env = TestEnv::new().await.unwrap();
-        let entities = std::env::temp_dir().join(format!("outbox-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&entities, ENTITIES).unwrap();
-        let app = App { env, entities };
-        app.sql(SCHEMA).await;
-        app
-    }
-
-    async fn sql(&self, query: &str) {
-        let mut conn = self.env.pool.get().await.unwrap();
-        diesel::sql_query(query)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        App::start(env, None, Capture::Outbox, ACCOUNTS).await
     }
 
     async fn count(&self, query: &str) -> i64 {
@@ -79,101 +40,6 @@ impl App {
     async fn outbox_rows(&self) -> i64 {
         self.count("SELECT count(*) AS n FROM stalewatch_outbox")
             .await
-    }
-
-    fn key(&self, id: i64) -> String {
-        format!("{}acct:{id}", self.env.prefix)
-    }
-
-    /// Accounts `ids`, each cached exactly as the row is (the application's own writes).
-    async fn add_accounts(&self, ids: std::ops::RangeInclusive<i64>) {
-        let (lo, hi) = (ids.start(), ids.end());
-        self.sql(&format!(
-            "INSERT INTO accounts (id, email) SELECT i, 'u' || i || '@example.com' \
-             FROM generate_series({lo}, {hi}) i"
-        ))
-        .await;
-        self.cache(lo, hi).await;
-    }
-
-    async fn cache(&self, lo: &i64, hi: &i64) {
-        #[derive(diesel::QueryableByName)]
-        struct Doc {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            id: i64,
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            doc: String,
-        }
-        let mut conn = self.env.pool.get().await.unwrap();
-        let docs: Vec<Doc> = diesel::sql_query(format!(
-            "SELECT id, json_build_object('id', id, 'email', email, 'balance', balance, \
-             'version', version)::text AS doc FROM accounts WHERE id BETWEEN {lo} AND {hi}"
-        ))
-        .load(&mut conn)
-        .await
-        .unwrap();
-        let mut redis = self.env.cache.connection();
-        for chunk in docs.chunks(500) {
-            let mut cmd = redis::cmd("MSET");
-            for d in chunk {
-                cmd.arg(self.key(d.id)).arg(&d.doc);
-            }
-            cmd.query_async::<()>(&mut redis).await.unwrap();
-        }
-    }
-
-    fn worker(&self, extra: &[(&str, &str)]) -> (Proc, u16) {
-        let entities = self.entities.display().to_string();
-        let mut vars = vec![
-            ("ENTITIES", entities.as_str()),
-            ("CHANGE_CAPTURE", "outbox"),
-            ("SWEEP_INTERVAL_MS", "0"),
-            ("KEYSPACE_NOTIFICATIONS", "off"),
-            ("GRACE_PERIOD_MS", "1000"),
-        ];
-        vars.extend_from_slice(extra);
-        worker(&self.env, &vars)
-    }
-
-    /// Waits until the worker reads the outbox (its triggers are on the table by then).
-    async fn reading(&self, port: u16, w: &Proc) {
-        wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
-        eventually(
-            scaled(Duration::from_secs(60)),
-            "the worker to read the outbox",
-            || async {
-                (metric(port, "stalewatch_capture_active", &[]).await == 1.0).then_some(())
-            },
-        )
-        .await;
-        assert!(
-            w.output().contains("reading the change outbox"),
-            "{}",
-            w.output()
-        );
-    }
-
-    async fn state_of(&self, id: i64) -> Option<(String, String)> {
-        incidents_of(&self.env, &self.key(id))
-            .await
-            .into_iter()
-            .next()
-            .map(|i| (i.state, i.kind))
-    }
-
-    /// Waits until `id`'s newest incident is in `state`, and returns its kind.
-    async fn until_state(&self, id: i64, state: &str, within: Duration) -> String {
-        eventually(
-            scaled(within),
-            &format!("account {id} to be {state}"),
-            || async {
-                self.state_of(id)
-                    .await
-                    .filter(|(s, _)| s == state)
-                    .map(|(_, k)| k)
-            },
-        )
-        .await
     }
 
     /// Waits until the reader has deleted every outbox row.

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{api, wait_http, worker};
+use common::{api, wait_http, worker, TempDir};
 use serde_json::Value;
 use stalewatch_core::metrics::Metrics;
 use stalewatch_testkit::{eventually, free_port, Proc, TestEnv};
@@ -35,26 +35,6 @@ fn prometheus_bin() -> PathBuf {
                  which installs it (Debian's prometheus package), or apt-get install prometheus"
             )
         })
-}
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "stalewatch-{what}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The metric names of a /metrics page (the series' names, so a histogram's `_bucket` etc.).
@@ -109,7 +89,7 @@ async fn prometheus_scrapes_api_and_worker_and_evaluates_the_rules() {
 
     let dir = TempDir::new("prometheus");
     let alerts = repo_file("deploy/prometheus/alerts.yml");
-    let recording = dir.0.join("recording.yml");
+    let recording = dir.path().join("recording.yml");
     std::fs::write(
         &recording,
         "groups:\n  - name: e2e\n    rules:\n      - record: job:stalewatch_series:count\n        \
@@ -126,7 +106,7 @@ async fn prometheus_scrapes_api_and_worker_and_evaluates_the_rules() {
         alerts = alerts.display(),
         recording = recording.display(),
     );
-    let config_file = dir.0.join("prometheus.yml");
+    let config_file = dir.path().join("prometheus.yml");
     std::fs::write(&config_file, &config).unwrap();
 
     let port = free_port();
@@ -134,7 +114,7 @@ async fn prometheus_scrapes_api_and_worker_and_evaluates_the_rules() {
         &prometheus,
         &[
             &format!("--config.file={}", config_file.display()),
-            &format!("--storage.tsdb.path={}", dir.0.join("data").display()),
+            &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
             &format!("--web.listen-address=127.0.0.1:{port}"),
         ],
         &[],

@@ -18,7 +18,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 use stalewatch_core::incident::{Source, State};
-use stalewatch_testkit::{bin_path, eventually, scaled, TestEnv};
+use stalewatch_testkit::{eventually, scaled, TestEnv};
 
 const SCHEMA: &str = "
 CREATE TABLE accounts (
@@ -63,33 +63,15 @@ policy = "write_through"
 
 struct App {
     env: TestEnv,
-    file: std::path::PathBuf,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-async fn sql(env: &TestEnv, query: &str) {
-    use diesel_async::RunQueryDsl;
-    let mut conn = env.pool.get().await.unwrap();
-    for statement in query.split(';').filter(|s| !s.trim().is_empty()) {
-        diesel::sql_query(statement)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
+    entities: EntitiesFile,
 }
 
 impl App {
     async fn new() -> App {
         let env = TestEnv::new().await.unwrap();
-        sql(&env, SCHEMA).await;
-        let file = std::env::temp_dir().join(format!("entities-{}.toml", uuid::Uuid::new_v4()));
-        std::fs::write(&file, ENTITIES).unwrap();
-        App { env, file }
+        sql_script(&env, SCHEMA).await;
+        let entities = EntitiesFile::write("entities", ENTITIES);
+        App { env, entities }
     }
 
     fn key(&self, rest: &str) -> String {
@@ -97,40 +79,21 @@ impl App {
     }
 
     fn command(&self, entity: &str, extra: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(bin_path("stalewatch-worker"));
-        cmd.args(["rebuild", "--entity", entity])
-            .envs(self.env.env_vars())
-            .env("ENTITIES", &self.file)
-            .env("LOG_FORMAT", "json")
-            .envs(extra.iter().copied());
-        cmd
+        rebuild_command(&self.env, &self.entities, entity, extra)
     }
 
     /// Runs a rebuild to its end.
     async fn rebuild(&self, entity: &str, extra: &[(&str, &str)]) -> Output {
-        let mut cmd = self.command(entity, extra);
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap()
+        run_rebuild(&self.env, &self.entities, entity, extra).await
     }
 
     async fn redis<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut conn = self.env.cache.connection();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut conn).await.unwrap()
+        redis_cmd(&self.env, args).await
     }
 
     /// Deletes every key of this test matching `pattern` (after the prefix).
     async fn flush(&self, pattern: &str) {
-        let keys: Vec<String> = self.redis(&["KEYS", &self.key(pattern)]).await;
-        for chunk in keys.chunks(1000) {
-            let mut args = vec!["DEL"];
-            args.extend(chunk.iter().map(String::as_str));
-            let _: u64 = self.redis(&args).await;
-        }
+        flush_keys(&self.env, &self.key(pattern)).await;
     }
 
     /// Each account's (name, version) in PostgreSQL.
@@ -191,7 +154,7 @@ fn text(out: &Output) -> String {
 async fn a_flushed_entity_is_rebuilt_whole_and_its_incidents_resolve_with_cause_repair() {
     let app = App::new().await;
     let env = &app.env;
-    sql(
+    sql_script(
         env,
         "INSERT INTO accounts SELECT i, 'name-' || i, 1 FROM generate_series(1, 2500) AS i;
          INSERT INTO members SELECT c, u FROM generate_series(1, 40) AS c, generate_series(1, 25) AS u",
@@ -203,7 +166,7 @@ async fn a_flushed_entity_is_rebuilt_whole_and_its_incidents_resolve_with_cause_
         .redis(&["SET", &stale, r#"{"id":7,"name":"old","version":0}"#])
         .await;
     let mut config = env.config();
-    config.entities = Some(app.file.clone());
+    config.entities = Some(app.entities.path().to_path_buf());
     // Confirmed at once (no grace period), so it is a fault to fix, not a write in flight.
     config.grace_period = Duration::ZERO;
     let checker = env.checker(&config).await.unwrap();
@@ -289,7 +252,7 @@ async fn a_flushed_entity_is_rebuilt_whole_and_its_incidents_resolve_with_cause_
 async fn a_rebuild_racing_a_thousand_newer_writes_leaves_every_key_at_its_newest_version() {
     let app = Arc::new(App::new().await);
     let rows = 20_000;
-    sql(
+    sql_script(
         &app.env,
         &format!(
             "INSERT INTO accounts SELECT i, 'name-' || i, 1 FROM generate_series(1, {rows}) AS i"
@@ -435,7 +398,7 @@ async fn update(app: &App, id: i64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn of_two_rebuilds_started_together_one_runs_and_the_other_names_the_holder() {
     let app = App::new().await;
-    sql(
+    sql_script(
         &app.env,
         "INSERT INTO accounts SELECT i, 'name-' || i, 1 FROM generate_series(1, 5000) AS i",
     )
@@ -486,7 +449,7 @@ async fn of_two_rebuilds_started_together_one_runs_and_the_other_names_the_holde
 async fn a_set_is_swapped_in_whole_and_readers_never_see_it_half_built() {
     let app = Arc::new(App::new().await);
     // Campaign 1: 5,000 members in PostgreSQL; its cached set holds three others.
-    sql(
+    sql_script(
         &app.env,
         "INSERT INTO members SELECT 1, u FROM generate_series(1, 5000) AS u;
          INSERT INTO members SELECT c, 1 FROM generate_series(2, 3000) AS c",

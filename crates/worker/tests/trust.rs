@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use diesel_async::RunQueryDsl;
 use stalewatch_core::{
     compare::Kind,
     config::Config,
@@ -50,15 +49,6 @@ async fn consistent_items(env: &TestEnv, n: usize) -> Vec<Item> {
         out.push(cached_item(env, &format!("ok-{i}"), serde_json::json!({ "i": i })).await);
     }
     out
-}
-
-/// Runs one statement of plain SQL on the test's database, as someone with psql would.
-async fn sql(env: &TestEnv, statement: &str) -> usize {
-    let mut conn = env.pool.get().await.unwrap();
-    diesel::sql_query(statement)
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{statement}: {e}"))
 }
 
 /// The version field of the JSON document cached under `key`.

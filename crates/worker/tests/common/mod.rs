@@ -1,7 +1,21 @@
-//! Helpers for the tests that run the real binaries.
+//! Helpers for the tests that run the real binaries. Each test file compiles this module
+//! into its own binary and uses a part of it, hence `dead_code` allowed.
 #![allow(dead_code)]
 
-use std::time::Duration;
+pub mod capture;
+mod files;
+mod stores;
+
+// Re-exported for `use common::*`; each test binary uses a part of them.
+#[allow(unused_imports)]
+pub use files::{EntitiesFile, TempDir};
+#[allow(unused_imports)]
+pub use stores::{flush_keys, redis_cmd, sql, sql_script};
+
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
 
 use serde_json::Value;
 use stalewatch_core::{
@@ -26,6 +40,36 @@ pub fn worker(env: &TestEnv, extra: &[(&str, &str)]) -> (Proc, u16) {
     )
 }
 
+/// `stalewatch-worker rebuild --entity <entity>` for `entities`, with `extra` settings after
+/// the environment's, ready to run.
+pub fn rebuild_command(
+    env: &TestEnv,
+    entities: &EntitiesFile,
+    entity: &str,
+    extra: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(bin_path("stalewatch-worker"));
+    cmd.args(["rebuild", "--entity", entity])
+        .envs(env.env_vars())
+        .env("ENTITIES", entities.path())
+        .env("LOG_FORMAT", "json")
+        .envs(extra.iter().copied());
+    cmd
+}
+
+/// Runs a rebuild to its end (on a blocking thread: the runtime goes on serving the test).
+pub async fn run_rebuild(
+    env: &TestEnv,
+    entities: &EntitiesFile,
+    entity: &str,
+    extra: &[(&str, &str)],
+) -> Output {
+    let mut cmd = rebuild_command(env, entities, entity, extra);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
 pub fn api(env: &TestEnv, extra: &[(&str, &str)]) -> (Proc, String) {
     let port = free_port();
     let mut vars = env.env_vars();
@@ -39,6 +83,49 @@ pub fn api(env: &TestEnv, extra: &[(&str, &str)]) -> (Proc, String) {
         Proc::spawn(&bin_path("stalewatch-api"), &[], &vars),
         format!("http://127.0.0.1:{port}"),
     )
+}
+
+/// Waits until the worker has subscribed to keyspace notifications `times` times in all
+/// (a renewed subscription logs the line again).
+pub async fn subscribed(w: &Proc, times: usize) {
+    eventually(
+        Duration::from_secs(30),
+        "the worker to subscribe",
+        || async {
+            (w.output()
+                .matches("watching keyspace notifications")
+                .count()
+                >= times)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Starts a rebuild of `entity` through the API and waits (up to `within`) until it is no
+/// longer running; its last status.
+pub async fn rebuild_through_api(
+    client: &reqwest::Client,
+    api_url: &str,
+    entity: &str,
+    within: Duration,
+) -> Value {
+    let started = client
+        .post(format!("{api_url}/entities/{entity}/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), reqwest::StatusCode::ACCEPTED, "{entity}");
+    eventually(within, "the rebuild to end", || {
+        let req = client
+            .get(format!("{api_url}/entities/{entity}/rebuild"))
+            .send();
+        async move {
+            let status: Value = req.await.ok()?.json().await.ok()?;
+            (status["state"] != "running").then_some(status)
+        }
+    })
+    .await
 }
 
 pub async fn wait_http(url: &str) {
@@ -88,6 +175,25 @@ pub async fn incidents_of(env: &TestEnv, key: &str) -> Vec<IncidentRow> {
     )
     .await
     .unwrap()
+}
+
+/// The newest incident of `key`, if it has any.
+pub async fn latest(env: &TestEnv, key: &str) -> Option<IncidentRow> {
+    incidents_of(env, key).await.into_iter().next()
+}
+
+/// Waits until the newest incident of `key` is confirmed (or, later still, persistent).
+pub async fn confirmed(env: &TestEnv, key: &str) -> IncidentRow {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{key} confirmed"),
+        || async {
+            latest(env, key)
+                .await
+                .filter(|r| matches!(r.state.as_str(), "confirmed" | "persistent"))
+        },
+    )
+    .await
 }
 
 pub async fn all_incidents(env: &TestEnv) -> Vec<IncidentRow> {
