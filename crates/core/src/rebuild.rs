@@ -330,7 +330,7 @@ impl Sending {
 
     fn next(&mut self) -> Versioned {
         self.pages += 1;
-        if self.script && self.pages % Self::PROBE_EVERY != 0 {
+        if self.script && !self.pages.is_multiple_of(Self::PROBE_EVERY) {
             Versioned::Script
         } else {
             Versioned::AbsentFirst

@@ -10,7 +10,7 @@ use stalewatch_core::{
     lease::Lease,
     shards::{self, Round},
 };
-use stalewatch_testkit::TestEnv;
+use stalewatch_testkit::{scaled, TestEnv};
 use stalewatch_worker::{app, sweep::Sweeper};
 use tokio_util::sync::CancellationToken;
 
@@ -144,10 +144,12 @@ async fn a_shard_held_by_another_worker_is_left_alone_and_the_round_waits_for_it
         4,
         "three ranges and the keys: {planned:?}"
     );
+    // Held for as long as the test may take on a busy machine: a lease that ran out under it
+    // would hand the shard to `first` and fail the test for the wrong reason.
     let held = Lease::try_acquire(
         &conn,
         &env.keys().sweep_shard_lease(planned.id, 0),
-        Duration::from_secs(30),
+        scaled(Duration::from_secs(60)),
     )
     .await
     .unwrap()
