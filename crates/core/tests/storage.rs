@@ -651,3 +651,62 @@ async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
         "the history is probed by index:\n{plan}"
     );
 }
+
+#[tokio::test]
+async fn open_incidents_of_a_batch_are_probed_by_index_when_most_incidents_are_open() {
+    use diesel::{sql_query, sql_types::Text};
+    use diesel_async::RunQueryDsl;
+
+    #[derive(diesel::QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        text: String,
+    }
+
+    // A storm: 20,000 open incidents and nothing else, with fresh statistics. Each batch of
+    // 1,000 keys asks which of them has one.
+    let env = TestEnv::new().await.unwrap();
+    let mut conn = env.pool.get().await.unwrap();
+    sql_query(
+        "INSERT INTO inconsistencies (cache_key, entity, entity_id, state, kind, diff, \
+         first_seen_at, confirm_due_at, last_seen_at, observations) \
+         SELECT 'storm:' || g, 'item', g::text, 'detected', 'stale', '', now(), now(), now(), 1 \
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sql_query("ANALYZE inconsistencies")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("storm:{}", i * 20 + 1)).collect();
+    let batch = format!("'{{{}}}'::text[]", keys.join(","));
+    let plan: Vec<Line> = sql_query(format!(
+        "EXPLAIN {}",
+        incidents::OPEN_FOR_KEYS.replace("$1::text[]", &batch)
+    ))
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let plan = plan
+        .into_iter()
+        .map(|l| l.text)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !plan.contains("Seq Scan on inconsistencies"),
+        "every open incident is read for each batch:\n{plan}"
+    );
+    assert!(
+        plan.contains("Index Scan using inconsistencies_one_open_per_key"),
+        "each key is probed in the open incidents' index:\n{plan}"
+    );
+
+    // And it reads what it should: the open incident of each key that has one.
+    let mut asked = keys[..3].to_vec();
+    asked.push("calm:1".into());
+    let open = incidents::open_for_keys(&*conn, &asked).await.unwrap();
+    assert_eq!(open.len(), 3, "{open:?}");
+    assert_eq!(open["storm:21"].entity_id, "21");
+}
