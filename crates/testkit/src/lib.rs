@@ -484,11 +484,12 @@ impl Proc {
         let out = std::fs::File::create(&log).expect("log file");
         let child = std::process::Command::new(program)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // The default first, so a test that sets RUST_LOG itself gets its own.
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
