@@ -585,13 +585,8 @@ async fn a_refresh_never_puts_back_an_older_version() {
     assert_eq!(cached["version"], 7);
 }
 
-/// A batch of new incidents costs index probes, not a pass over the incident history. Written
-/// as `NOT EXISTS`, the check for "resolved since this observation" was planned as a hash
-/// anti-join over every incident whenever the table's statistics were missing or behind: a
-/// young table, or the middle of a storm of new incidents, before autovacuum's ANALYZE. Here
-/// the rows go in without an ANALYZE, as in a storm.
-#[tokio::test(flavor = "multi_thread")]
-async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
+/// PostgreSQL's plan for `statement` (EXPLAIN), one line per node.
+async fn plan_of(conn: &mut diesel_async::AsyncPgConnection, statement: &str) -> String {
     use diesel::{sql_query, sql_types::Text};
     use diesel_async::RunQueryDsl;
 
@@ -600,6 +595,26 @@ async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
         #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
         text: String,
     }
+    let lines: Vec<Line> = sql_query(format!("EXPLAIN {statement}"))
+        .load(conn)
+        .await
+        .unwrap();
+    lines
+        .into_iter()
+        .map(|l| l.text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A batch of new incidents costs index probes, not a pass over the incident history. Written
+/// as `NOT EXISTS`, the check for "resolved since this observation" was planned as a hash
+/// anti-join over every incident whenever the table's statistics were missing or behind: a
+/// young table, or the middle of a storm of new incidents, before autovacuum's ANALYZE. Here
+/// the rows go in without an ANALYZE, as in a storm.
+#[tokio::test(flavor = "multi_thread")]
+async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
+    use diesel::sql_query;
+    use diesel_async::RunQueryDsl;
 
     let env = TestEnv::new().await.unwrap();
     let mut conn = env.pool.get().await.unwrap();
@@ -636,12 +651,11 @@ async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
         fill("now()", "timestamptz"),
         fill("1", "bigint"),
     ];
-    let plan: Vec<Line> = sql_query(format!("EXPLAIN EXECUTE insert_many({})", args.join(", ")))
-        .load(&mut conn)
-        .await
-        .unwrap();
-    let plan: Vec<String> = plan.into_iter().map(|l| l.text).collect();
-    let plan = plan.join("\n");
+    let plan = plan_of(
+        &mut conn,
+        &format!("EXECUTE insert_many({})", args.join(", ")),
+    )
+    .await;
     assert!(
         !plan.contains("Seq Scan on inconsistencies"),
         "the batch reads the whole history:\n{plan}"
@@ -654,14 +668,8 @@ async fn opening_a_batch_of_incidents_does_not_read_the_whole_history() {
 
 #[tokio::test]
 async fn open_incidents_of_a_batch_are_probed_by_index_when_most_incidents_are_open() {
-    use diesel::{sql_query, sql_types::Text};
+    use diesel::sql_query;
     use diesel_async::RunQueryDsl;
-
-    #[derive(diesel::QueryableByName)]
-    struct Line {
-        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
-        text: String,
-    }
 
     // A storm: 20,000 open incidents and nothing else, with fresh statistics. Each batch of
     // 1,000 keys asks which of them has one.
@@ -682,18 +690,11 @@ async fn open_incidents_of_a_batch_are_probed_by_index_when_most_incidents_are_o
         .unwrap();
     let keys: Vec<String> = (0..1000).map(|i| format!("storm:{}", i * 20 + 1)).collect();
     let batch = format!("'{{{}}}'::text[]", keys.join(","));
-    let plan: Vec<Line> = sql_query(format!(
-        "EXPLAIN {}",
-        incidents::OPEN_FOR_KEYS.replace("$1::text[]", &batch)
-    ))
-    .load(&mut conn)
-    .await
-    .unwrap();
-    let plan = plan
-        .into_iter()
-        .map(|l| l.text)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = plan_of(
+        &mut conn,
+        &incidents::OPEN_FOR_KEYS.replace("$1::text[]", &batch),
+    )
+    .await;
     assert!(
         !plan.contains("Seq Scan on inconsistencies"),
         "every open incident is read for each batch:\n{plan}"
@@ -706,7 +707,7 @@ async fn open_incidents_of_a_batch_are_probed_by_index_when_most_incidents_are_o
     // And it reads what it should: the open incident of each key that has one.
     let mut asked = keys[..3].to_vec();
     asked.push("calm:1".into());
-    let open = incidents::open_for_keys(&*conn, &asked).await.unwrap();
+    let open = incidents::open_for_keys(&conn, &asked).await.unwrap();
     assert_eq!(open.len(), 3, "{open:?}");
     assert_eq!(open["storm:21"].entity_id, "21");
 }
