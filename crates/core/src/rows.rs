@@ -446,20 +446,18 @@ impl Rows {
         let mut c = conn;
         let raws = query.load::<Raw>(&mut c);
         let (at, raws) = futures::try_join!(db::now(conn), async { Ok(raws.await?) })?;
-        let mut last = None;
+        // The cursor is the last row's walk columns: read once, not for every row.
+        let last = raws.last().and_then(|raw| {
+            self.walk_columns
+                .iter()
+                .map(|(name, _)| self.key_text(&raw.keys, name))
+                .collect::<Option<Vec<String>>>()
+        });
         let rows = raws
             .into_iter()
-            .map(|raw| {
-                let text = |c: &str| self.key_text(&raw.keys, c);
-                last = self
-                    .walk_columns
-                    .iter()
-                    .map(|(name, _)| text(name))
-                    .collect::<Option<Vec<String>>>();
-                PageRow {
-                    key: self.entity.key.render(text),
-                    row: self.decode(&raw.doc).map(Some),
-                }
+            .map(|raw| PageRow {
+                key: self.entity.key.render(|c| self.key_text(&raw.keys, c)),
+                row: self.decode(&raw.doc).map(Some),
             })
             .collect();
         Ok((at, rows, last))
