@@ -65,6 +65,9 @@ pub struct Metrics {
     pub capture_unmapped: IntCounterVec,
     /// Commit of a change to its check being queued (settle delay included).
     pub capture_delay: Histogram,
+    /// Commit of a transaction to its reading from the slot: PostgreSQL's and the network's
+    /// share of `capture_delay`, so a slow server can be told from a slow reader.
+    pub capture_read_delay: Histogram,
     /// WAL the slot holds back, in bytes (-1 when the slot does not exist).
     pub capture_retained_wal: IntGauge,
     /// Times the slot was found dropped, lost or re-created: changes may have been missed.
@@ -313,6 +316,14 @@ impl Metrics {
                     0.1075, 0.11, 0.125, 0.15, 0.2, 0.5, 1.0, 2.5, 10.0,
                 ],
             ),
+            capture_read_delay: plain_histogram(
+                "stalewatch_capture_read_delay_seconds",
+                "Commit of a transaction to its reading from the replication slot",
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+                    1.0, 10.0,
+                ],
+            ),
             capture_retained_wal: gauge(
                 "stalewatch_capture_retained_wal_bytes",
                 "WAL the replication slot holds back (-1: no slot)",
@@ -494,6 +505,7 @@ impl Metrics {
             capture_keys,
             capture_unmapped,
             capture_delay,
+            capture_read_delay,
             capture_retained_wal,
             capture_slot_lost,
             capture_active,
@@ -517,7 +529,7 @@ impl Metrics {
             ingest_pending,
             watermark_lag,
         } = self;
-        let collectors: [&dyn Collector; 45] = [
+        let collectors: [&dyn Collector; 46] = [
             cache_requests,
             transitions,
             open_incidents,
@@ -541,6 +553,7 @@ impl Metrics {
             capture_keys,
             capture_unmapped,
             capture_delay,
+            capture_read_delay,
             capture_retained_wal,
             capture_slot_lost,
             capture_active,

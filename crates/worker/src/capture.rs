@@ -312,6 +312,12 @@ impl<'a> Reader<'a> {
                 end_lsn,
                 commit_time_micros,
             } => {
+                let read_us = chrono::Utc::now().timestamp_micros()
+                    - (commit_time_micros + PG_EPOCH_UNIX_US);
+                self.ctx
+                    .metrics()
+                    .capture_read_delay
+                    .observe(read_us.max(0) as f64 / 1e6);
                 let keys = self.txn.take().unwrap_or_default();
                 let txn = std::mem::take(&mut self.txn_invalidations);
                 let now = self.batcher.add(lsn.as_u64(), txn, Instant::now());
