@@ -229,15 +229,17 @@ async fn handle(
     for pattern in patterns {
         delete_matching(ctx, pattern).await?;
     }
+    // The keys are gone now, which is what the delay measures; the acknowledgement below
+    // only tells the group.
+    let deleted_us = chrono::Utc::now().timestamp_micros();
     let _: () = conn
         .xack(&group.stream, GROUP, &ids)
         .await
         .context("acknowledging invalidations")?;
     let metrics = ctx.metrics();
     metrics.keys_invalidated.inc_by(keys.len() as u64);
-    let now_us = chrono::Utc::now().timestamp_micros();
     for e in &entries {
-        let delay = (now_us - e.commit_time_us).max(0) as f64 / 1e6;
+        let delay = (deleted_us - e.commit_time_us).max(0) as f64 / 1e6;
         metrics.invalidation_delay.observe(delay);
     }
     Ok(())
