@@ -344,8 +344,10 @@ impl Metrics {
             invalidation_delay: plain_histogram(
                 "stalewatch_invalidation_delay_seconds",
                 "Commit of a change to its keys being deleted",
+                // Fine around 10 ms, the latency the invalidation path is held to.
                 vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 10.0,
                 ],
             ),
             invalidations_reclaimed: plain_counter(

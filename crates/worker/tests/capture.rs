@@ -113,6 +113,11 @@ async fn a_transaction_of_many_rows_makes_a_bounded_number_of_check_jobs() {
         metric(port, "stalewatch_capture_keys_total", &[]).await,
         5000.0
     );
+    // The time to read it from the slot is the transaction's, observed once.
+    assert_eq!(
+        metric(port, "stalewatch_capture_read_delay_seconds_count", &[]).await,
+        1.0
+    );
     let jobs = metric(
         port,
         "stalewatch_jobs_total",
