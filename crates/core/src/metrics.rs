@@ -320,8 +320,8 @@ impl Metrics {
                 "stalewatch_capture_read_delay_seconds",
                 "Commit of a transaction to its reading from the replication slot",
                 vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
-                    1.0, 10.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    10.0,
                 ],
             ),
             capture_retained_wal: gauge(

@@ -312,12 +312,10 @@ impl<'a> Reader<'a> {
                 end_lsn,
                 commit_time_micros,
             } => {
-                let read_us = chrono::Utc::now().timestamp_micros()
-                    - (commit_time_micros + PG_EPOCH_UNIX_US);
                 self.ctx
                     .metrics()
                     .capture_read_delay
-                    .observe(read_us.max(0) as f64 / 1e6);
+                    .observe(since_commit(now_us(), commit_time_micros));
                 let keys = self.txn.take().unwrap_or_default();
                 let txn = std::mem::take(&mut self.txn_invalidations);
                 let now = self.batcher.add(lsn.as_u64(), txn, Instant::now());
@@ -635,12 +633,23 @@ pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Re
     }
     // This worker's own check worker need not wait for its next poll.
     ctx.check_wake.notify_one();
-    let now_us = chrono::Utc::now().timestamp_micros();
+    let now = now_us();
     for commit_us in due.commit_us {
-        let delay = (now_us - (commit_us + PG_EPOCH_UNIX_US)).max(0);
-        ctx.metrics().capture_delay.observe(delay as f64 / 1e6);
+        ctx.metrics()
+            .capture_delay
+            .observe(since_commit(now, commit_us));
     }
     Ok(())
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Seconds from a commit time (microseconds since the PostgreSQL epoch) to `now_us` (since
+/// the Unix epoch); never negative, should the two clocks disagree.
+fn since_commit(now_us: i64, commit_us: i64) -> f64 {
+    (now_us - (commit_us + PG_EPOCH_UNIX_US)).max(0) as f64 / 1e6
 }
 
 /// The replication connection's settings, from DATABASE_URL.
