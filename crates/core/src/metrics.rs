@@ -65,8 +65,9 @@ pub struct Metrics {
     pub capture_unmapped: IntCounterVec,
     /// Commit of a change to its check being queued (settle delay included).
     pub capture_delay: Histogram,
-    /// Commit of a transaction to its reading from the slot: PostgreSQL's and the network's
-    /// share of `capture_delay`, so a slow server can be told from a slow reader.
+    /// Commit of a transaction to its reading from the slot: the part of `capture_delay` spent
+    /// in PostgreSQL, the network and the reader's wake-up, so a slow server can be told from
+    /// a slow reader.
     pub capture_read_delay: Histogram,
     /// WAL the slot holds back, in bytes (-1 when the slot does not exist).
     pub capture_retained_wal: IntGauge,
