@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use stalewatch_core::db::items;
-use stalewatch_testkit::{bin_path, eventually, free_port, scaled, Proc, TestEnv, ADMIN_TOKEN};
+use stalewatch_testkit::{bin_path, eventually, free_port, Proc, TestEnv, ADMIN_TOKEN};
 
 fn api(env: &TestEnv) -> (Proc, String) {
     let port = free_port();
@@ -36,7 +36,7 @@ async fn an_admin_starts_a_rebuild_and_follows_it_to_the_end() {
     }
     let (_api, url) = api(&env);
     let client = reqwest::Client::new();
-    eventually(scaled(Duration::from_secs(30)), "the API to answer", || {
+    eventually(Duration::from_secs(30), "the API to answer", || {
         let req = client.get(format!("{url}/readyz")).send();
         async move {
             req.await
@@ -102,17 +102,13 @@ async fn an_admin_starts_a_rebuild_and_follows_it_to_the_end() {
     assert_eq!(r.status(), 202);
     let started: Value = r.json().await.unwrap();
     assert_eq!(started["state"], "running", "{started}");
-    let done: Value = eventually(
-        scaled(Duration::from_secs(30)),
-        "the rebuild to end",
-        || {
-            let req = client.get(&route).send();
-            async move {
-                let status: Value = req.await.ok()?.json().await.ok()?;
-                (status["state"] != "running").then_some(status)
-            }
-        },
-    )
+    let done: Value = eventually(Duration::from_secs(30), "the rebuild to end", || {
+        let req = client.get(&route).send();
+        async move {
+            let status: Value = req.await.ok()?.json().await.ok()?;
+            (status["state"] != "running").then_some(status)
+        }
+    })
     .await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["summary"]["keys"], 300, "{done}");

@@ -78,14 +78,9 @@ async fn a_change_the_application_caches_in_time_opens_no_incident() {
         .await;
     app.until_state(2, "detected", Duration::from_secs(10))
         .await;
-    eventually(
-        scaled(Duration::from_secs(10)),
-        "both keys checked",
-        || async {
-            (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 2.0)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(10), "both keys checked", || async {
+        (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 2.0).then_some(())
+    })
     .await;
     assert_eq!(app.state_of(1).await, None, "{}", w.output());
 }
@@ -99,14 +94,9 @@ async fn a_transaction_of_many_rows_makes_a_bounded_number_of_check_jobs() {
 
     app.sql("UPDATE accounts SET balance = balance + 1, version = version + 1")
         .await;
-    eventually(
-        scaled(Duration::from_secs(60)),
-        "5,000 keys checked",
-        || async {
-            (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 5000.0)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(60), "5,000 keys checked", || async {
+        (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 5000.0).then_some(())
+    })
     .await;
     // Counted once the push succeeded, with the jobs it pushed.
     assert_eq!(
@@ -148,7 +138,7 @@ async fn a_reader_killed_mid_stream_loses_no_committed_change() {
         .await;
     }
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "the reader to have read every change",
         || async {
             (metric(port, "stalewatch_capture_changes_total", &[]).await >= 300.0).then_some(())
@@ -168,7 +158,7 @@ async fn a_reader_killed_mid_stream_loses_no_committed_change() {
         .await
         .unwrap();
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "a status update after the last change was read",
         || async {
             let replied: Text = diesel::sql_query(
@@ -195,7 +185,7 @@ async fn a_reader_killed_mid_stream_loses_no_committed_change() {
     let (w2, port2) = app.worker(&[("CHANGE_SETTLE_MS", "100")]);
     app.reading(port2, &w2).await;
     eventually(
-        scaled(Duration::from_secs(60)),
+        Duration::from_secs(60),
         "every changed account to have an incident",
         || async {
             let open = all_incidents(&app.env).await;
@@ -219,14 +209,9 @@ async fn a_dropped_slot_is_reported_and_the_sweep_covers_the_gap() {
     // purpose can find what follows.
     let (w, port) = app.worker(&[("SWEEP_INTERVAL_MS", "3600000")]);
     app.reading(port, &w).await;
-    eventually(
-        scaled(Duration::from_secs(30)),
-        "a first sweep pass",
-        || async {
-            (metric(port, "stalewatch_sweep_duration_seconds_count", &[]).await >= 1.0)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(30), "a first sweep pass", || async {
+        (metric(port, "stalewatch_sweep_duration_seconds_count", &[]).await >= 1.0).then_some(())
+    })
     .await;
 
     // A divergence that makes no change in PostgreSQL (notifications are off): only a sweep
@@ -240,32 +225,24 @@ async fn a_dropped_slot_is_reported_and_the_sweep_covers_the_gap() {
         .unwrap();
 
     // The slot goes away under the reader (an operator, a failover).
-    eventually(
-        scaled(Duration::from_secs(30)),
-        "the slot dropped",
-        || async {
-            let mut conn = app.env.pool.get().await.unwrap();
-            let _ = diesel::sql_query(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+    eventually(Duration::from_secs(30), "the slot dropped", || async {
+        let mut conn = app.env.pool.get().await.unwrap();
+        let _ = diesel::sql_query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
              WHERE slot_name = 'stalewatch' AND active_pid IS NOT NULL",
-            )
+        )
+        .execute(&mut conn)
+        .await;
+        diesel::sql_query("SELECT pg_drop_replication_slot('stalewatch')")
             .execute(&mut conn)
-            .await;
-            diesel::sql_query("SELECT pg_drop_replication_slot('stalewatch')")
-                .execute(&mut conn)
-                .await
-                .ok()
-        },
-    )
+            .await
+            .ok()
+    })
     .await;
 
-    eventually(
-        scaled(Duration::from_secs(30)),
-        "the loss reported",
-        || async {
-            (metric(port, "stalewatch_capture_slot_lost_total", &[]).await >= 1.0).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(30), "the loss reported", || async {
+        (metric(port, "stalewatch_capture_slot_lost_total", &[]).await >= 1.0).then_some(())
+    })
     .await;
     assert!(
         w.output().contains("does not exist any more"),
@@ -307,7 +284,7 @@ async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
         .await
         .unwrap();
     eventually(
-        scaled(Duration::from_secs(60)),
+        Duration::from_secs(60),
         "the slot to be confirmed past the unwatched writes",
         || async {
             let confirmed: Lsn = diesel::sql_query(
@@ -323,7 +300,7 @@ async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
     )
     .await;
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "the retained WAL to be reported",
         || async {
             // Present and not -1 (no slot): an absent metric would sum to -0.0, which is
@@ -362,7 +339,7 @@ async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window
 
     for window in ["1s", "2s"] {
         let (consistent, inconsistent) = eventually(
-            scaled(Duration::from_secs(20)),
+            Duration::from_secs(20),
             &format!("both changes probed in the {window} window"),
             || async {
                 let count = |result: &'static str| {
@@ -421,7 +398,7 @@ impl App {
 
     async fn until_gone(&self, key: &str) {
         eventually(
-            scaled(Duration::from_secs(20)),
+            Duration::from_secs(20),
             &format!("{key} to be invalidated"),
             || async { (!self.exists(key).await).then_some(()) },
         )
@@ -480,16 +457,12 @@ async fn a_poison_entry_is_dead_lettered_and_the_group_goes_on() {
     app.stream(&["XADD", &stream, "*", "change", "{not json"])
         .await;
 
-    eventually(
-        scaled(Duration::from_secs(20)),
-        "the dead letter",
-        || async {
-            match app.stream(&["XLEN", &dead]).await {
-                redis::Value::Int(n) if n >= 1 => Some(()),
-                _ => None,
-            }
-        },
-    )
+    eventually(Duration::from_secs(20), "the dead letter", || async {
+        match app.stream(&["XLEN", &dead]).await {
+            redis::Value::Int(n) if n >= 1 => Some(()),
+            _ => None,
+        }
+    })
     .await;
     // The group is not stuck behind it.
     app.sql("UPDATE accounts SET balance = 3 WHERE id = 2")
@@ -519,14 +492,9 @@ async fn entries_a_dead_consumer_left_pending_are_claimed_by_another() {
     app.stream(&["XGROUP", "CREATE", &stream, "stalewatch", "0", "MKSTREAM"])
         .await;
     app.sql("UPDATE accounts SET balance = balance + 1").await;
-    eventually(
-        scaled(Duration::from_secs(20)),
-        "5 entries published",
-        || async {
-            (metric(port, "stalewatch_invalidations_published_total", &[]).await >= 5.0)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(20), "5 entries published", || async {
+        (metric(port, "stalewatch_invalidations_published_total", &[]).await >= 5.0).then_some(())
+    })
     .await;
     // A consumer reads them all and dies before acknowledging any.
     app.stream(&[
@@ -567,7 +535,7 @@ async fn an_invalidation_resolves_the_open_incident_of_its_key() {
     // A wrong value for the email key, seen at once by the keyspace notification.
     let key = app.email_key("u1@example.com");
     eventually(
-        scaled(Duration::from_secs(20)),
+        Duration::from_secs(20),
         "the wrong value detected",
         || async {
             app.set(&key, "99").await;
@@ -577,7 +545,7 @@ async fn an_invalidation_resolves_the_open_incident_of_its_key() {
     )
     .await;
     eventually(
-        scaled(Duration::from_secs(20)),
+        Duration::from_secs(20),
         "the incident confirmed",
         || async {
             let newest = incidents_of(&app.env, &key).await.into_iter().next()?;
@@ -588,14 +556,10 @@ async fn an_invalidation_resolves_the_open_incident_of_its_key() {
 
     app.sql("UPDATE accounts SET balance = 5, version = 2 WHERE id = 1")
         .await;
-    let resolution = eventually(
-        scaled(Duration::from_secs(20)),
-        "the incident resolved",
-        || async {
-            let newest = incidents_of(&app.env, &key).await.into_iter().next()?;
-            (newest.state == "resolved").then_some(newest.resolution)
-        },
-    )
+    let resolution = eventually(Duration::from_secs(20), "the incident resolved", || async {
+        let newest = incidents_of(&app.env, &key).await.into_iter().next()?;
+        (newest.state == "resolved").then_some(newest.resolution)
+    })
     .await;
     assert_eq!(resolution.as_deref(), Some("invalidation"));
     assert!(!app.exists(&key).await);
@@ -846,7 +810,7 @@ async fn a_capture_process_killed_mid_stream_publishes_every_commit_at_least_onc
         }
     });
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "a first hundred entries published",
         || async {
             (metric(port, "stalewatch_invalidations_published_total", &[]).await >= 100.0)
@@ -865,7 +829,7 @@ async fn a_capture_process_killed_mid_stream_publishes_every_commit_at_least_onc
         .map(|id| app.email_key(&format!("u{id}@example.com")))
         .collect();
     let entries = eventually(
-        scaled(Duration::from_secs(60)),
+        Duration::from_secs(60),
         "an entry for every commit",
         || async {
             let entries = app.streamed().await;
@@ -918,7 +882,7 @@ async fn a_consumer_process_killed_between_read_and_ack_is_taken_over_by_another
     app.sql("UPDATE accounts SET balance = balance + 1").await;
     let stream = format!("{}invalidations", app.env.prefix);
     let pending = eventually(
-        scaled(Duration::from_secs(20)),
+        Duration::from_secs(20),
         "entries read and not acknowledged",
         || async {
             match app.stream(&["XPENDING", &stream, "stalewatch"]).await {
@@ -952,7 +916,7 @@ async fn a_consumer_process_killed_between_read_and_ack_is_taken_over_by_another
             .await;
     }
     eventually(
-        scaled(Duration::from_secs(20)),
+        Duration::from_secs(20),
         "the dead consumer's entries claimed",
         || async {
             (metric(port_b, "stalewatch_invalidations_reclaimed_total", &[]).await

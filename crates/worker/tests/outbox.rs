@@ -45,7 +45,7 @@ impl App {
     /// Waits until the reader has deleted every outbox row.
     async fn outbox_emptied(&self) {
         eventually(
-            scaled(Duration::from_secs(30)),
+            Duration::from_secs(30),
             "the outbox to be emptied",
             || async { (self.outbox_rows().await == 0).then_some(()) },
         )
@@ -117,14 +117,9 @@ async fn a_change_the_application_caches_in_time_opens_no_incident() {
         .await;
     app.until_state(2, "detected", Duration::from_secs(10))
         .await;
-    eventually(
-        scaled(Duration::from_secs(10)),
-        "both keys checked",
-        || async {
-            (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 2.0)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(10), "both keys checked", || async {
+        (metric(port, "stalewatch_checks_total", &["source=\"cdc\""]).await >= 2.0).then_some(())
+    })
     .await;
     assert_eq!(app.state_of(1).await, None, "{}", w.output());
 }
@@ -150,7 +145,7 @@ async fn a_reader_killed_while_changes_settle_loses_none() {
         .await;
     }
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "the reader to have read every change",
         || async {
             (metric(port, "stalewatch_capture_changes_total", &[]).await >= 300.0).then_some(())
@@ -176,7 +171,7 @@ async fn a_reader_killed_while_changes_settle_loses_none() {
     let (w2, port2) = app.worker(&[("CHANGE_SETTLE_MS", "100")]);
     app.reading(port2, &w2).await;
     eventually(
-        scaled(Duration::from_secs(60)),
+        Duration::from_secs(60),
         "every changed account to have an incident",
         || async {
             let open = all_incidents(&app.env).await;

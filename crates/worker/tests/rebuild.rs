@@ -18,7 +18,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 use stalewatch_core::incident::{Source, State};
-use stalewatch_testkit::{eventually, scaled, TestEnv};
+use stalewatch_testkit::{eventually, TestEnv};
 
 const SCHEMA: &str = "
 CREATE TABLE accounts (
@@ -272,7 +272,7 @@ async fn a_rebuild_racing_a_thousand_newer_writes_leaves_every_key_at_its_newest
         .unwrap();
     // Started: its first page is written.
     eventually(
-        scaled(Duration::from_secs(30)),
+        Duration::from_secs(30),
         "the rebuild to start writing",
         || {
             let app = app.clone();

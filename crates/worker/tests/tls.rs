@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{api, metric, wait_http, worker};
 use diesel::{sql_types::BigInt, QueryableByName};
 use diesel_async::RunQueryDsl;
-use stalewatch_testkit::{eventually, free_port, scaled, tls, tls::Pki, PgServer, TestEnv};
+use stalewatch_testkit::{eventually, free_port, tls, tls::Pki, PgServer, TestEnv};
 
 #[derive(QueryableByName)]
 struct Sessions {
@@ -50,7 +50,7 @@ async fn the_worker_runs_over_verified_tls_and_stops_on_an_untrusted_certificate
     );
     wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
     eventually(
-        scaled(Duration::from_secs(60)),
+        Duration::from_secs(60),
         "the worker to read the replication slot",
         || async { (metric(port, "stalewatch_capture_active", &[]).await == 1.0).then_some(()) },
     )
@@ -94,14 +94,10 @@ async fn the_worker_runs_over_verified_tls_and_stops_on_an_untrusted_certificate
         pg.port()
     );
     let (mut w, _) = worker(&env, &[("DATABASE_URL", &untrusted)]);
-    let status = eventually(
-        scaled(Duration::from_secs(30)),
-        "the worker to stop",
-        || {
-            let status = w.child.try_wait().unwrap();
-            async move { status }
-        },
-    )
+    let status = eventually(Duration::from_secs(30), "the worker to stop", || {
+        let status = w.child.try_wait().unwrap();
+        async move { status }
+    })
     .await;
     let output = w.output();
     assert!(!status.success(), "{output}");

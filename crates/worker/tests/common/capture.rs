@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use diesel_async::RunQueryDsl;
-use stalewatch_testkit::{eventually, scaled, PgServer, Proc, TestEnv};
+use stalewatch_testkit::{eventually, PgServer, Proc, TestEnv};
 
 use super::{incidents_of, metric, sql, wait_http, worker, EntitiesFile};
 
@@ -156,7 +156,7 @@ impl App {
         let (source, line) = self.capture.source();
         wait_http(&format!("http://127.0.0.1:{port}/healthz")).await;
         eventually(
-            scaled(Duration::from_secs(60)),
+            Duration::from_secs(60),
             &format!("the worker to read {source}"),
             || async {
                 (metric(port, "stalewatch_capture_active", &[]).await == 1.0).then_some(())
@@ -176,16 +176,12 @@ impl App {
 
     /// Waits until `id`'s newest incident is in `state`, and returns its kind.
     pub async fn until_state(&self, id: i64, state: &str, within: Duration) -> String {
-        eventually(
-            scaled(within),
-            &format!("account {id} to be {state}"),
-            || async {
-                self.state_of(id)
-                    .await
-                    .filter(|(s, _)| s == state)
-                    .map(|(_, k)| k)
-            },
-        )
+        eventually(within, &format!("account {id} to be {state}"), || async {
+            self.state_of(id)
+                .await
+                .filter(|(s, _)| s == state)
+                .map(|(_, k)| k)
+        })
         .await
     }
 }
