@@ -96,10 +96,70 @@ pub struct SloJob {
     /// The latest commit of the keys' changes plus the window: the handler never probes
     /// before it.
     pub due_at: DateTime<Utc>,
+    /// The windows still to probe after this one (milliseconds after the commit, ascending).
+    /// The handler queues the next once this one is probed, so a change costs the capture
+    /// reader one probe job rather than one per window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub later_ms: Vec<u64>,
+}
+
+impl SloJob {
+    /// The probe of the next window, if one is left: the same keys, due that long after the
+    /// same commit.
+    pub fn into_next(self) -> Option<SloJob> {
+        let (&window_ms, rest) = self.later_ms.split_first()?;
+        let committed = self.due_at - chrono::Duration::milliseconds(self.window_ms as i64);
+        Some(SloJob {
+            due_at: committed + chrono::Duration::milliseconds(window_ms as i64),
+            later_ms: rest.to_vec(),
+            window_ms,
+            entity: self.entity,
+            keys: self.keys,
+        })
+    }
 }
 
 impl Job for SloJob {
     const NAME: &'static str = "slo";
     const QUEUE: &'static str = "slo";
     const DEDUP: Dedup = Dedup::Tolerated;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap()
+    }
+
+    #[test]
+    fn an_slo_probe_hands_each_later_window_on_due_from_the_same_commit() {
+        let first = SloJob {
+            entity: "account".into(),
+            keys: vec!["acct:1".into(), "acct:2".into()],
+            window_ms: 1_000,
+            due_at: at(1_000),
+            later_ms: vec![10_000, 60_000],
+        };
+        let second = first.clone().into_next().expect("a second window");
+        assert_eq!(
+            (second.window_ms, second.due_at, &second.later_ms[..]),
+            (10_000, at(10_000), &[60_000][..])
+        );
+        assert_eq!((&second.entity, &second.keys), (&first.entity, &first.keys));
+        let third = second.into_next().expect("a third window");
+        assert_eq!((third.window_ms, third.due_at), (60_000, at(60_000)));
+        assert!(third.later_ms.is_empty());
+        assert_eq!(third.into_next(), None);
+    }
+
+    #[test]
+    fn an_slo_job_queued_before_later_windows_existed_still_reads_as_a_single_window() {
+        let queued = r#"{"entity":"account","keys":["acct:1"],"window_ms":10000,
+                         "due_at":"2026-11-24T12:00:10Z"}"#;
+        let job: SloJob = serde_json::from_str(queued).unwrap();
+        assert_eq!((job.window_ms, job.later_ms.len()), (10_000, 0));
+        assert_eq!(job.into_next(), None);
+    }
 }

@@ -2,7 +2,8 @@
 //! did the cache agree with the database within each window (by default 1 s, 10 s and 60 s)?
 //!
 //! A change's keys are probed once per window, `window` after the change committed, with the
-//! same comparison as a check but nothing recorded: a probe only counts
+//! same comparison as a check but nothing recorded. One job carries the keys through every
+//! window: each probe queues the next window's (`SloJob::into_next`). A probe only counts
 //! (`stalewatch_slo_changes_total{entity, window, result}`), so Prometheus can compute "nines"
 //! such as 99.99% consistent within 10 s. A key the application has not caught up with by
 //! then counts as inconsistent in that window, whether or not it is fixed later.

@@ -575,45 +575,51 @@ pub(crate) fn report_unmapped(ctx: &Ctx, router: &Router, unmapped: &mut Vec<Unm
 /// Queues the checks of keys whose settle delay is over, as `Source::Cdc` check jobs of at
 /// most `KEYS_PER_JOB` keys, and records the capture delay. (Shared with the outbox reader.)
 pub(crate) async fn push_due(ctx: &Ctx, router: &Router, due: Due) -> anyhow::Result<()> {
+    // The SLO probes of the same keys, due the first window after the latest commit among
+    // them (keys pushed together committed within the settle delay); each probe queues the
+    // next window's. Queued with the checks, before the slot is acknowledged: a change is
+    // probed at least once.
+    let probe = match (due.commit_us.iter().max(), ctx.slo_windows.split_first()) {
+        (Some(&latest_us), Some((first, later))) => {
+            let committed = chrono::DateTime::from_timestamp_micros(latest_us + PG_EPOCH_UNIX_US)
+                .unwrap_or_else(chrono::Utc::now);
+            let due_at = committed + chrono::Duration::from_std(*first).unwrap_or_default();
+            let later_ms: Vec<u64> = later.iter().map(|w| w.as_millis() as u64).collect();
+            Some((first.as_millis() as u64, due_at, later_ms))
+        }
+        _ => None,
+    };
     let mut jobs = Vec::new();
+    let mut probes = Vec::new();
     let mut counts = Vec::new();
-    let mut slo_keys = Vec::new();
     for (entity, keys) in due.by_entity {
         let name = router.entity(entity);
         counts.push((name, keys.len() as u64));
-        slo_keys.push((name, keys.clone()));
-        for chunk in keys.chunks(KEYS_PER_JOB) {
+        let mut keys = keys.into_iter();
+        loop {
+            let chunk: Vec<String> = keys.by_ref().take(KEYS_PER_JOB).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            if let Some((window_ms, due_at, later_ms)) = &probe {
+                let job = SloJob {
+                    entity: name.to_string(),
+                    keys: chunk.clone(),
+                    window_ms: *window_ms,
+                    due_at: *due_at,
+                    later_ms: later_ms.clone(),
+                };
+                probes.push((job, Some(*due_at)));
+            }
             let job = CheckJob {
                 entity: name.to_string(),
-                keys: chunk.to_vec(),
+                keys: chunk,
                 source: Source::Cdc,
             };
             jobs.push((job, None));
         }
     }
     let pushed = jobs.len() as u64;
-    // The SLO probes of the same keys, one job per window, due that long after the latest
-    // commit among them (keys pushed together committed within the settle delay). Queued
-    // with the checks, before the slot is acknowledged: a change is probed at least once.
-    let mut probes = Vec::new();
-    if let Some(&latest_us) = due.commit_us.iter().max() {
-        let committed = chrono::DateTime::from_timestamp_micros(latest_us + PG_EPOCH_UNIX_US)
-            .unwrap_or_else(chrono::Utc::now);
-        for window in &ctx.slo_windows {
-            let due_at = committed + chrono::Duration::from_std(*window).unwrap_or_default();
-            for (name, keys) in &slo_keys {
-                for chunk in keys.chunks(KEYS_PER_JOB) {
-                    let job = SloJob {
-                        entity: name.to_string(),
-                        keys: chunk.to_vec(),
-                        window_ms: window.as_millis() as u64,
-                        due_at,
-                    };
-                    probes.push((job, Some(due_at)));
-                }
-            }
-        }
-    }
     // Both at once on the multiplexed connection: one round trip's wait, not two.
     let (mut checks_conn, mut probes_conn) = (ctx.queue_conn.clone(), ctx.queue_conn.clone());
     let (checks, probed) = tokio::join!(

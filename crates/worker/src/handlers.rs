@@ -9,7 +9,7 @@ use stalewatch_core::{
     jobs::{CheckJob, ConfirmJob, Job, SloJob},
     keys::Keys,
     metrics::Metrics,
-    slo,
+    queue, slo,
 };
 use tokio::sync::Semaphore;
 
@@ -97,13 +97,25 @@ pub async fn slo(job: SloJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
     let _slot = ctx.db_slots.acquire().await?;
     match slo::probe(&ctx.checker, &job.entity, &job.keys).await {
         Ok(agreement) => {
-            let window = slo::window_label(std::time::Duration::from_millis(job.window_ms));
+            let (entity, window_ms) = (job.entity.clone(), job.window_ms);
+            // Queued before anything is counted: if queueing fails the whole probe is
+            // retried, and a window is never left out.
+            if let Some(next) = job.into_next() {
+                let due_at = next.due_at;
+                let mut conn = ctx.queue_conn.clone();
+                if let Err(e) = queue::push(&mut conn, ctx.keys(), vec![(next, Some(due_at))]).await
+                {
+                    ctx.count::<SloJob>("error");
+                    return Err(e.into());
+                }
+            }
+            let window = slo::window_label(std::time::Duration::from_millis(window_ms));
             let counter = &ctx.metrics().slo_changes;
             counter
-                .with_label_values(&[job.entity.as_str(), &window, "consistent"])
+                .with_label_values(&[entity.as_str(), &window, "consistent"])
                 .inc_by(agreement.consistent);
             counter
-                .with_label_values(&[job.entity.as_str(), &window, "inconsistent"])
+                .with_label_values(&[entity.as_str(), &window, "inconsistent"])
                 .inc_by(agreement.inconsistent);
             ctx.count::<SloJob>("ok");
             Ok(())

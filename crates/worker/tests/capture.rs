@@ -362,6 +362,40 @@ async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window
     }
 }
 
+#[tokio::test]
+async fn each_slo_window_is_probed_at_its_own_time_after_the_commit() {
+    let app = App::new().await;
+    app.add_accounts(1..=1).await;
+    let (w, port) = app.worker(&[("SLO_WINDOWS", "1s,10s")]);
+    app.reading(port, &w).await;
+    let count = |window: &'static str, result: &'static str| async move {
+        let labels = [
+            "entity=\"account\"".to_string(),
+            format!("window=\"{window}\""),
+            format!("result=\"{result}\""),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        metric(port, "stalewatch_slo_changes_total", &labels).await
+    };
+
+    app.sql("UPDATE accounts SET balance = 7, version = 2 WHERE id = 1")
+        .await;
+    app.cache(&1, &1).await;
+    eventually(Duration::from_secs(20), "the 1 s probe", || async {
+        (count("1s", "consistent").await == 1.0).then_some(())
+    })
+    .await;
+    // A slow reader puts the old version back after the first probe: the 10 s window, probed
+    // at its own time (not answered by the first probe), sees it.
+    app.set(&app.key(1), r#"{"id":1,"version":1}"#).await;
+    eventually(Duration::from_secs(30), "the 10 s probe", || async {
+        (count("10s", "inconsistent").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(count("10s", "consistent").await, 0.0);
+    assert_eq!(count("1s", "inconsistent").await, 0.0);
+}
+
 /// The accounts again, with a second entity keyed by email that a change invalidates.
 const INVALIDATING: &str = r#"
 [[entity]]
