@@ -323,6 +323,17 @@ async fn a_slot_whose_changes_are_all_filtered_out_holds_no_wal_back() {
     .await;
 }
 
+/// `stalewatch_slo_changes_total` of the account entity in one window and result.
+async fn slo_count(port: u16, window: &str, result: &str) -> f64 {
+    let labels = [
+        "entity=\"account\"".to_string(),
+        format!("window=\"{window}\""),
+        format!("result=\"{result}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    metric(port, "stalewatch_slo_changes_total", &labels).await
+}
+
 #[tokio::test]
 async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window() {
     let app = App::new().await;
@@ -342,18 +353,10 @@ async fn each_captured_change_is_counted_for_the_consistency_slo_in_every_window
             Duration::from_secs(20),
             &format!("both changes probed in the {window} window"),
             || async {
-                let count = |result: &'static str| {
-                    let labels = [
-                        "entity=\"account\"".to_string(),
-                        format!("window=\"{window}\""),
-                        format!("result=\"{result}\""),
-                    ];
-                    async move {
-                        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                        metric(port, "stalewatch_slo_changes_total", &labels).await
-                    }
-                };
-                let (c, i) = (count("consistent").await, count("inconsistent").await);
+                let (c, i) = (
+                    slo_count(port, window, "consistent").await,
+                    slo_count(port, window, "inconsistent").await,
+                );
                 (c + i >= 2.0).then_some((c, i))
             },
         )
@@ -368,32 +371,23 @@ async fn each_slo_window_is_probed_at_its_own_time_after_the_commit() {
     app.add_accounts(1..=1).await;
     let (w, port) = app.worker(&[("SLO_WINDOWS", "1s,10s")]);
     app.reading(port, &w).await;
-    let count = |window: &'static str, result: &'static str| async move {
-        let labels = [
-            "entity=\"account\"".to_string(),
-            format!("window=\"{window}\""),
-            format!("result=\"{result}\""),
-        ];
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        metric(port, "stalewatch_slo_changes_total", &labels).await
-    };
 
     app.sql("UPDATE accounts SET balance = 7, version = 2 WHERE id = 1")
         .await;
     app.cache(&1, &1).await;
     eventually(Duration::from_secs(20), "the 1 s probe", || async {
-        (count("1s", "consistent").await == 1.0).then_some(())
+        (slo_count(port, "1s", "consistent").await == 1.0).then_some(())
     })
     .await;
     // A slow reader puts the old version back after the first probe: the 10 s window, probed
     // at its own time (not answered by the first probe), sees it.
     app.set(&app.key(1), r#"{"id":1,"version":1}"#).await;
     eventually(Duration::from_secs(30), "the 10 s probe", || async {
-        (count("10s", "inconsistent").await == 1.0).then_some(())
+        (slo_count(port, "10s", "inconsistent").await == 1.0).then_some(())
     })
     .await;
-    assert_eq!(count("10s", "consistent").await, 0.0);
-    assert_eq!(count("1s", "inconsistent").await, 0.0);
+    assert_eq!(slo_count(port, "10s", "consistent").await, 0.0);
+    assert_eq!(slo_count(port, "1s", "inconsistent").await, 0.0);
 }
 
 /// The accounts again, with a second entity keyed by email that a change invalidates.
