@@ -95,20 +95,20 @@ pub async fn slo(job: SloJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
         tokio::time::sleep(early).await;
     }
     let _slot = ctx.db_slots.acquire().await?;
-    match slo::probe(&ctx.checker, &job.entity, &job.keys).await {
-        Ok(agreement) => {
-            let (entity, window_ms) = (job.entity.clone(), job.window_ms);
-            // Queued before anything is counted: if queueing fails the whole probe is
-            // retried, and a window is never left out.
-            if let Some(next) = job.into_next() {
-                let due_at = next.due_at;
-                let mut conn = ctx.queue_conn.clone();
-                if let Err(e) = queue::push(&mut conn, ctx.keys(), vec![(next, Some(due_at))]).await
-                {
-                    ctx.count::<SloJob>("error");
-                    return Err(e.into());
-                }
-            }
+    let probed = async {
+        let agreement = slo::probe(&ctx.checker, &job.entity, &job.keys).await?;
+        let (entity, window_ms) = (job.entity.clone(), job.window_ms);
+        // Queued before anything is counted: if queueing fails the whole probe is retried,
+        // and a window is never left out.
+        if let Some(next) = job.into_next() {
+            let due_at = next.due_at;
+            let mut conn = ctx.queue_conn.clone();
+            queue::push(&mut conn, ctx.keys(), vec![(next, Some(due_at))]).await?;
+        }
+        Ok::<_, BoxDynError>((entity, window_ms, agreement))
+    };
+    match probed.await {
+        Ok((entity, window_ms, agreement)) => {
             let window = slo::window_label(std::time::Duration::from_millis(window_ms));
             let counter = &ctx.metrics().slo_changes;
             counter
@@ -122,7 +122,7 @@ pub async fn slo(job: SloJob, ctx: Data<Ctx>) -> Result<(), BoxDynError> {
         }
         Err(e) => {
             ctx.count::<SloJob>("error");
-            Err(e.into())
+            Err(e)
         }
     }
 }
