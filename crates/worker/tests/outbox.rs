@@ -152,9 +152,17 @@ async fn a_reader_killed_while_changes_settle_loses_none() {
         },
     )
     .await;
-    // A few flushes of the reader since it read the last change: a reader that deleted what
-    // it read but had not handed over would have emptied the outbox by now.
-    tokio::time::sleep(scaled(Duration::from_millis(1500))).await;
+    // Three flushes of the reader since it read the last change (each logs "outbox flush" at
+    // debug): a reader that deleted what it read but had not handed over would have emptied
+    // the outbox by now.
+    let flushes = || w.output().matches("outbox flush").count();
+    let read_by = flushes();
+    eventually(
+        Duration::from_secs(30),
+        "three flushes after the last change was read",
+        || async { (flushes() >= read_by + 3).then_some(()) },
+    )
+    .await;
     assert_eq!(
         metric(port, "stalewatch_capture_keys_total", &[]).await,
         0.0,
