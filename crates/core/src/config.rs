@@ -128,7 +128,7 @@ pub const SETTINGS: &[Setting] = &[
         "5000",
         "pause between sweep passes; 0 disables the sweep",
     ),
-    setting("SWEEP_BATCH", "1000", "rows per sweep batch"),
+    setting("SWEEP_BATCH", "5000", "rows per sweep batch"),
     setting(
         "SWEEP_SHARDS",
         "8",
@@ -1092,7 +1092,7 @@ mod tests {
         let c = with(&[]).unwrap();
         assert_eq!(c.grace_period, Duration::from_millis(2000));
         assert_eq!(c.sweep_interval, Duration::from_millis(5000));
-        assert_eq!(c.sweep_batch, 1000);
+        assert_eq!(c.sweep_batch, 5000);
         assert_eq!(c.http_client_timeout, Duration::from_secs(10));
         assert_eq!(c.sweep_shards, 8);
         assert_eq!(c.sweep_lease, Duration::from_secs(30));
@@ -1385,7 +1385,7 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("ADMIN_TOKEN=***"), "{line}");
-        assert!(line.contains("SWEEP_BATCH=1000"), "defaults shown: {line}");
+        assert!(line.contains("SWEEP_BATCH=5000"), "defaults shown: {line}");
         assert!(!line.contains("hunter22") && !line.contains("0123456789abcdef"));
         let secrets = settings.secrets();
         assert!(secrets.contains(&"hunter22".to_string()), "{secrets:?}");
