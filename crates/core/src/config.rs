@@ -135,6 +135,11 @@ pub const SETTINGS: &[Setting] = &[
         "primary-key ranges per entity in a sweep round; workers sweep different ones at once",
     ),
     setting(
+        "SWEEP_CONCURRENCY",
+        "2",
+        "shards of a round one worker sweeps at once",
+    ),
+    setting(
         "SWEEP_LEASE_MS",
         "30000",
         "how long a dead worker's sweep shard waits before another worker takes it over",
@@ -753,6 +758,8 @@ pub struct Config {
     pub sweep_batch: usize,
     /// Row ranges per entity in a sweep round (`crate::shards`).
     pub sweep_shards: usize,
+    /// Shards of a round one worker sweeps at once.
+    pub sweep_concurrency: usize,
     /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
     pub sweep_lease: Duration,
     /// Rows per rebuild page, and keys per rebuild pipeline.
@@ -853,6 +860,7 @@ impl Config {
             sweep_interval: env.millis("SWEEP_INTERVAL_MS")?,
             sweep_batch: env.positive("SWEEP_BATCH")?,
             sweep_shards: env.positive("SWEEP_SHARDS")?,
+            sweep_concurrency: env.positive("SWEEP_CONCURRENCY")?,
             sweep_lease: Duration::from_millis(env.positive("SWEEP_LEASE_MS")? as u64),
             rebuild_batch: env.positive("REBUILD_BATCH")?,
             rebuild_lock: Duration::from_millis(env.positive("REBUILD_LOCK_MS")? as u64),
@@ -1095,6 +1103,7 @@ mod tests {
         assert_eq!(c.sweep_batch, 5000);
         assert_eq!(c.http_client_timeout, Duration::from_secs(10));
         assert_eq!(c.sweep_shards, 8);
+        assert_eq!(c.sweep_concurrency, 2);
         assert_eq!(c.sweep_lease, Duration::from_secs(30));
         assert_eq!(c.failure_mode, FailureMode::Off);
         assert_eq!(c.log_format, LogFormat::Text);
@@ -1265,6 +1274,7 @@ mod tests {
             ("SWEEP_BATCH", "0"),
             ("SWEEP_BATCH", "-3"),
             ("SWEEP_SHARDS", "0"),
+            ("SWEEP_CONCURRENCY", "0"),
             ("SWEEP_LEASE_MS", "0"),
             ("FAILURE_MODE", "sometimes"),
             ("HTTP_ADDR", "localhost"),

@@ -70,6 +70,7 @@ pub fn sweeper(ctx: &Ctx, config: &Config) -> Sweeper {
         ctx: ctx.clone(),
         batch: config.sweep_batch,
         shards: config.sweep_shards,
+        concurrency: config.sweep_concurrency,
         lease_ttl: config.sweep_lease,
         name: format!(
             "{}-{}",

@@ -10,17 +10,21 @@
 //!
 //! The periodic sweep goes in rounds (`stalewatch_core::shards`): the first worker to find no
 //! round in progress plans one, splitting each entity's rows into SWEEP_SHARDS primary-key
-//! ranges plus its key-side pass, and every worker then leases shards one at a time, so N
-//! workers sweep N shards at once. Each page's count and the cursor after it are recorded
-//! together under the shard's lease (`crate::round`), so a shard whose worker died is taken
-//! over where it stopped once its lease expires, and every row is counted once per round.
+//! ranges plus its key-side pass, and every worker then leases SWEEP_CONCURRENCY shards at a
+//! time, so N workers sweep N times as many shards at once. Each page's count and the cursor
+//! after it are recorded together under the shard's lease (`crate::round`), so a shard whose
+//! worker died is taken over where it stopped once its lease expires, and every row is
+//! counted once per round.
 //! After a complete round the deployment rests for SWEEP_INTERVAL_MS, however many workers
 //! take part.
 
 use std::{
     collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
+
+use futures::StreamExt;
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -54,6 +58,8 @@ pub struct Sweeper {
     pub batch: usize,
     /// Row ranges per entity in a round.
     pub shards: usize,
+    /// Shards this worker sweeps at once.
+    pub concurrency: usize,
     /// A shard's lease: how long a dead worker's shard waits before another takes it.
     pub lease_ttl: Duration,
     /// This worker, as recorded with every page it records (process id and a random part).
@@ -136,7 +142,7 @@ impl Sweeper {
         }
     }
 
-    /// Sweeps free shards of the round in progress, one after another, starting a round if
+    /// Sweeps free shards of the round in progress, `concurrency` at a time, starting a round if
     /// none is in progress, until no shard is left free. `None` when the deployment is
     /// resting, another worker is planning, or every open shard is held by another worker.
     /// The page that completes a round starts the rest of `interval`.
@@ -180,46 +186,86 @@ impl Sweeper {
             ..Summary::default()
         };
         let offset = self.name.bytes().map(usize::from).sum();
-        let mut took = false;
-        for i in round.open(offset) {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            let Some(lease) = round::take(&mut conn, keys, round.id, i, self.lease_ttl).await?
-            else {
-                continue;
-            };
-            // Read again under the lease: the shard may have been finished since the list
-            // was read, and a checkpoint recorded since is where to go on from.
-            let now = round::current(&mut conn, keys).await?;
-            let Some(now) = now.filter(|r| r.id == round.id) else {
-                // Completed by another worker meanwhile.
-                round::release(&mut conn, lease).await?;
-                break;
-            };
-            if now.progress[i].done {
-                round::release(&mut conn, lease).await?;
-                continue;
-            }
-            took = true;
-            let mode = Mode::Shard {
-                lease: &lease,
-                rest: interval,
-            };
-            match self.shard(&now, i, &mode, shutdown, &mut summary).await? {
-                Recorded::Going | Recorded::Lost => {
-                    round::release(&mut conn, lease).await?;
-                    return Ok(Some(self.finish(summary, started, false)));
+        // Set by a shard that ends the worker's part of the round (lost, or the round is
+        // over): the shards not started yet are skipped, the ones under way finish.
+        let stop = AtomicBool::new(false);
+        let mut steps = futures::stream::iter(round.open(offset))
+            .map(|i| self.take_and_sweep(&round, i, interval, shutdown, &stop))
+            .buffer_unordered(self.concurrency);
+        let (mut took, mut complete, mut failed) = (false, false, None);
+        while let Some(step) = steps.next().await {
+            match step {
+                Ok(None) => {}
+                Ok(Some((recorded, part))) => {
+                    took = true;
+                    summary.add(part);
+                    match recorded {
+                        Recorded::Going | Recorded::Lost => stop.store(true, Ordering::Relaxed),
+                        Recorded::ShardDone => summary.shards += 1,
+                        Recorded::RoundDone => {
+                            summary.shards += 1;
+                            complete = true;
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
                 }
-                Recorded::ShardDone => summary.shards += 1,
-                Recorded::RoundDone => {
-                    summary.shards += 1;
-                    self.round_done(&now);
-                    return Ok(Some(self.finish(summary, started, true)));
+                // The others under way still finish and release their leases.
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    failed.get_or_insert(e);
                 }
             }
         }
-        Ok(took.then(|| self.finish(summary, started, false)))
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if complete {
+            self.round_done(&round);
+        }
+        Ok(took.then(|| self.finish(summary, started, complete)))
+    }
+
+    /// Takes shard `i` of `round` and sweeps it to its end, unless `stop` is set, another
+    /// worker holds it, or it is done (`None`). Releases the lease when the walk stops early.
+    async fn take_and_sweep(
+        &self,
+        round: &Round,
+        i: usize,
+        interval: Duration,
+        shutdown: &CancellationToken,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Option<(Recorded, Summary)>> {
+        if stop.load(Ordering::Relaxed) || shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let keys = self.keys();
+        let Some(lease) = round::take(&mut conn, keys, round.id, i, self.lease_ttl).await? else {
+            return Ok(None);
+        };
+        // Read again under the lease: the shard may have been finished since the list was
+        // read, and a checkpoint recorded since is where to go on from.
+        let now = round::current(&mut conn, keys).await?;
+        let Some(now) = now.filter(|r| r.id == round.id) else {
+            // Completed by another worker meanwhile.
+            round::release(&mut conn, lease).await?;
+            stop.store(true, Ordering::Relaxed);
+            return Ok(None);
+        };
+        if now.progress[i].done {
+            round::release(&mut conn, lease).await?;
+            return Ok(None);
+        }
+        let mode = Mode::Shard {
+            lease: &lease,
+            rest: interval,
+        };
+        let mut summary = Summary::default();
+        let recorded = self.shard(&now, i, &mode, shutdown, &mut summary).await?;
+        if matches!(recorded, Recorded::Going | Recorded::Lost) {
+            round::release(&mut conn, lease).await?;
+        }
+        Ok(Some((recorded, summary)))
     }
 
     /// Plans and writes a round, unless another worker is planning one (`None`) or has

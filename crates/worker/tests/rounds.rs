@@ -45,21 +45,82 @@ async fn rows_between(env: &TestEnv, after: Option<&str>, until: Option<&str>) -
     .n
 }
 
+/// ROWS items with no cached copy: a miss is fine under cache_aside, so each comparison is
+/// cheap and a round's length is its pages' count.
+async fn insert_items(env: &TestEnv) {
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(format!(
+        "INSERT INTO items (id, name, value) \
+         SELECT gen_random_uuid(), 'item-' || g, '{{}}'::jsonb FROM generate_series(1, {ROWS}) g"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_sweeps_as_many_shards_at_once_as_its_concurrency() {
+    let env = TestEnv::new().await.unwrap();
+    insert_items(&env).await;
+    let settings = [
+        ("SWEEP_BATCH", "10"),
+        ("SWEEP_SHARDS", "6"),
+        ("SWEEP_CONCURRENCY", "2"),
+        ("SWEEP_INTERVAL_MS", "600000"),
+        ("KEYSPACE_NOTIFICATIONS", "off"),
+    ];
+    let (w, _) = worker(&env, &settings);
+    let conn = env.own.clone();
+    let round_key = env.keys().sweep_round();
+    // A shard this worker started and has not finished is one it is sweeping: alone, and
+    // never losing a lease, it leaves none part-way. Two of them at one moment are two
+    // walks under way together (with one shard at a time this never happens).
+    let during = eventually(
+        Duration::from_secs(30),
+        "two shards part-way at once",
+        || {
+            let (mut conn, round_key) = (conn.clone(), &round_key);
+            async move {
+                let round = read(&mut conn, round_key).await?;
+                let under_way = round
+                    .progress
+                    .iter()
+                    .filter(|s| s.by.is_some() && !s.done && s.items > 0)
+                    .count();
+                (under_way >= 2).then_some(round)
+            }
+        },
+    )
+    .await;
+    let last_key = env.keys().sweep_last_round();
+    let last = eventually(Duration::from_secs(60), "the round to complete", || {
+        let (mut conn, last_key) = (conn.clone(), &last_key);
+        async move {
+            read(&mut conn, last_key)
+                .await
+                .filter(|r| r.id == during.id)
+        }
+    })
+    .await;
+    let swept: u64 = last
+        .progress
+        .iter()
+        .zip(&last.shards)
+        .filter(|(_, shard)| matches!(shard.part, Part::Rows { .. }))
+        .map(|(p, _)| p.items)
+        .sum();
+    assert_eq!(
+        swept as i64,
+        ROWS,
+        "every row once: {last:?}\n{}",
+        w.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_the_round() {
     let env = TestEnv::new().await.unwrap();
-    {
-        // Rows with no cached copy: a miss is fine under cache_aside, so each comparison
-        // is cheap and the round's length is the pages' count.
-        let mut conn = env.pool.get().await.unwrap();
-        diesel::sql_query(format!(
-            "INSERT INTO items (id, name, value) \
-             SELECT gen_random_uuid(), 'item-' || g, '{{}}'::jsonb FROM generate_series(1, {ROWS}) g"
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
+    insert_items(&env).await;
     // Small pages so the round lasts seconds; a short lease so the killed worker's shard
     // is free soon; a long rest so no second round replaces the record asserted on.
     let settings = [
