@@ -11,9 +11,11 @@ use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::RunQueryDsl;
 use redis::aio::ConnectionManager;
 use stalewatch_core::shards::{Part, Round};
-use stalewatch_testkit::{eventually, TestEnv};
+use stalewatch_testkit::{eventually, wait_port, TestEnv};
 
 const ROWS: i64 = 9000;
+/// The killed-worker test's rows: enough that each shard is long next to the test's polling.
+const KILL_ROWS: i64 = 36_000;
 
 async fn read(conn: &mut ConnectionManager, key: &str) -> Option<Round> {
     let fields: HashMap<String, String> = redis::cmd("HGETALL")
@@ -45,13 +47,13 @@ async fn rows_between(env: &TestEnv, after: Option<&str>, until: Option<&str>) -
     .n
 }
 
-/// ROWS items with no cached copy: a miss is fine under cache_aside, so each comparison is
+/// `n` items with no cached copy: a miss is fine under cache_aside, so each comparison is
 /// cheap and a round's length is its pages' count.
-async fn insert_items(env: &TestEnv) {
+async fn insert_items(env: &TestEnv, n: i64) {
     let mut conn = env.pool.get().await.unwrap();
     diesel::sql_query(format!(
         "INSERT INTO items (id, name, value) \
-         SELECT gen_random_uuid(), 'item-' || g, '{{}}'::jsonb FROM generate_series(1, {ROWS}) g"
+         SELECT gen_random_uuid(), 'item-' || g, '{{}}'::jsonb FROM generate_series(1, {n}) g"
     ))
     .execute(&mut conn)
     .await
@@ -61,7 +63,7 @@ async fn insert_items(env: &TestEnv) {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_worker_sweeps_as_many_shards_at_once_as_its_concurrency() {
     let env = TestEnv::new().await.unwrap();
-    insert_items(&env).await;
+    insert_items(&env, ROWS).await;
     let settings = [
         ("SWEEP_BATCH", "10"),
         ("SWEEP_SHARDS", "6"),
@@ -120,22 +122,40 @@ async fn one_worker_sweeps_as_many_shards_at_once_as_its_concurrency() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_the_round() {
     let env = TestEnv::new().await.unwrap();
-    insert_items(&env).await;
-    // Small pages so the round lasts seconds; a short lease so the killed worker's shard
-    // is free soon; a long rest so no second round replaces the record asserted on.
+    insert_items(&env, KILL_ROWS).await;
+    // Small pages so the round lasts seconds; more shards than the three workers sweep at
+    // once (two each), so some start part-way through the round; a short lease so the killed
+    // worker's shard is free soon; a long rest so no second round replaces the record
+    // asserted on.
     let settings = [
         ("SWEEP_BATCH", "10"),
-        ("SWEEP_SHARDS", "6"),
+        ("SWEEP_SHARDS", "12"),
         ("SWEEP_LEASE_MS", "1500"),
         ("SWEEP_INTERVAL_MS", "600000"),
         ("KEYSPACE_NOTIFICATIONS", "off"),
     ];
+    // No round starts until all three are up (the deployment "rests" meanwhile), so all
+    // three take part from the round's first pages however slowly each one starts.
+    let mut conn = env.own.clone();
+    redis::cmd("SET")
+        .arg(env.keys().sweep_rest())
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     let mut workers: Vec<_> = (0..3).map(|_| worker(&env, &settings)).collect();
+    for (_, port) in &workers {
+        wait_port(*port).await;
+    }
+    redis::cmd("DEL")
+        .arg(env.keys().sweep_rest())
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     let pids: Vec<String> = workers
         .iter()
         .map(|(p, _)| format!("{}-", p.child.id()))
         .collect();
-    let mut conn = env.own.clone();
     let round_key = env.keys().sweep_round();
 
     // Wait until all three workers have recorded pages in the round, and one of them is
@@ -160,9 +180,10 @@ async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_th
                     let rows = matches!(round.shards[i].part, Part::Rows { .. });
                     let by = s.by.as_deref()?;
                     let w = pids.iter().position(|p| by.starts_with(p))?;
-                    // Early in a shard of about 1,500 rows, so the kill
-                    // lands well before its end.
-                    (rows && !s.done && s.items > 0 && s.items < 300).then_some((round.id, w, i))
+                    // In the first third of a shard of about 3,000 rows: long
+                    // enough to be seen between two polls of a busy test, and the
+                    // kill lands well before its end.
+                    (rows && !s.done && s.items > 0 && s.items < 1000).then_some((round.id, w, i))
                 })
             }
         },
@@ -214,10 +235,10 @@ async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_th
         );
         sum += expected;
     }
-    assert_eq!(sum, ROWS, "the shards cover the table");
-    assert_eq!(last.rows() as i64, ROWS);
+    assert_eq!(sum, KILL_ROWS, "the shards cover the table");
+    assert_eq!(last.rows() as i64, KILL_ROWS);
 
-    // The survivors' metrics say the same: one round completed, ROWS rows in it.
+    // The survivors' metrics say the same: one round completed, KILL_ROWS rows in it.
     let ports: Vec<u16> = (0..3)
         .filter(|&w| w != victim)
         .map(|w| workers[w].1)
@@ -227,7 +248,8 @@ async fn a_killed_worker_s_shard_is_taken_over_and_every_row_is_swept_once_in_th
         async move {
             let mut rounds = 0.0;
             for &port in ports {
-                if metric(port, "stalewatch_sweep_last_round_items", &[]).await != ROWS as f64 {
+                if metric(port, "stalewatch_sweep_last_round_items", &[]).await != KILL_ROWS as f64
+                {
                     return None;
                 }
                 rounds += metric(port, "stalewatch_sweep_rounds_total", &[]).await;
