@@ -25,7 +25,6 @@ use std::{
 };
 
 use futures::StreamExt;
-
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use stalewatch_core::{
