@@ -841,7 +841,7 @@ impl Config {
     /// Reads from any lookup, so tests can pass a map instead of mutating the process env.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
-        Ok(Self {
+        let config = Self {
             database_url: match env.raw("DATABASE_CA_FILE") {
                 Some(ca) => crate::tls::with_root_cert(
                     &env.string("DATABASE_URL"),
@@ -907,7 +907,22 @@ impl Config {
                 Some(_) => env.parse("ADMIN_TOKEN")?,
             },
             read_access: env.parse("READ_ACCESS")?,
-        })
+        };
+        // Each shard a worker sweeps at once holds a connection for its pages and takes a
+        // second to record each: as many shards as connections would all wait for a second
+        // one, and past half the pool the checks would queue behind the sweep.
+        if config.sweep_concurrency * 2 > config.database_pool_size {
+            return Err(ConfigError {
+                var: "SWEEP_CONCURRENCY",
+                value: config.sweep_concurrency.to_string(),
+                expected: format!(
+                    "at most half of DATABASE_POOL_SIZE ({}): each shard swept at once holds up \
+                     to two database connections; raise DATABASE_POOL_SIZE or lower this",
+                    config.database_pool_size
+                ),
+            });
+        }
+        Ok(config)
     }
 
     /// For a process that serves the mutating routes: ADMIN_TOKEN must be set, to a token
@@ -986,12 +1001,13 @@ impl Config {
     }
 
     /// How many jobs of a worker process may use PostgreSQL at once, both queues together.
-    /// Tied to the pool: a job holds one connection at a time; the sweep may hold two (its
-    /// page and a repair), the upkeep and the confirmation backstop one each, and the jobs
-    /// share the rest. Jobs beyond it wait in the worker, not on the pool, where a wait past
-    /// the pool's time-out would fail the job and burn a retry.
+    /// Tied to the pool: a job holds one connection at a time; each shard the sweep is on may
+    /// hold two (its pages and their recording, or a repair), the upkeep and the confirmation
+    /// backstop one each, and the jobs share the rest. Jobs beyond it wait in the worker, not
+    /// on the pool, where a wait past the pool's time-out would fail the job and burn a retry.
     pub fn job_db_slots(&self) -> usize {
-        self.database_pool_size.saturating_sub(4).max(1)
+        let reserved = 2 * self.sweep_concurrency + 2;
+        self.database_pool_size.saturating_sub(reserved).max(1)
     }
 }
 
@@ -1114,7 +1130,8 @@ mod tests {
         assert_eq!(c.confirm_backstop, Duration::from_secs(5));
         assert_eq!(c.incident_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.dead_job_retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(c.job_db_slots(), 12);
+        // 16, less two for each of the two shards and one each for the upkeep and backstop.
+        assert_eq!(c.job_db_slots(), 10);
         assert_eq!(c.change_capture, ChangeCapture::Logical);
         assert_eq!(c.change_settle, Duration::from_millis(100));
         assert_eq!(c.capture_slot, "stalewatch");
@@ -1265,6 +1282,15 @@ mod tests {
         assert_eq!(c.ignore_fields, vec!["updated_at", "meta.etag"]);
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.cache_policy, CachePolicy::WriteThrough);
+    }
+
+    #[test]
+    fn sweep_concurrency_must_leave_each_shard_two_connections() {
+        let err = with(&[("SWEEP_CONCURRENCY", "9"), ("DATABASE_POOL_SIZE", "16")]).unwrap_err();
+        assert_eq!(err.var, "SWEEP_CONCURRENCY");
+        assert!(err.to_string().contains("DATABASE_POOL_SIZE (16)"), "{err}");
+        let ok = with(&[("SWEEP_CONCURRENCY", "8"), ("DATABASE_POOL_SIZE", "16")]).unwrap();
+        assert_eq!(ok.sweep_concurrency, 8);
     }
 
     #[test]
