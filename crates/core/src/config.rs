@@ -137,7 +137,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "SWEEP_CONCURRENCY",
         "2",
-        "shards of a round one worker sweeps at once",
+        "shards of a round one worker sweeps at once, and the row ranges of `sweep --once`",
     ),
     setting(
         "SWEEP_LEASE_MS",

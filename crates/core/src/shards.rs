@@ -36,6 +36,20 @@ pub enum Part {
     Keys,
 }
 
+impl Part {
+    /// Where a row walk of this part goes on from checkpoint `at`: after its last recorded
+    /// page, or after the part's own start (none: from the first row).
+    pub fn rows_from(&self, at: &Checkpoint) -> Option<Vec<String>> {
+        if !at.cursor.is_empty() {
+            return Some(at.cursor.clone());
+        }
+        match self {
+            Part::Rows { after, .. } => after.clone(),
+            Part::Keys => None,
+        }
+    }
+}
+
 /// Sampled rows per wanted shard. `TABLESAMPLE SYSTEM` takes whole table pages, and where
 /// ids grow with insertion (serials, UUIDv7) a page's rows are neighbours in key order, so a
 /// page counts as one point, not 60: 200 rows a shard left 1M rows split 30k to 310k into 8
@@ -286,14 +300,7 @@ impl Round {
     /// Where a worker that takes shard `i` starts: after the last recorded page, or at the
     /// shard's own start.
     pub fn resume_at(&self, i: usize) -> Option<Vec<String>> {
-        let at = &self.progress[i].at;
-        if !at.cursor.is_empty() {
-            return Some(at.cursor.clone());
-        }
-        match &self.shards[i].part {
-            Part::Rows { after, .. } => after.clone(),
-            Part::Keys => None,
-        }
+        self.shards[i].part.rows_from(&self.progress[i].at)
     }
 }
 

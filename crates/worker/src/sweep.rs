@@ -300,20 +300,22 @@ impl Sweeper {
 
     /// Every entity's shards: its rows split at the quantiles of a sample, then its keys.
     async fn plan(&self) -> anyhow::Result<Vec<Shard>> {
-        let mut conn = self.checker().pool.get().await?;
         let mut plan = Vec::new();
         for rows in self.checker().watched.sources() {
-            let bounds = if self.shards > 1 {
-                let sample = rows
-                    .sample(&mut conn, shards::sample_size(self.shards))
-                    .await?;
-                shards::boundaries(&sample, self.shards)
-            } else {
-                Vec::new()
-            };
+            let bounds = self.bounds(rows, self.shards).await?;
             plan.extend(shards::entity_shards(&rows.entity.name, bounds));
         }
         Ok(plan)
+    }
+
+    /// Where to split `rows` into `ranges` ranges of about equal size (none for one range).
+    async fn bounds(&self, rows: &Rows, ranges: usize) -> anyhow::Result<Vec<Vec<String>>> {
+        if ranges <= 1 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.checker().pool.get().await?;
+        let sample = rows.sample(&mut conn, shards::sample_size(ranges)).await?;
+        Ok(shards::boundaries(&sample, ranges))
     }
 
     fn round_done(&self, round: &Round) {
@@ -344,9 +346,9 @@ impl Sweeper {
         }
     }
 
-    /// One pass over every entity: its rows and its keys at once. The two walks wait on
-    /// different statements (a page of rows; a SCAN and an existence query), and one after
-    /// the other left the machine a third idle while the key walk took a third of the pass.
+    /// One pass over every entity: its rows in SWEEP_CONCURRENCY ranges and its keys, all at
+    /// once, as a round's shards would be but without leases or positions. The walks wait on
+    /// different statements, and one walk at a time left the machine a third idle.
     async fn pass(&self, lease: &Lease) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let mut summary = Summary::default();
@@ -354,27 +356,23 @@ impl Sweeper {
         let mode = Mode::Once(lease);
         let none = CancellationToken::new();
         for rows in watched.sources() {
-            let (mut by_rows, mut by_keys) = (Summary::default(), Summary::default());
-            let row_walk = async {
-                let phase = Instant::now();
+            let bounds = self.bounds(rows, self.concurrency).await?;
+            let parts = shards::entity_shards(&rows.entity.name, bounds);
+            let (mode, none) = (&mode, &none);
+            let walks = parts.iter().map(|shard| async move {
+                let mut part = Summary::default();
+                let start = Checkpoint::default();
                 let done = self
-                    .row_walk(rows, None, None, &mode, &none, &mut by_rows)
+                    .walk(rows, &shard.part, &start, mode, none, &mut part)
                     .await;
-                by_rows.rows_seconds = phase.elapsed().as_secs_f64();
-                done
-            };
-            let key_walk = async {
-                let phase = Instant::now();
-                let done = self
-                    .key_walk(rows, ScanAt::default(), &mode, &none, &mut by_keys)
-                    .await;
-                by_keys.keys_seconds = phase.elapsed().as_secs_f64();
-                done
-            };
-            let (rows_done, keys_done) = tokio::join!(row_walk, key_walk);
-            summary.add(by_rows);
-            summary.add(by_keys);
-            if rows_done? != Recorded::ShardDone || keys_done? != Recorded::ShardDone {
+                (done, part)
+            });
+            let mut complete = true;
+            for (done, part) in futures::future::join_all(walks).await {
+                summary.add(part);
+                complete &= done? == Recorded::ShardDone;
+            }
+            if !complete {
                 return Ok(self.finish(summary, started, false));
             }
         }
@@ -405,10 +403,26 @@ impl Sweeper {
             // nothing to sweep, but the round must still end.
             return self.record(mode, &Checkpoint::default(), 0, true).await;
         };
+        let at = &round.progress[i].at;
+        self.walk(rows, &shard.part, at, mode, shutdown, summary)
+            .await
+    }
+
+    /// Walks `part` of `rows` from checkpoint `at` (the default: from its start) to its end,
+    /// timing the walk in `summary`.
+    async fn walk(
+        &self,
+        rows: &Rows,
+        part: &Part,
+        at: &Checkpoint,
+        mode: &Mode<'_>,
+        shutdown: &CancellationToken,
+        summary: &mut Summary,
+    ) -> anyhow::Result<Recorded> {
         let phase = Instant::now();
-        match &shard.part {
+        match part {
             Part::Rows { until, .. } => {
-                let from = round.resume_at(i);
+                let from = part.rows_from(at);
                 let done = self
                     .row_walk(rows, from, until.as_deref(), mode, shutdown, summary)
                     .await;
@@ -417,13 +431,7 @@ impl Sweeper {
             }
             Part::Keys => {
                 let done = self
-                    .key_walk(
-                        rows,
-                        round.progress[i].at.scan_at(),
-                        mode,
-                        shutdown,
-                        summary,
-                    )
+                    .key_walk(rows, at.scan_at(), mode, shutdown, summary)
                     .await;
                 summary.keys_seconds += phase.elapsed().as_secs_f64();
                 done
