@@ -101,8 +101,8 @@ pub struct Rows {
     /// The columns a sweep walks in order: the primary key, or a set's key columns.
     walk_columns: Vec<(String, String)>,
     by_key: String,
-    /// Which keys have rows: the key-side sweep needs no documents.
-    exists: String,
+    /// Which keys have no row: the key-side sweep needs no documents.
+    missing: String,
     /// Sweep pages: `[after a cursor][up to a bound]` in the four combinations, indexed by
     /// `(cursor.is_some(), until.is_some())`.
     pages: [[String; 2]; 2],
@@ -172,17 +172,22 @@ impl Rows {
             .zip(&aliases)
             .map(|((name, ty), alias)| format!("t.{} = k.{alias}::{ty}", ident(name)))
             .collect();
-        let from = format!(
-            "FROM unnest({}) WITH ORDINALITY AS k({}, ord) JOIN {table} AS t ON {}",
+        let keys = format!(
+            "unnest({}) WITH ORDINALITY AS k({}, ord)",
             unnest_args.join(", "),
             aliases.join(", "),
-            join.join(" AND "),
         );
+        let join = join.join(" AND ");
+        let from = format!("FROM {keys} JOIN {table} AS t ON {join}");
         let by_key = format!(
             "SELECT k.ord, {doc} AS doc {from}{}",
             if grouped { " GROUP BY k.ord" } else { "" },
         );
-        let exists = format!("SELECT DISTINCT k.ord {from}");
+        // The keys without a row, not those with one: in a sweep nearly every key has its row,
+        // and PostgreSQL then returns nothing instead of every key's position, deduplicated.
+        let missing = format!(
+            "SELECT k.ord FROM {keys} WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE {join})"
+        );
 
         // Sweep pages, in the walk columns' order.
         let order: Vec<String> = walk_columns
@@ -261,7 +266,7 @@ impl Rows {
             walk_columns,
             keyed_by: walk.iter().map(|c| c.to_string()).collect(),
             by_key,
-            exists,
+            missing,
             pages,
             sample,
             newest,
@@ -354,18 +359,18 @@ impl Rows {
         keys: &[Vec<String>],
     ) -> Result<Vec<bool>, DbError> {
         #[derive(diesel::QueryableByName)]
-        struct Hit {
+        struct Miss {
             #[diesel(sql_type = BigInt)]
             ord: i64,
         }
-        let mut query = diesel::sql_query(&self.exists).into_boxed();
+        let mut query = diesel::sql_query(&self.missing).into_boxed();
         for i in 0..self.key_columns.len() {
             let column: Vec<&str> = keys.iter().map(|k| k[i].as_str()).collect();
             query = query.bind::<Array<Text>, _>(column);
         }
-        let mut found = vec![false; keys.len()];
-        for hit in query.load::<Hit>(conn).await? {
-            found[(hit.ord - 1) as usize] = true;
+        let mut found = vec![true; keys.len()];
+        for miss in query.load::<Miss>(conn).await? {
+            found[(miss.ord - 1) as usize] = false;
         }
         Ok(found)
     }
