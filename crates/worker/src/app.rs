@@ -105,6 +105,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let metrics = ctx.checker.metrics.clone();
     let shutdown = CancellationToken::new();
+    // Before "started" is logged: a SIGTERM that comes after that line, before the tasks are
+    // spawned, must stop the worker gently, not kill it with the signal's default action.
+    let stop = stop_signal()?;
 
     let server = {
         let m = metrics.clone();
@@ -226,7 +229,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let server_task = tokio::spawn(server);
 
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down: finishing in-flight jobs");
     shutdown.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
@@ -242,17 +245,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM or Ctrl-C, with both handlers installed now: a signal that comes before the
+/// future is awaited is kept, not lost to the default action.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
