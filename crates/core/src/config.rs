@@ -758,7 +758,7 @@ pub struct Config {
     pub sweep_batch: usize,
     /// Row ranges per entity in a sweep round (`crate::shards`).
     pub sweep_shards: usize,
-    /// Shards of a round one worker sweeps at once.
+    /// Shards of a round one worker sweeps at once, and the row ranges of `sweep --once`.
     pub sweep_concurrency: usize,
     /// A sweep shard's lease: renewed with every page, so it only has to outlast one page.
     pub sweep_lease: Duration,

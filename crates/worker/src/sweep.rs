@@ -57,7 +57,7 @@ pub struct Sweeper {
     pub batch: usize,
     /// Row ranges per entity in a round.
     pub shards: usize,
-    /// Shards this worker sweeps at once.
+    /// Shards this worker sweeps at once, and the row ranges of `once`.
     pub concurrency: usize,
     /// A shard's lease: how long a dead worker's shard waits before another takes it.
     pub lease_ttl: Duration,
@@ -75,8 +75,8 @@ pub struct Summary {
     pub verdicts: BTreeMap<&'static str, u64>,
     pub transitions: u64,
     pub seconds: f64,
-    /// The time spent walking rows and walking keys (at once in a `once` pass, so their sum
-    /// may exceed `seconds`).
+    /// The time spent walking rows and walking keys, summed over the walks: they run at once
+    /// (row ranges beside the key-side pass), so either may exceed `seconds`.
     pub rows_seconds: f64,
     pub keys_seconds: f64,
     pub items_per_second: f64,

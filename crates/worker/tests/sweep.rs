@@ -15,12 +15,16 @@ use stalewatch_worker::{app, sweep::Sweeper};
 use tokio_util::sync::CancellationToken;
 
 async fn sweeper(env: &TestEnv, batch: usize) -> Sweeper {
-    let config = Config {
+    sweeper_for(&Config {
         sweep_batch: batch,
         ..env.config()
-    };
-    let ctx = app::connect(&config).await.unwrap();
-    app::sweeper(&ctx, &config)
+    })
+    .await
+}
+
+async fn sweeper_for(config: &Config) -> Sweeper {
+    let ctx = app::connect(config).await.unwrap();
+    app::sweeper(&ctx, config)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -54,13 +58,15 @@ async fn a_full_sweep_in_several_ranges_at_once_counts_every_row_once() {
         cached_item(&env, &format!("ok-{i}"), serde_json::json!(i)).await;
     }
     for (concurrency, batch) in [(3, 20), (5, 7), (8, 50)] {
-        let config = Config {
+        let summary = sweeper_for(&Config {
             sweep_batch: batch,
             sweep_concurrency: concurrency,
             ..env.config()
-        };
-        let ctx = app::connect(&config).await.unwrap();
-        let summary = app::sweeper(&ctx, &config).once().await.unwrap();
+        })
+        .await
+        .once()
+        .await
+        .unwrap();
         let case = format!("{concurrency} ranges, pages of {batch}: {summary:?}");
         assert!(summary.complete, "{case}");
         assert_eq!(summary.items, 100, "{case}");
