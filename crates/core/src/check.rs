@@ -21,7 +21,7 @@ use crate::cache::{Cache, CacheError, Cached};
 use crate::compare::Kind;
 use crate::config::{Config, RepairPolicy};
 use crate::db::incidents::{self, Evidence, IncidentRow};
-use crate::db::{DbError, PgPool};
+use crate::db::{self, DbError, PgPool};
 use crate::incident::{Cause, Source, State};
 use crate::jobs::{ConfirmJob, ConfirmTarget, Job};
 use crate::keys::ITEM_ENTITY;
@@ -74,6 +74,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Adds `other`'s observations and verdicts to these.
+    pub fn merge(&mut self, other: Outcome) {
+        self.recorded.extend(other.recorded);
+        for (kind, n) in other.verdicts {
+            *self.verdicts.entry(kind).or_insert(0) += n;
+        }
+    }
+
     pub fn transitions(&self) -> u64 {
         self.recorded
             .iter()
@@ -183,10 +191,7 @@ impl Checker {
             let behind =
                 crate::watermark::observe(self, entity, Source::Confirm, None, Some(expected))
                     .await?;
-            outcome.recorded.extend(behind.recorded);
-            for (kind, n) in behind.verdicts {
-                *outcome.verdicts.entry(kind).or_insert(0) += n;
-            }
+            outcome.merge(behind);
         }
         Ok(outcome)
     }
@@ -214,11 +219,15 @@ impl Checker {
             return Ok(Outcome::default());
         }
         let mut conn = self.pool.get().await?;
-        let (at, found) = rows.by_keys(&mut conn, &values).await?;
-        let pairs = keys.into_iter().zip(found).collect();
-        let outcome = self
-            .check(&mut conn, rows, at, pairs, source, cause, confirming)
-            .await?;
+        let outcome = if source == Source::Cdc && self.watched.invalidated_and_aside(rows) {
+            self.check_absent_first(&mut conn, rows, keys, values, cause)
+                .await?
+        } else {
+            let (at, found) = rows.by_keys(&mut conn, &values).await?;
+            let pairs = keys.into_iter().zip(found).collect();
+            self.check(&mut conn, rows, at, pairs, source, cause, confirming)
+                .await?
+        };
         // A repair takes connections of its own: give this one back first, so a job never
         // holds more than one.
         drop(conn);
@@ -329,6 +338,55 @@ impl Checker {
         Ok(outcome)
     }
 
+    /// The check of captured changes to an entity invalidated on change: its keys were just
+    /// deleted, and under cache-aside an absent key agrees with its row whatever the row
+    /// holds. So the cache is read first, and only the keys the application has put back
+    /// since are checked as usual, row first; the others are recorded as matches without
+    /// reading their rows. PostgreSQL's clock is read before the cache, so those matches are
+    /// dated no later than what they saw, as every observation is (its rows' clock, read
+    /// before its cached values).
+    async fn check_absent_first(
+        &self,
+        conn: &mut AsyncPgConnection,
+        rows: &Rows,
+        keys: Vec<String>,
+        values: Vec<Vec<String>>,
+        cause: Option<Cause>,
+    ) -> Result<Outcome, CheckError> {
+        let at = db::now(conn).await?;
+        let shape = watch::shape(&rows.entity.representation);
+        let cached = self.cache.read_many(shape, &keys).await?;
+        let mut absent = Vec::new();
+        let mut present = Vec::new();
+        for ((key, values), cached) in keys.into_iter().zip(values).zip(cached) {
+            match cached {
+                Cached::Missing => absent.push(self.watched.absent(rows, key)),
+                _ => present.push((key, values)),
+            }
+        }
+        let ctx = track::Context {
+            source: Source::Cdc,
+            cause,
+            at,
+            grace: self.grace,
+            confirming: None,
+        };
+        let mut outcome = Outcome::default();
+        if !absent.is_empty() {
+            outcome.merge(self.record_evidence(conn, absent, None, &ctx).await?);
+        }
+        if !present.is_empty() {
+            let (keys, values): (Vec<String>, Vec<Vec<String>>) = present.into_iter().unzip();
+            let (at, found) = rows.by_keys(conn, &values).await?;
+            let pairs = keys.into_iter().zip(found).collect();
+            outcome.merge(
+                self.check(conn, rows, at, pairs, Source::Cdc, cause, None)
+                    .await?,
+            );
+        }
+        Ok(outcome)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn check(
         &self,
@@ -367,17 +425,28 @@ impl Checker {
         open: Option<HashMap<String, IncidentRow>>,
         ctx: &track::Context<'_>,
     ) -> Result<Outcome, CheckError> {
-        let mut verdicts = HashMap::new();
         let evidence: Vec<Evidence> = keys
             .into_iter()
             .zip(found)
             .zip(cached)
-            .map(|((key, found), cached)| {
-                let ev = self.watched.evidence(rows, key, found, cached);
-                *verdicts.entry(ev.kind).or_insert(0) += 1;
-                ev
-            })
+            .map(|((key, found), cached)| self.watched.evidence(rows, key, found, cached))
             .collect();
+        self.record_evidence(conn, evidence, open, ctx).await
+    }
+
+    /// Records `evidence` through the state machine and schedules the confirmations of the
+    /// incidents it opened.
+    async fn record_evidence(
+        &self,
+        conn: &mut AsyncPgConnection,
+        evidence: Vec<Evidence>,
+        open: Option<HashMap<String, IncidentRow>>,
+        ctx: &track::Context<'_>,
+    ) -> Result<Outcome, CheckError> {
+        let mut verdicts = HashMap::new();
+        for ev in &evidence {
+            *verdicts.entry(ev.kind).or_insert(0) += 1;
+        }
         let batch = match open {
             Some(open) => {
                 track::record_batch_with_open(conn, &self.metrics, ctx, evidence, open).await

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use crate::cache::Cached;
 use crate::check::{CheckError, Checker};
 use crate::watch;
 
@@ -66,18 +67,33 @@ pub async fn probe(
         .iter()
         .filter_map(|k| rows.key_values(k).map(|v| (k.clone(), v)))
         .unzip();
+    let mut out = Agreement::default();
+    let shape = watch::shape(&rows.entity.representation);
+    // As a check after a change does (`Checker::check_absent_first`): a key absent from the
+    // cache of an entity invalidated on change agrees with its row, which need not be read.
+    let (keys, values) = if checker.watched.invalidated_and_aside(rows) && !keys.is_empty() {
+        let cached = checker.cache.read_many(shape, &keys).await?;
+        let mut present = (Vec::new(), Vec::new());
+        for ((key, values), cached) in keys.into_iter().zip(values).zip(cached) {
+            if matches!(cached, Cached::Missing) {
+                out.consistent += 1;
+            } else {
+                present.0.push(key);
+                present.1.push(values);
+            }
+        }
+        present
+    } else {
+        (keys, values)
+    };
     if keys.is_empty() {
-        return Ok(Agreement::default());
+        return Ok(out);
     }
     let found = {
         let mut conn = checker.pool.get().await?;
         rows.by_keys(&mut conn, &values).await?.1
     };
-    let cached = checker
-        .cache
-        .read_many(watch::shape(&rows.entity.representation), &keys)
-        .await?;
-    let mut out = Agreement::default();
+    let cached = checker.cache.read_many(shape, &keys).await?;
     for ((key, found), cached) in keys.into_iter().zip(found).zip(cached) {
         if checker
             .watched

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::cache::{Cached, Shape};
-use crate::compare::{self, EntityOptions, Kind, TypedRow, Verdict};
+use crate::compare::{self, CachePolicy, EntityOptions, Kind, TypedRow, Verdict};
 use crate::db::incidents::Evidence;
 use crate::db::{DbError, PgPool};
 use crate::entity::{self, Entity, Model, ModelError, Representation, Table};
@@ -185,6 +185,34 @@ impl Watched {
             .iter()
             .position(|s| s.entity.name == source.entity.name)
             .expect("a source of this model")
+    }
+
+    /// Whether a key of `source`'s entity is expected to be absent right after a change: the
+    /// entity is invalidated on change (`on_change = "invalidate"`) and cache-aside, where an
+    /// absent key agrees with its row whatever the row holds. Checks after a change and SLO
+    /// probes then read the cache first and the rows only of keys that are there
+    /// ([`Watched::absent`]).
+    pub fn invalidated_and_aside(&self, source: &Rows) -> bool {
+        source.entity.on_change == entity::OnChange::Invalidate
+            && self.options[self.index(source)].policy == CachePolicy::CacheAside
+    }
+
+    /// The evidence of `key` found absent from the cache of an entity that
+    /// [`Watched::invalidated_and_aside`]: a match whatever its row, which was not read (so
+    /// no database version: the match does not depend on it).
+    pub fn absent(&self, source: &Rows, key: String) -> Evidence {
+        debug_assert!(self.invalidated_and_aside(source));
+        Evidence {
+            cache_key: key,
+            entity: source.entity.name.clone(),
+            entity_id: String::new(),
+            kind: Kind::Match,
+            db_version: None,
+            cache_version: None,
+            db_value: None,
+            cache_value: None,
+            diff: String::new(),
+        }
     }
 
     /// Compares what was read for `key` of `source`'s entity.

@@ -711,3 +711,198 @@ async fn open_incidents_of_a_batch_are_probed_by_index_when_most_incidents_are_o
     assert_eq!(open.len(), 3, "{open:?}");
     assert_eq!(open["storm:21"].entity_id, "21");
 }
+
+/// The backends of this test's database waiting for a lock.
+async fn waiting_on_a_lock(env: &TestEnv) -> i64 {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .get_result::<Count>(&mut conn)
+    .await
+    .unwrap()
+    .n
+}
+
+/// An entity invalidated on change: a check after a change reads the cache first, and a key
+/// still absent (deleted by the invalidation, not put back) is a match without its row being
+/// read. The table is locked against every reader while those keys are checked and probed,
+/// so a row read would wait; a key the application put back is still checked row first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_after_an_invalidation_reads_no_row_for_a_key_still_absent() {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    use stalewatch_core::{check::Checker, slo, watch::Watched};
+    use stalewatch_testkit::{eventually, scaled};
+
+    let env = TestEnv::new().await.unwrap();
+    {
+        let mut conn = env.pool.get().await.unwrap();
+        diesel::sql_query(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, version bigint NOT NULL)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        diesel::sql_query("INSERT INTO accounts VALUES (1, 'a', 2), (2, 'b', 1), (3, 'c', 1)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let model = format!(
+        r#"
+[[entity]]
+name = "account"
+table = "public.accounts"
+primary_key = ["id"]
+key = "{}acct:{{id}}"
+representation = "json"
+version = "version"
+on_change = "invalidate"
+"#,
+        env.prefix
+    );
+    let watched = Watched::load(&env.pool, &model, &|_| None).await.unwrap();
+    let queue = stalewatch_core::queue::connect(&env.redis_url)
+        .await
+        .unwrap();
+    let checker = Checker::new(
+        &env.config(),
+        env.pool.clone(),
+        env.cache.clone(),
+        Metrics::new(),
+        queue,
+        std::sync::Arc::new(watched),
+    );
+    let key = |id: i64| format!("{}acct:{id}", env.prefix);
+    let ttl = Duration::from_secs(600);
+
+    // Account 1's cached copy is a version behind: a check of the change opens an incident.
+    env.cache
+        .set(&key(1), br#"{"id":1,"name":"a","version":1}"#, ttl)
+        .await
+        .unwrap();
+    let seen = checker
+        .check_keys("account", &[key(1)], Source::Cdc, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.verdicts.get(&Kind::Stale),
+        Some(&1),
+        "{:?}",
+        seen.verdicts
+    );
+    assert_eq!(latest(&env, &key(1)).await.state, "detected");
+
+    // The next change invalidates it; account 2 was never cached; account 3 was put back.
+    env.cache.delete(&key(1)).await.unwrap();
+    env.cache
+        .set(&key(3), br#"{"id":3,"name":"c","version":1}"#, ttl)
+        .await
+        .unwrap();
+
+    // Every reader of the table now waits behind this transaction's lock.
+    let mut locker = diesel_async::AsyncPgConnection::establish(&env.database_url)
+        .await
+        .unwrap();
+    diesel::sql_query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    diesel::sql_query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    let absent = [key(1), key(2)];
+    let outcome = tokio::time::timeout(
+        scaled(Duration::from_secs(30)),
+        checker.check_keys("account", &absent, Source::Cdc, None),
+    )
+    .await
+    .expect("absent keys are checked without reading the locked table")
+    .unwrap();
+    assert_eq!(
+        outcome.verdicts.get(&Kind::Match),
+        Some(&2),
+        "{:?}",
+        outcome.verdicts
+    );
+    assert_eq!(
+        latest(&env, &key(1)).await.state,
+        "transient",
+        "the invalidated key's incident closes"
+    );
+    let probed = tokio::time::timeout(
+        scaled(Duration::from_secs(30)),
+        slo::probe(&checker, "account", &absent),
+    )
+    .await
+    .expect("absent keys are probed without reading the locked table")
+    .unwrap();
+    assert_eq!(
+        probed,
+        slo::Agreement {
+            consistent: 2,
+            inconsistent: 0
+        }
+    );
+
+    // The key that is back is compared with its row: that check waits for the lock.
+    let present = tokio::spawn({
+        let checker = checker.clone();
+        let keys = vec![key(3)];
+        async move {
+            checker
+                .check_keys("account", &keys, Source::Cdc, None)
+                .await
+        }
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the row read waiting on the lock",
+        || async { (waiting_on_a_lock(&env).await > 0).then_some(()) },
+    )
+    .await;
+    assert!(!present.is_finished());
+    diesel::sql_query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let outcome = present.await.unwrap().unwrap();
+    assert_eq!(
+        outcome.verdicts.get(&Kind::Match),
+        Some(&1),
+        "{:?}",
+        outcome.verdicts
+    );
+
+    // A key put back stale is still found: only absence skips the row.
+    env.cache
+        .set(&key(2), br#"{"id":2,"name":"old","version":0}"#, ttl)
+        .await
+        .unwrap();
+    let outcome = checker
+        .check_keys("account", &[key(1), key(2)], Source::Cdc, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.verdicts.get(&Kind::Match),
+        Some(&1),
+        "{:?}",
+        outcome.verdicts
+    );
+    assert_eq!(
+        outcome.verdicts.get(&Kind::Stale),
+        Some(&1),
+        "{:?}",
+        outcome.verdicts
+    );
+    assert_eq!(latest(&env, &key(2)).await.kind, "stale");
+}
