@@ -1,10 +1,11 @@
 //! Rebuilding an entity's cache from PostgreSQL: every row, read in keyset pages, written to
 //! Redis in one pipeline per page, under a per-entity lock.
 //!
-//! - Memory is one page: the rows come in `batch`-row keyset pages ([`Rows::page`], the
+//! - Memory is one page: the rows come in `batch`-row keyset pages ([`Rows::page_text`], the
 //!   sweep's walk), and the next page is read while the last one's pipeline runs.
 //! - What a key gets is what a refresh would write ([`repair::render`]); only the sending
-//!   differs: many keys per round trip.
+//!   differs: many keys per round trip. Most JSON documents are written from PostgreSQL's
+//!   text without being parsed ([`repair::render_json_text`]: the same bytes).
 //! - Never an older value over a newer one: a JSON document with an integer version is
 //!   written with `SET NX` where there is no key, and through the versioned compare-and-set
 //!   ([`cache::SET_UNLESS_NEWER`], by its hash in the pipeline) where there is one, so an
@@ -34,7 +35,7 @@ use crate::incident::{Cause, Source, State};
 use crate::keys::Keys;
 use crate::lease::Lease;
 use crate::repair::{self, Outcome, Rendered};
-use crate::rows::{PageRow, Rows};
+use crate::rows::{PageText, Row, Rows};
 
 /// Open incidents checked again per batch after the pass.
 const RECHECK_BATCH: usize = 1000;
@@ -299,19 +300,42 @@ pub(crate) fn commands(
     }
 }
 
-/// The highest version among `page`'s rows, as [`crate::column::version_of`] reads it; `None`
-/// for an entity without a version.
-fn highest_version(rows: &Rows, page: &[PageRow]) -> Option<i64> {
-    let version = rows.entity.version.as_ref()?;
-    let ty = *rows.types.get(version)?;
-    page.iter()
-        .filter_map(|r| match &r.row {
-            Ok(Some(crate::rows::Row::Doc(doc))) => {
-                crate::column::version_of(ty, doc.get(version)?)
-            }
-            _ => None,
+/// A page's keys, each with what it is written with (`None`: nothing sound to write: no key
+/// renders from the row, a NULL in the template, or the row cannot be read).
+type Prepared = Vec<(Option<String>, Option<Rendered>)>;
+
+/// What each row of `page` is written with, and for an entity whose watermark is kept
+/// (`watermarked`), the highest version among the rows, as [`crate::column::version_of`]
+/// reads it. Most documents are written from their text ([`repair::render_json_text`]); the
+/// others, and every row of a watermarked entity (whose version may be a timestamp), are
+/// parsed first.
+fn prepare(rows: &Rows, page: Vec<PageText>, watermarked: bool) -> (Prepared, Option<i64>) {
+    let version = rows
+        .entity
+        .version
+        .as_ref()
+        .and_then(|v| Some((v, *rows.types.get(v)?)));
+    let mut highest = None;
+    let prepared = page
+        .into_iter()
+        .map(|raw| {
+            let fast = (!watermarked)
+                .then(|| repair::render_json_text(rows, raw.doc.bytes()))
+                .flatten();
+            let rendered = fast.or_else(|| {
+                let row = rows.decode(&raw.doc).ok()?;
+                if let (true, Some((column, ty)), Row::Doc(doc)) = (watermarked, version, &row) {
+                    let seen = doc
+                        .get(column)
+                        .and_then(|v| crate::column::version_of(ty, v));
+                    highest = highest.max(seen);
+                }
+                Some(repair::render(rows, Some(&row)))
+            });
+            (raw.key, rendered)
         })
-        .max()
+        .collect();
+    (prepared, highest)
 }
 
 /// Chooses, page by page, how versioned documents are sent: `SET NX` first while most keys are
@@ -443,7 +467,7 @@ impl Rebuild<'_> {
         let limit = self.batch as i64;
         let mut cursor: Option<Vec<String>> = None;
         let mut more = true;
-        let mut pending: Option<Vec<PageRow>> = None;
+        let mut pending: Option<Prepared> = None;
         // The highest version written, for the entity's watermark (only an ingesting entity
         // keeps one).
         let watermarked = crate::watermark::tracked(&rows.entity);
@@ -459,7 +483,7 @@ impl Rebuild<'_> {
                     return Ok::<_, RebuildError>(None);
                 }
                 let (_, page, last) = rows
-                    .page(&mut reader, cursor.as_deref(), None, limit)
+                    .page_text(&mut reader, cursor.as_deref(), None, limit)
                     .await?;
                 Ok(Some((page, last)))
             };
@@ -503,9 +527,8 @@ impl Rebuild<'_> {
                 // A short page is the last one.
                 more = page.len() as i64 == limit && last.is_some();
                 cursor = last;
-                if watermarked {
-                    highest = highest.max(highest_version(rows, &page));
-                }
+                let (page, seen) = prepare(rows, page, watermarked);
+                highest = highest.max(seen);
                 if !page.is_empty() {
                     pending = Some(page);
                 }
@@ -574,24 +597,15 @@ impl Rebuild<'_> {
         rows: &Rows,
         redis: &CacheConn,
         sha: &str,
-        page: Vec<PageRow>,
+        page: Prepared,
         versioned: Versioned,
     ) -> Result<(Vec<Outcome>, usize), RebuildError> {
         let ttl = rows.entity.ttl;
-        let rendered: Vec<Option<(&str, Rendered)>> = page
+        let rendered: Vec<Option<(&str, &Rendered)>> = page
             .iter()
-            .map(|row| match (&row.key, &row.row) {
-                (Some(key), Ok(found)) => {
-                    Some((key.as_str(), repair::render(rows, found.as_ref())))
-                }
-                // No key renders from the row (a NULL in the template), or the row cannot be
-                // read: nothing sound to write.
-                _ => None,
-            })
+            .map(|(key, rendered)| Some((key.as_deref()?, rendered.as_ref()?)))
             .collect();
-        let all = rendered
-            .iter()
-            .map(|r| r.as_ref().map(|(key, value)| (*key, value)));
+        let all = rendered.iter().copied();
         let first = write_rendered(redis, sha, ttl, versioned, all).await?;
         let existing: Vec<usize> = first
             .iter()
@@ -603,9 +617,7 @@ impl Rebuild<'_> {
             .map(|o| o.unwrap_or(Outcome::SkippedNewer))
             .collect();
         if !existing.is_empty() {
-            let again = existing
-                .iter()
-                .map(|&i| rendered[i].as_ref().map(|(key, value)| (*key, value)));
+            let again = existing.iter().map(|&i| rendered[i]);
             let second = write_rendered(redis, sha, ttl, Versioned::Script, again).await?;
             for (&i, outcome) in existing.iter().zip(second) {
                 outcomes[i] = outcome.unwrap_or(Outcome::SkippedNewer);

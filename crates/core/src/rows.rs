@@ -87,6 +87,13 @@ pub struct PageRow {
     pub row: Found,
 }
 
+/// One row of a sweep page as PostgreSQL rendered it: its key, and its document's text.
+#[derive(Debug)]
+pub struct PageText {
+    pub key: Option<String>,
+    pub doc: RawJson,
+}
+
 /// One entity's way to its rows: the statements, built once from the model and the catalog.
 #[derive(Debug, Clone)]
 pub struct Rows {
@@ -430,6 +437,26 @@ impl Rows {
         until: Option<&[String]>,
         limit: i64,
     ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
+        let (at, raws, last) = self.page_text(conn, cursor, until, limit).await?;
+        let rows = raws
+            .into_iter()
+            .map(|raw| PageRow {
+                key: raw.key,
+                row: self.decode(&raw.doc).map(Some),
+            })
+            .collect();
+        Ok((at, rows, last))
+    }
+
+    /// [`Rows::page`] with each row's document as PostgreSQL rendered it, not yet decoded
+    /// ([`Rows::decode`]): a rebuild writes most documents without parsing them.
+    pub async fn page_text(
+        &self,
+        conn: &mut AsyncPgConnection,
+        cursor: Option<&[String]>,
+        until: Option<&[String]>,
+        limit: i64,
+    ) -> Result<(DateTime<Utc>, Vec<PageText>, Option<Vec<String>>), DbError> {
         #[derive(diesel::QueryableByName)]
         struct Raw {
             #[diesel(sql_type = Array<Nullable<Text>>)]
@@ -460,9 +487,9 @@ impl Rows {
         });
         let rows = raws
             .into_iter()
-            .map(|raw| PageRow {
+            .map(|raw| PageText {
                 key: self.entity.key.render(|c| self.key_text(&raw.keys, c)),
-                row: self.decode(&raw.doc).map(Some),
+                doc: raw.doc,
             })
             .collect();
         Ok((at, rows, last))
@@ -474,7 +501,9 @@ impl Rows {
         keys.get(at)?.clone()
     }
 
-    fn decode(&self, raw: &RawJson) -> Result<Row, String> {
+    /// A row's document as [`Rows::page_text`] and the other reads return it, parsed; why
+    /// not, when the parser refuses it.
+    pub fn decode(&self, raw: &RawJson) -> Result<Row, String> {
         let value: Value = serde_json::from_slice(raw.bytes())
             .map_err(|e| format!("the row is not JSON this service can read ({e})"))?;
         match (&self.entity.representation, value) {
