@@ -214,6 +214,35 @@ impl Router {
         tables
     }
 
+    /// The columns of `table` a change is read for: every entity's primary key and key
+    /// template, and every `[[invalidate]]` rule's templates, sorted. A publication that
+    /// carries only these (and the table's replica identity) spares PostgreSQL rendering the
+    /// rest of every changed row.
+    pub fn columns(&self, table: &Table) -> Vec<String> {
+        let entities = self
+            .by_table
+            .get(table)
+            .into_iter()
+            .flatten()
+            .flat_map(|&i| {
+                let t = &self.targets[i];
+                t.primary_key
+                    .iter()
+                    .map(String::as_str)
+                    .chain(t.key.columns())
+            });
+        let rules = self
+            .rules_by_table
+            .get(table)
+            .into_iter()
+            .flatten()
+            .flat_map(|&i| self.rules[i].keys.iter().flat_map(|k| k.template.columns()));
+        let mut columns: Vec<String> = entities.chain(rules).map(str::to_string).collect();
+        columns.sort();
+        columns.dedup();
+        columns
+    }
+
     /// The entities on the relation's table; empty when it is not watched.
     pub fn entities_of(&self, rel: &Relation) -> &[usize] {
         // pgoutput leaves the namespace empty for pg_catalog, where nobody keeps rows.
@@ -518,6 +547,15 @@ mod tests {
         let mut none = Vec::new();
         router.rule_change(&users(), None, Some(&row(&[Some("7")])), &mut none);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_table_is_read_for_its_entities_keys_and_its_rules_templates_only() {
+        let t = |name: &str| Table::new("public", name);
+        assert_eq!(router().columns(&t("users")), ["email", "id"]);
+        assert_eq!(router().columns(&t("orders")), ["id"]);
+        assert_eq!(rule_router().columns(&t("products")), ["category_id", "id"]);
+        assert!(router().columns(&t("elsewhere")).is_empty());
     }
 
     #[test]
