@@ -80,6 +80,15 @@ representation = "json"
     )
 }
 
+/// A test's own database holding the `typed` table of [`SCHEMA`].
+async fn typed_table() -> TestEnv {
+    let env = TestEnv::new().await.unwrap();
+    for statement in SCHEMA.split(";\n").filter(|s| !s.trim().is_empty()) {
+        sql(&env, statement).await;
+    }
+    env
+}
+
 async fn sql(env: &TestEnv, query: &str) {
     let mut conn = env.pool.get().await.unwrap();
     diesel::sql_query(query)
@@ -139,16 +148,7 @@ async fn verdicts(env: &TestEnv, watched: &Watched, rows: &Rows) -> Vec<(String,
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change_does_not() {
-    let env = TestEnv::new().await.unwrap();
-    {
-        let mut conn = env.pool.get().await.unwrap();
-        for statement in SCHEMA.split(";\n").filter(|s| !s.trim().is_empty()) {
-            diesel::sql_query(statement)
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("{statement}: {e}"));
-        }
-    }
+    let env = typed_table().await;
     cache_rows(&env, "b", "to_jsonb").await;
     cache_rows(&env, "j", "row_to_json").await;
     let watched = Watched::load(&env.pool, &entities(&env.prefix), &|_| None)
@@ -217,16 +217,7 @@ async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change
 async fn documents_written_from_their_text_are_the_bytes_written_from_the_parsed_row() {
     use stalewatch_core::repair::{render, render_json_text};
 
-    let env = TestEnv::new().await.unwrap();
-    {
-        let mut conn = env.pool.get().await.unwrap();
-        for statement in SCHEMA.split(";\n").filter(|s| !s.trim().is_empty()) {
-            diesel::sql_query(statement)
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("{statement}: {e}"));
-        }
-    }
+    let env = typed_table().await;
     sql(
         &env,
         r#"CREATE TABLE plain (id bigint PRIMARY KEY, version bigint, n bigint, name text,
