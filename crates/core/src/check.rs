@@ -354,16 +354,11 @@ impl Checker {
         cause: Option<Cause>,
     ) -> Result<Outcome, CheckError> {
         let at = db::now(conn).await?;
-        let shape = watch::shape(&rows.entity.representation);
-        let cached = self.cache.read_many(shape, &keys).await?;
-        let mut absent = Vec::new();
-        let mut present = Vec::new();
-        for ((key, values), cached) in keys.into_iter().zip(values).zip(cached) {
-            match cached {
-                Cached::Missing => absent.push(self.watched.absent(rows, key)),
-                _ => present.push((key, values)),
-            }
-        }
+        let (absent, present) = self.split_absent(rows, keys, values).await?;
+        let absent: Vec<Evidence> = absent
+            .into_iter()
+            .map(|key| self.watched.absent(rows, key))
+            .collect();
         let ctx = track::Context {
             source: Source::Cdc,
             cause,
@@ -375,8 +370,8 @@ impl Checker {
         if !absent.is_empty() {
             outcome.merge(self.record_evidence(conn, absent, None, &ctx).await?);
         }
-        if !present.is_empty() {
-            let (keys, values): (Vec<String>, Vec<Vec<String>>) = present.into_iter().unzip();
+        let (keys, values) = present;
+        if !keys.is_empty() {
             let (at, found) = rows.by_keys(conn, &values).await?;
             let pairs = keys.into_iter().zip(found).collect();
             outcome.merge(
@@ -385,6 +380,31 @@ impl Checker {
             );
         }
         Ok(outcome)
+    }
+
+    /// Reads the cached values of `keys` (with their template `values`) and splits them: the
+    /// keys absent from the cache, and the others with their values, in order. The first step
+    /// of a check or an SLO probe of an entity that [`Watched::invalidated_and_aside`]; the
+    /// present keys' cached values are read again after their rows.
+    pub(crate) async fn split_absent(
+        &self,
+        rows: &Rows,
+        keys: Vec<String>,
+        values: Vec<Vec<String>>,
+    ) -> Result<(Vec<String>, (Vec<String>, Vec<Vec<String>>)), CheckError> {
+        let shape = watch::shape(&rows.entity.representation);
+        let cached = self.cache.read_many(shape, &keys).await?;
+        let mut absent = Vec::new();
+        let mut present = (Vec::new(), Vec::new());
+        for ((key, values), cached) in keys.into_iter().zip(values).zip(cached) {
+            if matches!(cached, Cached::Missing) {
+                absent.push(key);
+            } else {
+                present.0.push(key);
+                present.1.push(values);
+            }
+        }
+        Ok((absent, present))
     }
 
     #[allow(clippy::too_many_arguments)]

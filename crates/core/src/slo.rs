@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use crate::cache::Cached;
 use crate::check::{CheckError, Checker};
 use crate::watch;
 
@@ -72,16 +71,8 @@ pub async fn probe(
     // As a check after a change does (`Checker::check_absent_first`): a key absent from the
     // cache of an entity invalidated on change agrees with its row, which need not be read.
     let (keys, values) = if checker.watched.invalidated_and_aside(rows) && !keys.is_empty() {
-        let cached = checker.cache.read_many(shape, &keys).await?;
-        let mut present = (Vec::new(), Vec::new());
-        for ((key, values), cached) in keys.into_iter().zip(values).zip(cached) {
-            if matches!(cached, Cached::Missing) {
-                out.consistent += 1;
-            } else {
-                present.0.push(key);
-                present.1.push(values);
-            }
-        }
+        let (absent, present) = checker.split_absent(rows, keys, values).await?;
+        out.consistent += absent.len() as u64;
         present
     } else {
         (keys, values)

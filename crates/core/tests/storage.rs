@@ -737,24 +737,21 @@ async fn waiting_on_a_lock(env: &TestEnv) -> i64 {
 /// so a row read would wait; a key the application put back is still checked row first.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_check_after_an_invalidation_reads_no_row_for_a_key_still_absent() {
-    use diesel_async::{AsyncConnection, RunQueryDsl};
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
     use stalewatch_core::{check::Checker, slo, watch::Watched};
     use stalewatch_testkit::{eventually, scaled};
 
     let env = TestEnv::new().await.unwrap();
-    {
-        let mut conn = env.pool.get().await.unwrap();
-        diesel::sql_query(
-            "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, version bigint NOT NULL)",
+    env.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, version bigint NOT NULL);
+             INSERT INTO accounts VALUES (1, 'a', 2), (2, 'b', 1), (3, 'c', 1)",
         )
-        .execute(&mut conn)
         .await
         .unwrap();
-        diesel::sql_query("INSERT INTO accounts VALUES (1, 'a', 2), (2, 'b', 1), (3, 'c', 1)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
     let model = format!(
         r#"
 [[entity]]
@@ -811,12 +808,8 @@ on_change = "invalidate"
     let mut locker = diesel_async::AsyncPgConnection::establish(&env.database_url)
         .await
         .unwrap();
-    diesel::sql_query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    diesel::sql_query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
+    locker
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
 
@@ -871,10 +864,7 @@ on_change = "invalidate"
     )
     .await;
     assert!(!present.is_finished());
-    diesel::sql_query("COMMIT")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    locker.batch_execute("COMMIT").await.unwrap();
     let outcome = present.await.unwrap().unwrap();
     assert_eq!(
         outcome.verdicts.get(&Kind::Match),
