@@ -1,11 +1,11 @@
 //! Rebuilding an entity's cache from PostgreSQL: every row, read in keyset pages, written to
 //! Redis in one pipeline per page, under a per-entity lock.
 //!
-//! - Memory is one page: the rows come in `batch`-row keyset pages ([`Rows::page_text`], the
+//! - Memory is one page: the rows come in `batch`-row keyset pages ([`Rows::page_raw`], the
 //!   sweep's walk), and the next page is read while the last one's pipeline runs.
 //! - What a key gets is what a refresh would write ([`repair::render`]); only the sending
-//!   differs: many keys per round trip. Most JSON documents are written from PostgreSQL's
-//!   text without being parsed ([`repair::render_json_text`]: the same bytes).
+//!   differs: many keys per round trip. Most JSON documents are written from the row's cells
+//!   without decoding them into a map ([`repair::render_cells`]: the same bytes).
 //! - Never an older value over a newer one: a JSON document with an integer version is
 //!   written with `SET NX` where there is no key, and through the versioned compare-and-set
 //!   ([`cache::SET_UNLESS_NEWER`], by its hash in the pipeline) where there is one, so an
@@ -35,7 +35,7 @@ use crate::incident::{Cause, Source, State};
 use crate::keys::Keys;
 use crate::lease::Lease;
 use crate::repair::{self, Outcome, Rendered};
-use crate::rows::{PageText, Row, Rows};
+use crate::rows::{PageRaw, Rows};
 
 /// Open incidents checked again per batch after the pass.
 const RECHECK_BATCH: usize = 1000;
@@ -306,32 +306,34 @@ type Prepared = Vec<(Option<String>, Option<Rendered>)>;
 
 /// What each row of `page` is written with, and for an entity whose watermark is kept
 /// (`watermarked`), the highest version among the rows, as [`crate::column::version_of`]
-/// reads it. Most documents are written from their text ([`repair::render_json_text`]); the
-/// others, and every row of a watermarked entity (whose version may be a timestamp), are
-/// parsed first.
-fn prepare(rows: &Rows, page: Vec<PageText>, watermarked: bool) -> (Prepared, Option<i64>) {
+/// reads it. Most documents are written from their cells ([`repair::render_cells`]); the
+/// others are decoded first. A row that does not decode is not written, and its version does
+/// not count.
+fn prepare(rows: &Rows, page: Vec<PageRaw>, watermarked: bool) -> (Prepared, Option<i64>) {
     let version = rows
         .entity
         .version
         .as_ref()
+        .filter(|_| watermarked)
         .and_then(|v| Some((v, *rows.types.get(v)?)));
     let mut highest = None;
     let prepared = page
         .into_iter()
         .map(|raw| {
-            let fast = (!watermarked)
-                .then(|| repair::render_json_text(rows, raw.doc.bytes()))
-                .flatten();
-            let rendered = fast.or_else(|| {
-                let row = rows.decode(&raw.doc).ok()?;
-                if let (true, Some((column, ty)), Row::Doc(doc)) = (watermarked, version, &row) {
-                    let seen = doc
-                        .get(column)
-                        .and_then(|v| crate::column::version_of(ty, v));
-                    highest = highest.max(seen);
-                }
-                Some(repair::render(rows, Some(&row)))
+            let seen = version.and_then(|(column, ty)| {
+                let value = rows.field(&raw.doc, column)?.ok()?;
+                crate::column::version_of(ty, &value)
             });
+            let rendered = match repair::render_cells(rows, &raw.doc) {
+                Some(rendered) => Some(rendered),
+                None => rows
+                    .decode(raw.doc)
+                    .ok()
+                    .map(|row| repair::render(rows, Some(&row))),
+            };
+            if rendered.is_some() {
+                highest = highest.max(seen);
+            }
             (raw.key, rendered)
         })
         .collect();
@@ -483,7 +485,7 @@ impl Rebuild<'_> {
                     return Ok::<_, RebuildError>(None);
                 }
                 let (_, page, last) = rows
-                    .page_text(&mut reader, cursor.as_deref(), None, limit)
+                    .page_raw(&mut reader, cursor.as_deref(), None, limit)
                     .await?;
                 Ok(Some((page, last)))
             };

@@ -1,22 +1,27 @@
 //! The application's tables, the source of truth: which columns they have, and the rows
 //! behind cache keys, read in batches.
 //!
-//! stalewatch only reads these tables. Every read renders the row the way PostgreSQL's own
-//! `json_build_object` does (typed JSON: numbers, strings, timestamps in RFC 3339, nested
-//! json), which the comparator then reads by the columns' types. The document is handed over
-//! unparsed and decoded row by row, so one value the parser refuses is that key's verdict,
-//! not the batch's failure.
+//! stalewatch only reads these tables. A row arrives as one array of text, a cell per column
+//! ([`Spelling`]): a column whose text is its JSON value as it is (integers, booleans, text,
+//! uuids) sends that text, any other sends `to_json(column)` (timestamps in RFC 3339, nested
+//! json, floats as PostgreSQL prints them). The document built from the cells is the one
+//! PostgreSQL's `json_build_object` renders, which the comparator reads by the columns' types;
+//! PostgreSQL does not build the JSON text itself, which cost it twice the CPU of the row's
+//! cells. The cells are decoded row by row, so one value the parser refuses is that key's
+//! verdict, not the batch's failure.
 
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Json, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
 
 use crate::column::ColumnType;
-use crate::db::{self, items::RawJson, DbError};
-use crate::entity::{quote_ident as ident, Catalog, Column, Entity, Representation, Table};
+use crate::db::{self, DbError};
+use crate::entity::{
+    quote_ident as ident, Catalog, Column, Entity, Representation, Table, Template,
+};
 
 /// `json_build_object` takes at most 100 arguments: 50 columns per call.
 const COLUMNS_PER_OBJECT: usize = 50;
@@ -87,11 +92,83 @@ pub struct PageRow {
     pub row: Found,
 }
 
-/// One row of a sweep page as PostgreSQL rendered it: its key, and its document's text.
+/// One row of a sweep page as PostgreSQL sent it: its key, and its document's cells.
 #[derive(Debug)]
-pub struct PageText {
+pub struct PageRaw {
     pub key: Option<String>,
-    pub doc: RawJson,
+    pub doc: RawRow,
+}
+
+/// A document's cells as PostgreSQL sent them, not yet decoded ([`Rows::decode`]): one text
+/// per column ([`Rows::cells`]), or a set's one `json_agg` text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRow(Vec<Option<String>>);
+
+/// How one column's value travels from PostgreSQL, by its SQL type: as its own text where
+/// that text is exactly the value `json_build_object` renders (the digits of an integer, the
+/// characters of a string), else as `to_json(column)`, parsed by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spelling {
+    /// `bigint`, `integer`, `smallint`: the digits are the JSON number.
+    Integer,
+    /// `boolean`: `true` or `false`, as its text cast prints it.
+    Boolean,
+    /// `text`, `character varying`, `uuid`: the text is the JSON string's value. Not
+    /// `character(n)`, whose cast to text drops the padding `json_build_object` keeps.
+    Text,
+    /// Any other type: the JSON text PostgreSQL renders for the value.
+    Json,
+}
+
+impl Spelling {
+    /// By `format_type()`'s name of the column's type.
+    pub fn of(type_name: &str) -> Spelling {
+        let bare = type_name.split('(').next().unwrap_or_default().trim();
+        match bare {
+            "bigint" | "integer" | "smallint" => Spelling::Integer,
+            "boolean" => Spelling::Boolean,
+            "text" | "character varying" | "uuid" => Spelling::Text,
+            _ => Spelling::Json,
+        }
+    }
+
+    /// The array element PostgreSQL sends for column `name` (of table alias `t`).
+    fn cell(self, name: &str) -> String {
+        match self {
+            Spelling::Json => format!("to_json(t.{})::text", ident(name)),
+            _ => format!("t.{}::text", ident(name)),
+        }
+    }
+
+    /// The JSON value of a cell: what `json_build_object` would have rendered for it.
+    fn value(self, text: Option<String>) -> Result<Value, String> {
+        let Some(text) = text else {
+            return Ok(Value::Null);
+        };
+        match self {
+            Spelling::Integer => text
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|e| format!("an integer column holds {text:?} ({e})")),
+            Spelling::Boolean => Ok(Value::Bool(text == "true")),
+            Spelling::Text => Ok(Value::String(text)),
+            Spelling::Json => serde_json::from_str(&text)
+                .map_err(|e| format!("the row is not JSON this service can read ({e})")),
+        }
+    }
+}
+
+/// What a row's cells hold, past the key columns a sweep page starts with.
+#[derive(Debug, Clone)]
+enum Document {
+    /// One cell per column, in this order (json, hash and string representations), and the
+    /// cells' positions in the order of the columns' names (a JSON map's order).
+    Columns {
+        columns: Vec<(String, Spelling)>,
+        by_name: Vec<usize>,
+    },
+    /// One cell: the set's rows, as `json_agg` text, each rendered to a member by `.0`.
+    Members(Template),
 }
 
 /// One entity's way to its rows: the statements, built once from the model and the catalog.
@@ -102,9 +179,10 @@ pub struct Rows {
     pub types: HashMap<String, ColumnType>,
     /// The key template's columns with their SQL types, in template order.
     key_columns: Vec<(String, String)>,
-    /// The columns a page's `keys` array holds, in its order: the walk columns, then the
-    /// template's others.
+    /// The key columns a page's cells start with, in their order: the walk columns, then the
+    /// template's others. The document's cells follow.
     keyed_by: Vec<String>,
+    document: Document,
     /// The columns a sweep walks in order: the primary key, or a set's key columns.
     walk_columns: Vec<(String, String)>,
     by_key: String,
@@ -143,19 +221,38 @@ impl Rows {
         let all: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
         let table = entity.table.sql();
 
-        // What the document holds, and the columns a sweep page renders its key from.
-        let (doc, grouped) = match &entity.representation {
+        // What the document holds, cell by cell, and the columns a sweep page renders its
+        // key from.
+        let spelled = |names: &[&str]| -> Document {
+            let columns: Vec<(String, Spelling)> = names
+                .iter()
+                .map(|n| (n.to_string(), Spelling::of(sql_type[n])))
+                .collect();
+            let mut by_name: Vec<usize> = (0..columns.len()).collect();
+            by_name.sort_by(|&a, &b| columns[a].0.cmp(&columns[b].0));
+            Document::Columns { columns, by_name }
+        };
+        let (document, grouped) = match &entity.representation {
             Representation::Json { columns } | Representation::Hash { columns } => {
                 let names: Vec<&str> = match columns {
                     Some(c) => c.iter().map(String::as_str).collect(),
                     None => all.clone(),
                 };
-                (object(&names, false), false)
+                (spelled(&names), false)
             }
-            Representation::String { value } => (object(&[value.as_str()], false), false),
-            Representation::Set { member } => {
-                let members = object(&member.columns(), true);
-                (format!("json_agg({members})"), true)
+            Representation::String { value } => (spelled(&[value.as_str()]), false),
+            Representation::Set { member } => (Document::Members(member.clone()), true),
+        };
+        let doc_cells: Vec<String> = match &document {
+            Document::Columns { columns, .. } => columns
+                .iter()
+                .map(|(name, spelling)| spelling.cell(name))
+                .collect(),
+            Document::Members(member) => {
+                vec![format!(
+                    "json_agg({})::text",
+                    object(&member.columns(), true)
+                )]
             }
         };
         let walk: Vec<&str> = if grouped {
@@ -166,7 +263,8 @@ impl Rows {
             walk
         };
         let walk_columns = typed(if grouped { &walk } else { &pk });
-        let keys_doc = text_array(&walk);
+        let doc = cells(&[], &doc_cells);
+        let keys_doc = cells(&walk, &doc_cells);
 
         // By key: the template's values come in as text arrays, one per column, cast to the
         // column's type so the table's indexes apply.
@@ -187,7 +285,7 @@ impl Rows {
         let join = join.join(" AND ");
         let from = format!("FROM {keys} JOIN {table} AS t ON {join}");
         let by_key = format!(
-            "SELECT k.ord, {doc} AS doc {from}{}",
+            "SELECT k.ord, {doc} AS cells {from}{}",
             if grouped { " GROUP BY k.ord" } else { "" },
         );
         // The keys without a row, not those with one: in a sweep nearly every key has its row,
@@ -236,7 +334,7 @@ impl Rows {
                 format!(" WHERE {}", filters.join(" AND "))
             };
             format!(
-                "SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t{filter}{group} \
+                "SELECT {keys_doc} AS cells FROM {table} AS t{filter}{group} \
                  ORDER BY {} LIMIT $1",
                 order.join(", ")
             )
@@ -250,15 +348,15 @@ impl Rows {
         let walked: Vec<&str> = walk_columns.iter().map(|(n, _)| n.as_str()).collect();
         let sample = format!(
             "SELECT {} AS keys FROM {table} AS t TABLESAMPLE SYSTEM ($1) ORDER BY {}",
-            text_array(&walked),
+            cells(&walked, &[]),
             order.join(", ")
         );
         // One row even on an empty table, so the clock is always read.
         let newest = entity.version.as_ref().filter(|_| !grouped).map(|v| {
             format!(
-                "SELECT now() AS at, n.keys, n.doc FROM (SELECT 1) AS one LEFT JOIN LATERAL \
-                 (SELECT {keys_doc} AS keys, {doc} AS doc FROM {table} AS t WHERE t.{v} IS NOT \
-                 NULL ORDER BY t.{v} DESC LIMIT 1) AS n ON true",
+                "SELECT now() AS at, n.cells FROM (SELECT 1) AS one LEFT JOIN LATERAL \
+                 (SELECT {keys_doc} AS cells FROM {table} AS t WHERE t.{v} IS NOT NULL \
+                 ORDER BY t.{v} DESC LIMIT 1) AS n ON true",
                 v = ident(v),
             )
         });
@@ -272,6 +370,7 @@ impl Rows {
             key_columns,
             walk_columns,
             keyed_by: walk.iter().map(|c| c.to_string()).collect(),
+            document,
             by_key,
             missing,
             pages,
@@ -291,10 +390,8 @@ impl Rows {
         struct Raw {
             #[diesel(sql_type = diesel::sql_types::Timestamptz)]
             at: DateTime<Utc>,
-            #[diesel(sql_type = diesel::sql_types::Nullable<Array<Nullable<Text>>>)]
-            keys: Option<Vec<Option<String>>>,
-            #[diesel(sql_type = diesel::sql_types::Nullable<Json>)]
-            doc: Option<RawJson>,
+            #[diesel(sql_type = Nullable<Array<Nullable<Text>>>)]
+            cells: Option<Vec<Option<String>>>,
         }
         let Some(statement) = &self.newest else {
             return Err(DbError::Rejected(format!(
@@ -303,9 +400,12 @@ impl Rows {
             )));
         };
         let raw: Raw = diesel::sql_query(statement).get_result(conn).await?;
-        let row = raw.keys.zip(raw.doc).map(|(keys, doc)| PageRow {
-            key: self.entity.key.render(|c| self.key_text(&keys, c)),
-            row: self.decode(&doc).map(Some),
+        let row = raw.cells.map(|cells| {
+            let (keys, doc) = self.split(cells);
+            PageRow {
+                key: self.entity.key.render(|c| self.key_text(&keys, c)),
+                row: self.decode(doc).map(Some),
+            }
         });
         Ok((raw.at, row))
     }
@@ -335,8 +435,8 @@ impl Rows {
         struct Hit {
             #[diesel(sql_type = BigInt)]
             ord: i64,
-            #[diesel(sql_type = Json)]
-            doc: RawJson,
+            #[diesel(sql_type = Array<Nullable<Text>>)]
+            cells: Vec<Option<String>>,
         }
         let mut query = diesel::sql_query(&self.by_key).into_boxed();
         for i in 0..self.key_columns.len() {
@@ -353,7 +453,7 @@ impl Rows {
             // first one stands for the key.
             let slot = &mut found[(hit.ord - 1) as usize];
             if matches!(slot, Ok(None)) {
-                *slot = self.decode(&hit.doc).map(Some);
+                *slot = self.decode(RawRow(hit.cells)).map(Some);
             }
         }
         Ok((at, found))
@@ -437,32 +537,30 @@ impl Rows {
         until: Option<&[String]>,
         limit: i64,
     ) -> Result<(DateTime<Utc>, Vec<PageRow>, Option<Vec<String>>), DbError> {
-        let (at, raws, last) = self.page_text(conn, cursor, until, limit).await?;
+        let (at, raws, last) = self.page_raw(conn, cursor, until, limit).await?;
         let rows = raws
             .into_iter()
             .map(|raw| PageRow {
                 key: raw.key,
-                row: self.decode(&raw.doc).map(Some),
+                row: self.decode(raw.doc).map(Some),
             })
             .collect();
         Ok((at, rows, last))
     }
 
-    /// [`Rows::page`] with each row's document as PostgreSQL rendered it, not yet decoded
-    /// ([`Rows::decode`]): a rebuild writes most documents without parsing them.
-    pub async fn page_text(
+    /// [`Rows::page`] with each row's document as PostgreSQL sent it, not yet decoded
+    /// ([`Rows::decode`]): a rebuild writes most documents from their cells.
+    pub async fn page_raw(
         &self,
         conn: &mut AsyncPgConnection,
         cursor: Option<&[String]>,
         until: Option<&[String]>,
         limit: i64,
-    ) -> Result<(DateTime<Utc>, Vec<PageText>, Option<Vec<String>>), DbError> {
+    ) -> Result<(DateTime<Utc>, Vec<PageRaw>, Option<Vec<String>>), DbError> {
         #[derive(diesel::QueryableByName)]
         struct Raw {
             #[diesel(sql_type = Array<Nullable<Text>>)]
-            keys: Vec<Option<String>>,
-            #[diesel(sql_type = Json)]
-            doc: RawJson,
+            cells: Vec<Option<String>>,
         }
         let statement = &self.pages[cursor.is_some() as usize][until.is_some() as usize];
         let mut query = diesel::sql_query(statement).into_boxed();
@@ -482,14 +580,17 @@ impl Rows {
         let last = raws.last().and_then(|raw| {
             self.walk_columns
                 .iter()
-                .map(|(name, _)| self.key_text(&raw.keys, name))
+                .map(|(name, _)| self.key_text(&raw.cells, name))
                 .collect::<Option<Vec<String>>>()
         });
         let rows = raws
             .into_iter()
-            .map(|raw| PageText {
-                key: self.entity.key.render(|c| self.key_text(&raw.keys, c)),
-                doc: raw.doc,
+            .map(|raw| {
+                let (keys, doc) = self.split(raw.cells);
+                PageRaw {
+                    key: self.entity.key.render(|c| self.key_text(&keys, c)),
+                    doc,
+                }
             })
             .collect();
         Ok((at, rows, last))
@@ -501,34 +602,90 @@ impl Rows {
         keys.get(at)?.clone()
     }
 
-    /// A row's document as [`Rows::page_text`] and the other reads return it, parsed; why
-    /// not, when the parser refuses it.
-    pub fn decode(&self, raw: &RawJson) -> Result<Row, String> {
-        let value: Value = serde_json::from_slice(raw.bytes())
-            .map_err(|e| format!("the row is not JSON this service can read ({e})"))?;
-        match (&self.entity.representation, value) {
-            (Representation::Set { member }, Value::Array(rows)) => Ok(Row::Members(
-                rows.iter()
-                    .filter_map(|r| {
-                        member.render(|c| r.get(c).and_then(Value::as_str).map(str::to_string))
-                    })
-                    .collect(),
-            )),
-            (_, Value::Object(doc)) => Ok(Row::Doc(doc)),
-            (_, other) => Err(format!("unexpected row shape: {other}")),
+    /// A page row's cells split into its key columns' and its document's.
+    fn split(&self, mut cells: Vec<Option<String>>) -> (Vec<Option<String>>, RawRow) {
+        let doc = cells.split_off(self.keyed_by.len().min(cells.len()));
+        (cells, RawRow(doc))
+    }
+
+    /// A row's document as [`Rows::page_raw`] and the other reads return it, decoded; why
+    /// not, when a value does not read as its column's type.
+    pub fn decode(&self, raw: RawRow) -> Result<Row, String> {
+        match &self.document {
+            Document::Columns { columns, .. } => {
+                if raw.0.len() != columns.len() {
+                    return Err(format!(
+                        "the row has {} columns where {} were asked for",
+                        raw.0.len(),
+                        columns.len()
+                    ));
+                }
+                columns
+                    .iter()
+                    .zip(raw.0)
+                    .map(|((name, spelling), text)| Ok((name.clone(), spelling.value(text)?)))
+                    .collect::<Result<Map<String, Value>, String>>()
+                    .map(Row::Doc)
+            }
+            Document::Members(member) => {
+                let text = raw.0.into_iter().next().flatten().unwrap_or_default();
+                let value: Value = serde_json::from_str(&text)
+                    .map_err(|e| format!("the row is not JSON this service can read ({e})"))?;
+                match value {
+                    Value::Array(rows) => Ok(Row::Members(
+                        rows.iter()
+                            .filter_map(|r| {
+                                member.render(|c| {
+                                    r.get(c).and_then(Value::as_str).map(str::to_string)
+                                })
+                            })
+                            .collect(),
+                    )),
+                    other => Err(format!("unexpected row shape: {other}")),
+                }
+            }
         }
+    }
+
+    /// A document's cells in the order serde_json writes a map's fields (by name), each with
+    /// its column's name and spelling; `None` for a set's rows, which are one JSON text.
+    pub fn cells<'a>(
+        &'a self,
+        raw: &'a RawRow,
+    ) -> Option<impl Iterator<Item = (&'a str, Spelling, Option<&'a str>)> + 'a> {
+        let Document::Columns { columns, by_name } = &self.document else {
+            return None;
+        };
+        if raw.0.len() != columns.len() {
+            return None;
+        }
+        Some(by_name.iter().map(|&i| {
+            let (name, spelling) = &columns[i];
+            (name.as_str(), *spelling, raw.0[i].as_deref())
+        }))
+    }
+
+    /// Column `name`'s value in a document's cells, decoded alone (`None`: not one of them).
+    pub fn field(&self, raw: &RawRow, name: &str) -> Option<Result<Value, String>> {
+        let Document::Columns { columns, .. } = &self.document else {
+            return None;
+        };
+        let at = columns.iter().position(|(n, _)| n == name)?;
+        Some(columns[at].1.value(raw.0.get(at)?.clone()))
     }
 }
 
-/// `ARRAY[t."a"::text, ...]`: the text of the columns a key is rendered from (and a sweep's
-/// cursor), in `names`' order. An array of text, not a JSON object: PostgreSQL builds it
-/// without rendering JSON, and the client reads it without parsing.
-fn text_array(names: &[&str]) -> String {
-    let columns: Vec<String> = names
+/// `ARRAY[t."a"::text, ..., <doc>...]`: the text of the columns a key is rendered from (and
+/// a sweep's cursor), in `keys`' order, then the document's cells. One array of text, not a
+/// JSON object: PostgreSQL builds it without rendering JSON, and the client reads it without
+/// parsing.
+fn cells(keys: &[&str], doc: &[String]) -> String {
+    let cells: Vec<String> = keys
         .iter()
         .map(|n| format!("t.{}::text", ident(n)))
+        .chain(doc.iter().cloned())
         .collect();
-    format!("ARRAY[{}]::text[]", columns.join(", "))
+    format!("ARRAY[{}]::text[]", cells.join(", "))
 }
 
 /// `json_build_object('a', t."a", ...)` over `names`, as text when `as_text`.

@@ -207,15 +207,66 @@ async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change
     assert_eq!(unchanged, 41 - changes.len(), "{seen:?}");
 }
 
-/// A rebuild writes most JSON documents from PostgreSQL's text without parsing them
-/// (`repair::render_json_text`); what it writes must be byte for byte what a refresh writes
-/// from the parsed row (`repair::render`). Over every column type, and over a table of the
-/// values the text path takes (strings with every escape PostgreSQL writes, integers at the
-/// edges, booleans, nulls, json scalars), with the json escapes serde_json would write
-/// differently, which it must leave to the parsed path.
+/// A row arrives as one text cell per column, and the worker builds its document
+/// (`rows::Spelling`): for every column type, the document built is the one PostgreSQL renders
+/// for the row itself (`row_to_json`, as `json_build_object` renders each value), by page and
+/// by key. A padded `char(n)`, whose cast to text drops the padding, is among them.
 #[tokio::test(flavor = "multi_thread")]
-async fn documents_written_from_their_text_are_the_bytes_written_from_the_parsed_row() {
-    use stalewatch_core::repair::{render, render_json_text};
+async fn documents_built_from_the_cells_are_the_rows_postgresql_renders_as_json() {
+    use serde_json::{Map, Value};
+    use stalewatch_core::rows::Row;
+
+    let env = typed_table().await;
+    let watched = Watched::load(&env.pool, &entities(&env.prefix), &|_| None)
+        .await
+        .unwrap();
+    let rows = watched.source("typed_json").unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Rendered {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        doc: String,
+    }
+    let mut conn = env.pool.get().await.unwrap();
+    let rendered: Vec<Map<String, Value>> =
+        diesel::sql_query("SELECT row_to_json(t)::text AS doc FROM typed t ORDER BY id")
+            .load::<Rendered>(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| serde_json::from_str(&r.doc).unwrap())
+            .collect();
+    let (_, page, _) = rows.page(&mut conn, None, None, 1000).await.unwrap();
+    let values: Vec<Vec<String>> = page
+        .iter()
+        .map(|r| rows.key_values(r.key.as_deref().unwrap()).unwrap())
+        .collect();
+    let (_, by_key) = rows.by_keys(&mut conn, &values).await.unwrap();
+    assert_eq!(page.len(), 41);
+    for ((expected, paged), looked_up) in rendered.iter().zip(page).zip(by_key) {
+        let key = paged.key.unwrap();
+        assert_eq!(
+            paged.row,
+            Ok(Some(Row::Doc(expected.clone()))),
+            "{key} by page"
+        );
+        assert_eq!(
+            looked_up,
+            Ok(Some(Row::Doc(expected.clone()))),
+            "{key} by key"
+        );
+    }
+    assert_eq!(rendered[0]["fixed"], "f1    ", "char(6) keeps its padding");
+}
+
+/// A rebuild writes most JSON documents from the row's cells without decoding them
+/// (`repair::render_cells`); what it writes must be byte for byte what a refresh writes from
+/// the decoded row (`repair::render`). Over every column type, and over a table of the values
+/// the cell path takes (strings with every escape, integers at the edges, booleans, nulls,
+/// json scalars), with the json escapes serde_json would write differently, which it must
+/// leave to the decoded path.
+#[tokio::test(flavor = "multi_thread")]
+async fn documents_written_from_their_cells_are_the_bytes_written_from_the_decoded_row() {
+    use stalewatch_core::repair::{render, render_cells};
 
     let env = typed_table().await;
     sql(
@@ -224,8 +275,9 @@ async fn documents_written_from_their_text_are_the_bytes_written_from_the_parsed
                                flag boolean, at timestamptz, uid uuid, scalar json)"#,
     )
     .await;
-    // Rows 1-5 and 7 take the text path; rows 6 and 8-11 hold a value it must leave alone
-    // (integers of 19 digits, json escapes serde_json writes differently).
+    // Rows 1-8 take the cell path, whatever their integers and strings; rows 9-11 hold a
+    // json value it must leave alone (escapes serde_json writes differently). Row 1's
+    // timestamp is a string serde_json writes back as PostgreSQL rendered it.
     sql(
         &env,
         r#"INSERT INTO plain VALUES
@@ -266,18 +318,13 @@ version = "version"
     let mut from_text = Vec::new();
     for entity in ["typed", "plain"] {
         let rows = watched.source(entity).unwrap();
-        let (_, page, _) = rows.page_text(&mut conn, None, None, 1000).await.unwrap();
+        let (_, page, _) = rows.page_raw(&mut conn, None, None, 1000).await.unwrap();
         assert!(!page.is_empty(), "{entity}");
         for row in page {
             let key = row.key.unwrap();
-            let parsed = render(rows, Some(&rows.decode(&row.doc).unwrap()));
-            if let Some(fast) = render_json_text(rows, row.doc.bytes()) {
-                assert_eq!(
-                    fast,
-                    parsed,
-                    "{key}: from {:?}",
-                    String::from_utf8_lossy(row.doc.bytes())
-                );
+            let decoded = render(rows, Some(&rows.decode(row.doc.clone()).unwrap()));
+            if let Some(fast) = render_cells(rows, &row.doc) {
+                assert_eq!(fast, decoded, "{key}: from {:?}", row.doc);
                 from_text.push((entity, key));
             }
         }
@@ -290,7 +337,11 @@ version = "version"
             .collect()
     };
     let plain = ids("plain");
-    assert_eq!(plain, [1, 2, 3, 4, 5, 7], "the rows the text path takes");
+    assert_eq!(
+        plain,
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        "the rows the cell path takes"
+    );
     // Row 41 of `typed` is all NULLs but its id: the only one without a float or a document.
     assert_eq!(ids("typed"), [41]);
 }
