@@ -327,7 +327,7 @@ fn prepare(rows: &Rows, page: Vec<PageRaw>, watermarked: bool) -> (Prepared, Opt
             let rendered = match repair::render_cells(rows, &raw.doc) {
                 Some(rendered) => Some(rendered),
                 None => rows
-                    .decode(raw.doc)
+                    .decode(&raw.doc)
                     .ok()
                     .map(|row| repair::render(rows, Some(&row))),
             };

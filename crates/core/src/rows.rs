@@ -13,6 +13,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
+use diesel::deserialize::{self, FromSql};
+use diesel::pg::{Pg, PgValue};
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::{Map, Value};
@@ -100,9 +102,88 @@ pub struct PageRaw {
 }
 
 /// A document's cells as PostgreSQL sent them, not yet decoded ([`Rows::decode`]): one text
-/// per column ([`Rows::cells`]), or a set's one `json_agg` text.
+/// per column ([`Rows::cells`]), or a set's one `json_agg` text. The row's cells from `from`
+/// on (a sweep page's start with its key columns').
 #[derive(Debug, Clone, PartialEq)]
-pub struct RawRow(Vec<Option<String>>);
+pub struct RawRow {
+    cells: Cells,
+    from: usize,
+}
+
+impl RawRow {
+    fn get(&self, i: usize) -> Option<&str> {
+        self.cells.get(self.from + i)
+    }
+
+    fn len(&self) -> usize {
+        self.cells.len().saturating_sub(self.from)
+    }
+}
+
+/// A row's cells, read from PostgreSQL's binary form of a one-dimensional `text[]` into one
+/// string. Reading the array as `Vec<Option<String>>` allocates a string per cell: these are
+/// the rows of every check and sweep page, and allocation was the largest cost left in the
+/// check path's profile.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Cells {
+    text: String,
+    /// Each cell's bytes in `text`; `None`: NULL.
+    spans: Vec<Option<std::ops::Range<usize>>>,
+}
+
+impl Cells {
+    fn get(&self, i: usize) -> Option<&str> {
+        Some(&self.text[self.spans.get(i)?.clone()?])
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+}
+
+impl FromSql<Array<Nullable<Text>>, Pg> for Cells {
+    /// `array_send`'s layout: the number of dimensions, a has-nulls flag and the element type,
+    /// then each dimension's length and lower bound, then each element as its length (-1:
+    /// NULL) and its bytes.
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        fn int(bytes: &mut &[u8]) -> deserialize::Result<i32> {
+            let (head, rest) = bytes
+                .split_first_chunk::<4>()
+                .ok_or("a text array ends early")?;
+            *bytes = rest;
+            Ok(i32::from_be_bytes(*head))
+        }
+        let mut bytes = value.as_bytes();
+        let dimensions = int(&mut bytes)?;
+        let _has_nulls = int(&mut bytes)?;
+        let _element_type = int(&mut bytes)?;
+        match dimensions {
+            0 => return Ok(Cells::default()),
+            1 => {}
+            n => return Err(format!("a row's cells come in one dimension, not {n}").into()),
+        }
+        let count = usize::try_from(int(&mut bytes)?)?;
+        let _lower_bound = int(&mut bytes)?;
+        let mut cells = Cells {
+            text: String::with_capacity(bytes.len()),
+            spans: Vec::with_capacity(count),
+        };
+        for _ in 0..count {
+            let Ok(len) = usize::try_from(int(&mut bytes)?) else {
+                cells.spans.push(None);
+                continue;
+            };
+            let (cell, rest) = bytes
+                .split_at_checked(len)
+                .ok_or("a text array's element runs past its end")?;
+            bytes = rest;
+            let start = cells.text.len();
+            cells.text.push_str(std::str::from_utf8(cell)?);
+            cells.spans.push(Some(start..cells.text.len()));
+        }
+        Ok(cells)
+    }
+}
 
 /// How one column's value travels from PostgreSQL, by its SQL type: as its own text where
 /// that text is exactly the value `json_build_object` renders (the digits of an integer, the
@@ -141,7 +222,7 @@ impl Spelling {
     }
 
     /// The JSON value of a cell: what `json_build_object` would have rendered for it.
-    fn value(self, text: Option<String>) -> Result<Value, String> {
+    fn value(self, text: Option<&str>) -> Result<Value, String> {
         let Some(text) = text else {
             return Ok(Value::Null);
         };
@@ -151,8 +232,8 @@ impl Spelling {
                 .map(Value::from)
                 .map_err(|e| format!("an integer column holds {text:?} ({e})")),
             Spelling::Boolean => Ok(Value::Bool(text == "true")),
-            Spelling::Text => Ok(Value::String(text)),
-            Spelling::Json => serde_json::from_str(&text)
+            Spelling::Text => Ok(Value::String(text.to_string())),
+            Spelling::Json => serde_json::from_str(text)
                 .map_err(|e| format!("the row is not JSON this service can read ({e})")),
         }
     }
@@ -391,7 +472,7 @@ impl Rows {
             #[diesel(sql_type = diesel::sql_types::Timestamptz)]
             at: DateTime<Utc>,
             #[diesel(sql_type = Nullable<Array<Nullable<Text>>>)]
-            cells: Option<Vec<Option<String>>>,
+            cells: Option<Cells>,
         }
         let Some(statement) = &self.newest else {
             return Err(DbError::Rejected(format!(
@@ -400,12 +481,9 @@ impl Rows {
             )));
         };
         let raw: Raw = diesel::sql_query(statement).get_result(conn).await?;
-        let row = raw.cells.map(|cells| {
-            let (keys, doc) = self.split(cells);
-            PageRow {
-                key: self.entity.key.render(|c| self.key_text(&keys, c)),
-                row: self.decode(doc).map(Some),
-            }
+        let row = raw.cells.map(|cells| PageRow {
+            key: self.entity.key.render(|c| self.key_text(&cells, c)),
+            row: self.decode(&self.document_of(cells)).map(Some),
         });
         Ok((raw.at, row))
     }
@@ -436,7 +514,7 @@ impl Rows {
             #[diesel(sql_type = BigInt)]
             ord: i64,
             #[diesel(sql_type = Array<Nullable<Text>>)]
-            cells: Vec<Option<String>>,
+            cells: Cells,
         }
         let mut query = diesel::sql_query(&self.by_key).into_boxed();
         for i in 0..self.key_columns.len() {
@@ -453,7 +531,12 @@ impl Rows {
             // first one stands for the key.
             let slot = &mut found[(hit.ord - 1) as usize];
             if matches!(slot, Ok(None)) {
-                *slot = self.decode(RawRow(hit.cells)).map(Some);
+                *slot = self
+                    .decode(&RawRow {
+                        cells: hit.cells,
+                        from: 0,
+                    })
+                    .map(Some);
             }
         }
         Ok((at, found))
@@ -542,7 +625,7 @@ impl Rows {
             .into_iter()
             .map(|raw| PageRow {
                 key: raw.key,
-                row: self.decode(raw.doc).map(Some),
+                row: self.decode(&raw.doc).map(Some),
             })
             .collect();
         Ok((at, rows, last))
@@ -560,7 +643,7 @@ impl Rows {
         #[derive(diesel::QueryableByName)]
         struct Raw {
             #[diesel(sql_type = Array<Nullable<Text>>)]
-            cells: Vec<Option<String>>,
+            cells: Cells,
         }
         let statement = &self.pages[cursor.is_some() as usize][until.is_some() as usize];
         let mut query = diesel::sql_query(statement).into_boxed();
@@ -585,51 +668,53 @@ impl Rows {
         });
         let rows = raws
             .into_iter()
-            .map(|raw| {
-                let (keys, doc) = self.split(raw.cells);
-                PageRaw {
-                    key: self.entity.key.render(|c| self.key_text(&keys, c)),
-                    doc,
-                }
+            .map(|raw| PageRaw {
+                key: self.entity.key.render(|c| self.key_text(&raw.cells, c)),
+                doc: self.document_of(raw.cells),
             })
             .collect();
         Ok((at, rows, last))
     }
 
-    /// Column `name`'s value in a page's `keys` array ([`Rows::keyed_by`] order).
-    fn key_text(&self, keys: &[Option<String>], name: &str) -> Option<String> {
+    /// Column `name`'s value among a page row's key cells ([`Rows::keyed_by`] order).
+    fn key_text(&self, cells: &Cells, name: &str) -> Option<String> {
         let at = self.keyed_by.iter().position(|c| c == name)?;
-        keys.get(at)?.clone()
+        cells.get(at).map(str::to_string)
     }
 
-    /// A page row's cells split into its key columns' and its document's.
-    fn split(&self, mut cells: Vec<Option<String>>) -> (Vec<Option<String>>, RawRow) {
-        let doc = cells.split_off(self.keyed_by.len().min(cells.len()));
-        (cells, RawRow(doc))
+    /// A page row's document: its cells past the key columns'.
+    fn document_of(&self, cells: Cells) -> RawRow {
+        RawRow {
+            cells,
+            from: self.keyed_by.len(),
+        }
     }
 
     /// A row's document as [`Rows::page_raw`] and the other reads return it, decoded; why
     /// not, when a value does not read as its column's type.
-    pub fn decode(&self, raw: RawRow) -> Result<Row, String> {
+    pub fn decode(&self, raw: &RawRow) -> Result<Row, String> {
         match &self.document {
-            Document::Columns { columns, .. } => {
-                if raw.0.len() != columns.len() {
+            Document::Columns { columns, by_name } => {
+                if raw.len() != columns.len() {
                     return Err(format!(
                         "the row has {} columns where {} were asked for",
-                        raw.0.len(),
+                        raw.len(),
                         columns.len()
                     ));
                 }
-                columns
+                // In the map's order, so building it sorts nothing.
+                by_name
                     .iter()
-                    .zip(raw.0)
-                    .map(|((name, spelling), text)| Ok((name.clone(), spelling.value(text)?)))
+                    .map(|&i| {
+                        let (name, spelling) = &columns[i];
+                        Ok((name.clone(), spelling.value(raw.get(i))?))
+                    })
                     .collect::<Result<Map<String, Value>, String>>()
                     .map(Row::Doc)
             }
             Document::Members(member) => {
-                let text = raw.0.into_iter().next().flatten().unwrap_or_default();
-                let value: Value = serde_json::from_str(&text)
+                let text = raw.get(0).unwrap_or_default();
+                let value: Value = serde_json::from_str(text)
                     .map_err(|e| format!("the row is not JSON this service can read ({e})"))?;
                 match value {
                     Value::Array(rows) => Ok(Row::Members(
@@ -656,12 +741,12 @@ impl Rows {
         let Document::Columns { columns, by_name } = &self.document else {
             return None;
         };
-        if raw.0.len() != columns.len() {
+        if raw.len() != columns.len() {
             return None;
         }
         Some(by_name.iter().map(|&i| {
             let (name, spelling) = &columns[i];
-            (name.as_str(), *spelling, raw.0[i].as_deref())
+            (name.as_str(), *spelling, raw.get(i))
         }))
     }
 
@@ -671,7 +756,7 @@ impl Rows {
             return None;
         };
         let at = columns.iter().position(|(n, _)| n == name)?;
-        Some(columns[at].1.value(raw.0.get(at)?.clone()))
+        Some(columns[at].1.value(raw.get(at)))
     }
 }
 

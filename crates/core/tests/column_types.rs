@@ -322,7 +322,7 @@ version = "version"
         assert!(!page.is_empty(), "{entity}");
         for row in page {
             let key = row.key.unwrap();
-            let decoded = render(rows, Some(&rows.decode(row.doc.clone()).unwrap()));
+            let decoded = render(rows, Some(&rows.decode(&row.doc).unwrap()));
             if let Some(fast) = render_cells(rows, &row.doc) {
                 assert_eq!(fast, decoded, "{key}: from {:?}", row.doc);
                 from_text.push((entity, key));
