@@ -113,9 +113,10 @@ pub fn render(rows: &Rows, row: Option<&Row>) -> Rendered {
 /// the cells are decoded (fields by name, no spaces). An integer's or a boolean's text is its
 /// JSON, a string is escaped as serde_json escapes it, and a value PostgreSQL rendered as JSON
 /// is copied when serde_json writes it back as it is (a string, an integer, a boolean or a
-/// null). `None` for any other entity or row (a float, a nested document, a timestamp's
-/// version): [`render`] takes those, from the decoded row. A rebuild writes most rows this way;
-/// parsing and serialising each document again was a fifth of its CPU.
+/// null). `None` for any other entity or row (a float, a nested document, a json string with
+/// an escape serde_json writes differently): [`render`] takes those, from the decoded row. A
+/// rebuild writes most rows this way; parsing and serialising each document again was a fifth
+/// of its CPU.
 pub fn render_cells(rows: &Rows, raw: &RawRow) -> Option<Rendered> {
     if !matches!(rows.entity.representation, Representation::Json { .. }) {
         return None;
