@@ -194,21 +194,25 @@ pub enum Spelling {
     Integer,
     /// `boolean`: `true` or `false`, as its text cast prints it.
     Boolean,
-    /// `text`, `character varying`, `uuid`: the text is the JSON string's value. Not
-    /// `character(n)`, whose cast to text drops the padding `json_build_object` keeps.
+    /// `text`, `character varying`, `name`, `uuid`: the text is the JSON string's value.
     Text,
-    /// Any other type: the JSON text PostgreSQL renders for the value.
+    /// Any other type, arrays included: the JSON text PostgreSQL renders for the value.
     Json,
 }
 
 impl Spelling {
-    /// By `format_type()`'s name of the column's type.
-    pub fn of(type_name: &str) -> Spelling {
-        let bare = type_name.split('(').next().unwrap_or_default().trim();
-        match bare {
-            "bigint" | "integer" | "smallint" => Spelling::Integer,
-            "boolean" => Spelling::Boolean,
-            "text" | "character varying" | "uuid" => Spelling::Text,
+    /// By the column's type, as `format_type()` names it ([`ColumnType::from_pg`]).
+    fn of(type_name: &str) -> Spelling {
+        // `character(n)`'s cast to text drops the padding `json_build_object` keeps.
+        let padded = || {
+            let bare = type_name.split('(').next().unwrap_or_default().trim();
+            matches!(bare, "character" | "char" | "bpchar")
+        };
+        match ColumnType::from_pg(type_name) {
+            ColumnType::Integer => Spelling::Integer,
+            ColumnType::Boolean => Spelling::Boolean,
+            ColumnType::Uuid => Spelling::Text,
+            ColumnType::Text if !padded() => Spelling::Text,
             _ => Spelling::Json,
         }
     }

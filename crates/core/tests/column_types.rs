@@ -30,7 +30,9 @@ CREATE TABLE typed (
     ints    integer[],
     floats  double precision[],
     span    interval,
-    feeling mood
+    feeling mood,
+    codes   varchar(10)[],
+    label   name
 );
 INSERT INTO typed
 SELECT g,
@@ -54,7 +56,9 @@ SELECT g,
        ARRAY[g, -g, 0],
        ARRAY[g / 3.0, 1e300, 1e-7]::double precision[],
        g * INTERVAL '90 minutes',
-       (CASE WHEN g % 2 = 0 THEN 'calm' ELSE 'cross' END)::mood
+       (CASE WHEN g % 2 = 0 THEN 'calm' ELSE 'cross' END)::mood,
+       ARRAY['c' || g, 'x \"' || g]::varchar(10)[],
+       ('label ' || g)::name
 FROM generate_series(1, 40) g;
 -- Every nullable column SQL NULL in a row of its own.
 INSERT INTO typed (id) VALUES (41);
@@ -210,7 +214,8 @@ async fn every_column_type_matches_the_documents_postgresql_renders_and_a_change
 /// A row arrives as one text cell per column, and the worker builds its document
 /// (`rows::Spelling`): for every column type, the document built is the one PostgreSQL renders
 /// for the row itself (`row_to_json`, as `json_build_object` renders each value), by page and
-/// by key. A padded `char(n)`, whose cast to text drops the padding, is among them.
+/// by key. A padded `char(n)`, whose cast to text drops the padding, and an array of
+/// `varchar(n)`, whose type's name starts as `varchar(n)`'s does, are among them.
 #[tokio::test(flavor = "multi_thread")]
 async fn documents_built_from_the_cells_are_the_rows_postgresql_renders_as_json() {
     use serde_json::{Map, Value};
